@@ -1,0 +1,5 @@
+"""`python -m balancer` is the `balancer` command."""
+
+from .cli import entry
+
+entry()
