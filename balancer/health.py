@@ -1,0 +1,153 @@
+"""Health of one server: a passive circuit breaker plus the verdict of active checks.
+
+Passive (nginx semantics): `max_fails` connect failures within `fail_timeout` take the server
+down for `fail_timeout`. Then it is half-open: exactly one real client connection is tried.
+Success brings it up; failure takes it down again for twice as long (capped at 10x), so a
+server that keeps failing costs clients little. `max_fails: 0` turns passive checks off.
+
+Active checks (HAProxy's `rise`/`fall`) run elsewhere (`checks.py`) and report here; a server
+down by active check gets no traffic whatever its passive state.
+
+Every transition happens in `_set_state`, which logs it once with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from .config import HealthConfig
+
+log = logging.getLogger("balancer.health")
+
+UP = "up"
+DOWN = "down"
+HALF_OPEN = "half_open"
+
+MAX_BACKOFF = 10  # the longest ejection, as a multiple of fail_timeout
+
+
+class ServerHealth:
+    """The health state of one server, updated by connect outcomes and active checks."""
+
+    def __init__(
+        self,
+        name: str,
+        config: HealthConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name  # "upstream/host:port", for logs
+        self.max_fails = config.max_fails
+        self.fail_timeout = config.fail_timeout
+        self.clock = clock
+        self.state = UP
+        # `ok` is the hot-path summary: True means "usable, no questions asked".
+        self.ok = True
+        self.active_up = True
+        self.fails = 0
+        self.first_fail_at = 0.0
+        self.ejections = 0  # consecutive ejections, for the back-off
+        self.down_until = 0.0
+        self.trial_in_flight = False
+        self.total_failures = 0
+        self.reason = "initial"
+        self.changed_at = time.time()
+        self.listeners: list[Callable[[ServerHealth], None]] = []
+
+    # -- questions ------------------------------------------------------------------------
+
+    def available(self) -> bool:
+        """May a new connection be tried now? Moves down -> half-open when the time has come."""
+        if self.ok:
+            return True
+        if not self.active_up:
+            return False
+        if self.state == DOWN and self.clock() >= self.down_until:
+            self._set_state(HALF_OPEN, f"trying again after {self._down_for():g}s down")
+        return self.state == HALF_OPEN and not self.trial_in_flight
+
+    @property
+    def display_state(self) -> str:
+        """What /status shows: an active-check failure reads as down."""
+        return self.state if self.active_up else DOWN
+
+    # -- passive outcomes -------------------------------------------------------------------
+
+    def connect_started(self) -> None:
+        if self.state == HALF_OPEN:
+            self.trial_in_flight = True
+
+    def connect_abandoned(self) -> None:
+        """The client left before the connect finished: neither success nor failure."""
+        self.trial_in_flight = False
+
+    def connect_succeeded(self) -> None:
+        self.fails = 0
+        if self.state != UP:
+            self.trial_in_flight = False
+            self.ejections = 0
+            self._set_state(UP, "trial connection succeeded")
+
+    def connect_failed(self, reason: str) -> None:
+        self.total_failures += 1
+        if self.max_fails == 0:
+            return
+        now = self.clock()
+        if self.state == HALF_OPEN:
+            self.trial_in_flight = False
+            self._eject(now, f"trial connection failed ({reason})")
+            return
+        if self.state == DOWN:
+            return
+        if self.fails == 0 or now - self.first_fail_at > self.fail_timeout:
+            self.fails = 0
+            self.first_fail_at = now
+        self.fails += 1
+        if self.fails >= self.max_fails:
+            self._eject(
+                now,
+                f"{self.fails} connect failures in {self.fail_timeout:g}s (last: {reason})",
+            )
+
+    def _eject(self, now: float, reason: str) -> None:
+        self.ejections += 1
+        self.fails = 0
+        self.down_until = now + self._down_for()
+        self._set_state(DOWN, f"{reason}; out for {self._down_for():g}s")
+
+    def _down_for(self) -> float:
+        factor = min(2 ** max(self.ejections - 1, 0), MAX_BACKOFF)
+        return self.fail_timeout * factor
+
+    # -- active checks ----------------------------------------------------------------------
+
+    def set_active(self, up: bool, reason: str) -> None:
+        """An active check crossed its rise/fall threshold."""
+        if up == self.active_up:
+            return
+        before = self.display_state
+        self.active_up = up
+        if up:
+            # A server the checks brought back starts with a clean passive record.
+            self.fails = 0
+            self.ejections = 0
+            self.trial_in_flight = False
+        self._set_state(UP if up else self.state, reason, before)
+
+    # -- the one place state changes ------------------------------------------------------
+
+    def _set_state(self, state: str, reason: str, before: str | None = None) -> None:
+        """Change state, log the change once with its reason, and tell listeners."""
+        if before is None:
+            before = self.display_state
+        self.state = state
+        self.ok = state == UP and self.active_up
+        self.reason = reason
+        self.changed_at = time.time()
+        after = self.display_state
+        if after != before:
+            level = logging.INFO if after == HALF_OPEN else logging.WARNING
+            log.log(level, "server %s %s: %s", self.name, after.replace("_", "-"), reason)
+        for listener in self.listeners:
+            listener(self)
