@@ -1,0 +1,1 @@
+"""Benchmark harness: `python -m benchmarks` compares the balancer with HAProxy and nginx."""

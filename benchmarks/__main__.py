@@ -1,0 +1,212 @@
+"""`python -m benchmarks`: the balancer against HAProxy and nginx stream on the same topology.
+
+See benchmarks/README.md for what each figure means. The harness installs nothing: a
+missing tool skips what needs it, with a message saying which package to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .procs import CPU_LOAD, StartError, Supervisor
+from .proxies import PROXIES, REPO, nginx_has_stream, start_iperf_server, start_nginx_backend
+from .runner import IDLE_CONNECTIONS, TESTS, Context, describe, log, run_once, variants_for
+
+RESULTS = Path(__file__).resolve().parent / "results"
+APT = "apt-get install -y haproxy nginx libnginx-mod-stream wrk iperf3"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--proxies", default=",".join(PROXIES),
+                   help=f"comma-separated subset of {','.join(PROXIES)}")
+    p.add_argument("--tests", default=",".join(TESTS),
+                   help=f"comma-separated subset of {','.join(TESTS)}")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per run (10)")
+    p.add_argument("--runs", type=int, default=3, help="runs per figure; the median is kept (3)")
+    p.add_argument("--quick", action="store_true", help="3 s x 1 run: a smoke test, not data")
+    p.add_argument("--balancer-cmd", metavar="CMD",
+                   help="how to start the balancer; {config} is replaced by the config path, "
+                        "else `-c CONFIG` is appended (default: this python -m balancer)")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="directory for latest.md and latest.json (benchmarks/results)")
+    p.add_argument("--keep-temp", action="store_true",
+                   help="keep the temp dir with generated configs and process logs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.runs = 3.0, 1
+    args.proxies = _subset(p, args.proxies, PROXIES, "--proxies")
+    args.tests = _subset(p, args.tests, TESTS, "--tests")
+    if args.duration <= 0 or not 1 <= args.runs <= 20:
+        p.error("--duration must be > 0 and --runs between 1 and 20")
+    return args
+
+
+def _subset(p: argparse.ArgumentParser, text: str, allowed: tuple[str, ...],
+            flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        p.error(f"{flag}: unknown {bad or 'empty'}; choose from {','.join(allowed)}")
+    return [x for x in allowed if x in items]  # canonical order keeps tables comparable
+
+
+def _first_line(cmd: list[str]) -> str:
+    """First output line of a version command (nginx prints to stderr, wrk exits 1)."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def machine_and_versions() -> tuple[dict[str, Any], dict[str, str]]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    machine = {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release()}
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    git = _first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    versions = {
+        "haproxy": _first_line(["haproxy", "-v"]).removeprefix("HAProxy version ").split()[0],
+        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
+        "wrk": _first_line(["wrk", "-v"]).split(" [")[0].removeprefix("wrk "),
+        "iperf3": _first_line(["iperf3", "-v"]).split(" (")[0].removeprefix("iperf "),
+        "python": platform.python_version(),
+        "uvloop": uv,
+        "balancer": git,
+    }
+    return machine, versions
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """Drop the proxies and tests whose tools are missing, saying why."""
+    skipped: list[str] = []
+    have = {t: shutil.which(t) is not None for t in ("haproxy", "nginx", "wrk", "iperf3",
+                                                     "taskset")}
+    proxies, tests = list(args.proxies), list(args.tests)
+    if not have["nginx"]:
+        skipped.append("everything: nginx (the backends) is not installed; " + APT)
+        return [], [], skipped
+    if "haproxy" in proxies and not have["haproxy"]:
+        proxies.remove("haproxy")
+        skipped.append("haproxy: not installed (apt-get install -y haproxy)")
+    if "nginx" in proxies and not nginx_has_stream():
+        proxies.remove("nginx")
+        skipped.append("nginx stream: module not found (apt-get install -y libnginx-mod-stream)")
+    for t in ("keepalive", "conn", "p99"):
+        if t in tests and not have["wrk"]:
+            tests.remove(t)
+            skipped.append(f"test {t}: wrk is not installed (apt-get install -y wrk)")
+    if "bulk" in tests and not have["iperf3"]:
+        tests.remove("bulk")
+        skipped.append("test bulk: iperf3 is not installed (apt-get install -y iperf3)")
+    if not have["taskset"]:
+        skipped.append("CPU pinning: taskset not found, processes are not pinned")
+    if (os.cpu_count() or 1) < 2:
+        skipped.append("CPU pinning: fewer than 2 CPUs, proxy and load share a core")
+    return proxies, tests, skipped
+
+
+def raise_nofile() -> None:
+    """Soft limit up to the hard one: 2,000 idle pairs and wrk -c1000 need the fds, and
+    children (wrk, the balancer) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 3 * IDLE_CONNECTIONS:
+        log(f"warning: hard RLIMIT_NOFILE is {hard}; the idle and p99 tests need ~6,000")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C so the finally below stops every child.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    raise_nofile()
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {CPU_LOAD})  # the idle-connection client stays off CPU 0
+    proxies, tests, skipped = plan(args)
+    for s in skipped:
+        log(f"skip: {s}")
+    machine, versions = machine_and_versions()
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine,
+        "versions": versions,
+        "settings": {"duration": args.duration, "runs": args.runs, "quick": args.quick,
+                     "proxies": proxies, "tests": tests, "idle_connections": IDLE_CONNECTIONS,
+                     "balancer_cmd": args.balancer_cmd},
+        "skipped": skipped,
+    }
+    if not proxies or not tests:
+        log("nothing to run")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="balancer-bench-"))
+    sup = Supervisor(workdir)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        ctx = _setup(sup, workdir, args, tests)
+        for test in tests:
+            variants = variants_for(test, proxies)
+            for run_no in range(1, args.runs + 1):
+                for v in variants:
+                    key = f"{test}_256k" if v.big_buffers else test
+                    r = run_once(ctx, test, v, run_no)
+                    runs.setdefault(v.proxy, {}).setdefault(key, []).append(r)
+                    log(f"[{test} {run_no}/{args.runs}] {v.label}: {describe(test, r)}")
+    except StartError as exc:
+        log(f"error: could not start the backends: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    finally:
+        sup.stop_all()
+        if args.keep_temp:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results = {p: {k: report.summarize(v) for k, v in runs[p].items()}
+               for p in proxies if p in runs}
+    md = report.write(args.out, meta, results)
+    print(md)
+    log(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.json'}")
+    failed = any(e["failures"] for t in results.values() for e in t.values())
+    return 1 if failed else 0
+
+
+def _setup(sup: Supervisor, workdir: Path, args: argparse.Namespace,
+           tests: list[str]) -> Context:
+    backends, ports = [], []
+    for i in (1, 2):
+        proc, port = start_nginx_backend(sup, workdir, i)
+        backends.append(proc)
+        ports.append(port)
+    ctx = Context(sup, workdir, args.duration, backends, ports, args.balancer_cmd)
+    if "bulk" in tests:
+        ctx.iperf = start_iperf_server(sup)
+    return ctx
+
+
+if __name__ == "__main__":
+    sys.exit(main())

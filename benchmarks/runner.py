@@ -1,0 +1,185 @@
+"""The five tests, each run as: fresh proxy, measure, check it survived, stop it.
+
+Runs are interleaved (run 1 of every proxy, then run 2 ...) so that drift on the machine
+spreads over all proxies instead of landing on whichever ran last.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import load
+from .procs import Proc, StartError, Supervisor, cpu_seconds, rss_kib, tree_pids
+from .proxies import Variant, start_proxy
+
+TESTS = ("keepalive", "conn", "bulk", "idle", "p99")
+IDLE_CONNECTIONS = 2000
+
+
+class RunFailed(RuntimeError):
+    """This run of this proxy failed; the message says why."""
+
+
+@dataclass
+class Context:
+    """What every run needs: where to put files, who owns processes, the upstreams."""
+
+    sup: Supervisor
+    workdir: Path
+    duration: float
+    backends: list[Proc]
+    backend_ports: list[int]
+    balancer_cmd: str | None
+    iperf: tuple[Proc, int] | None = None
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cpu_us(proc: Proc | None, before: float, count: int) -> float | None:
+    if proc is None or count <= 0:
+        return None
+    return (cpu_seconds(proc.pid) - before) * 1e6 / count
+
+
+def _wrk_test(ctx: Context, proc: Proc | None, port: int, connections: int, close: bool,
+              latency: bool) -> dict[str, Any]:
+    before = cpu_seconds(proc.pid) if proc else 0.0
+    res = load.run_wrk(port, ctx.duration, connections, close=close, latency=latency)
+    out: dict[str, Any] = {
+        "requests": res.requests,
+        "rate": res.rate,
+        "cpu_us": _cpu_us(proc, before, res.requests),
+        "errors": res.errors,
+        "socket_errors": res.socket_errors,
+        "non_2xx": res.non_2xx,
+    }
+    if latency:
+        out["p99_ms"] = res.p99_ms
+    if res.requests == 0:
+        raise RunFailed(f"no request completed ({res.errors} client errors)")
+    return out
+
+
+def t_keepalive(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    return _wrk_test(ctx, proc, port, 64, close=False, latency=False)
+
+
+def t_conn(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    return _wrk_test(ctx, proc, port, 64, close=True, latency=False)
+
+
+def t_p99(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    return _wrk_test(ctx, proc, port, 1000, close=False, latency=True)
+
+
+def t_bulk(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    before = cpu_seconds(proc.pid) if proc else 0.0
+    gbps = load.run_iperf(port, ctx.duration)
+    cpu = (cpu_seconds(proc.pid) - before) if proc else None
+    return {"gbps": gbps, "cpu_s": cpu}
+
+
+def t_idle(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    if proc is None:
+        raise RunFailed("no proxy process to measure")
+    load.hold_idle(port, 1, lambda _n: None)  # pay one-time lazy setup before the baseline
+    time.sleep(0.2)
+    before = rss_kib(proc.pid)
+    seen: dict[str, int] = {}
+
+    def measure(n_open: int) -> None:
+        seen["after"] = rss_kib(proc.pid)
+
+    n_open, errors = load.hold_idle(port, IDLE_CONNECTIONS, measure)
+    if n_open == 0:
+        raise RunFailed("no connection could be opened: " + "; ".join(errors[:3]))
+    return {
+        "rss_before_kib": before,
+        "rss_after_kib": seen["after"],
+        "kib_per_conn": (seen["after"] - before) / n_open,
+        "open": n_open,
+        "errors": IDLE_CONNECTIONS - n_open,
+        "error_kinds": errors[:5],
+    }
+
+
+TEST_FUNCS: dict[str, Callable[[Context, Proc | None, int], dict[str, Any]]] = {
+    "keepalive": t_keepalive,
+    "conn": t_conn,
+    "bulk": t_bulk,
+    "idle": t_idle,
+    "p99": t_p99,
+}
+
+
+def variants_for(test: str, proxies: list[str]) -> list[Variant]:
+    """Which setups a test covers: bulk adds 256 KiB-buffer HAProxy and nginx; idle skips
+    `direct`, which has no proxy process whose memory could be measured."""
+    out = []
+    for p in proxies:
+        if test == "idle" and p == "direct":
+            continue
+        out.append(Variant(p))
+        if test == "bulk" and p in ("haproxy", "nginx"):
+            out.append(Variant(p, big_buffers=True))
+    return out
+
+
+def _check_backends(ctx: Context, test: str) -> None:
+    procs = [ctx.iperf[0]] if test == "bulk" and ctx.iperf else ctx.backends
+    for b in procs:
+        if not b.alive():
+            raise RuntimeError(f"backend {b.death()}: the harness cannot continue")
+
+
+def run_once(ctx: Context, test: str, variant: Variant, run_no: int) -> dict[str, Any]:
+    """One measurement with a fresh proxy; any failure becomes `ok: False` with the reason."""
+    _check_backends(ctx, test)
+    upstreams = [ctx.iperf[1]] if test == "bulk" and ctx.iperf else ctx.backend_ports
+    run_id = f"{test}{'-256k' if variant.big_buffers else ''}-{run_no}"
+    proc: Proc | None = None
+    try:
+        proc, port = start_proxy(ctx.sup, ctx.workdir, variant, upstreams, ctx.balancer_cmd,
+                                 run_id)
+        pids = set(tree_pids(proc.pid)) if proc else set()
+        result = TEST_FUNCS[test](ctx, proc, port)
+        if proc is not None:
+            if not proc.alive():
+                raise RunFailed(proc.death())
+            lost = pids - set(tree_pids(proc.pid))
+            if lost:
+                raise RunFailed(f"{variant.proxy}: process(es) {sorted(lost)} of its tree "
+                                "exited during the run")
+        return {"ok": True, **result}
+    except (RunFailed, StartError, load.LoadError, OSError) as exc:
+        msg = str(exc)
+        if proc is not None and not proc.alive() and "died" not in msg:
+            msg = f"{proc.death()} ({msg})"
+        if isinstance(exc, StartError):
+            msg = f"{variant.proxy} did not start: {msg}"
+        return {"ok": False, "error": msg}
+    finally:
+        if proc is not None:
+            ctx.sup.stop(proc)
+
+
+def describe(test: str, r: dict[str, Any]) -> str:
+    """One progress line for stderr."""
+    if not r["ok"]:
+        return f"FAILED: {r['error']}"
+    if test in ("keepalive", "conn"):
+        cpu = f", {r['cpu_us']:.1f} CPU µs each" if r.get("cpu_us") is not None else ""
+        return f"{r['rate']:,.0f}/s{cpu}, {r['errors']} errors"
+    if test == "p99":
+        return f"p99 {r['p99_ms']} ms, {r['rate']:,.0f}/s, {r['errors']} errors"
+    if test == "bulk":
+        return f"{r['gbps']:.2f} Gbit/s"
+    return (f"{r['kib_per_conn']:.1f} KiB/conn ({r['rss_before_kib']} -> "
+            f"{r['rss_after_kib']} KiB, {r['open']} open)")
