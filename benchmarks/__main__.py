@@ -10,6 +10,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -73,6 +74,13 @@ def _first_line(cmd: list[str]) -> str:
     return text[0] if text else "unknown"
 
 
+def _version(cmd: list[str], pattern: str) -> str:
+    """The version number out of a tool's banner, or the whole first line if it differs."""
+    line = _first_line(cmd)
+    m = re.search(pattern, line)
+    return m.group(1) if m else line
+
+
 def machine_and_versions() -> tuple[dict[str, Any], dict[str, str]]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -88,10 +96,10 @@ def machine_and_versions() -> tuple[dict[str, Any], dict[str, str]]:
         uv = "not installed"
     git = _first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
     versions = {
-        "haproxy": _first_line(["haproxy", "-v"]).removeprefix("HAProxy version ").split()[0],
-        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
-        "wrk": _first_line(["wrk", "-v"]).split(" [")[0].removeprefix("wrk "),
-        "iperf3": _first_line(["iperf3", "-v"]).split(" (")[0].removeprefix("iperf "),
+        "haproxy": _version(["haproxy", "-v"], r"HAProxy version (\S+)"),
+        "nginx": _version(["nginx", "-v"], r"nginx/(\S+)"),
+        "wrk": _version(["wrk", "-v"], r"wrk (\S+)"),
+        "iperf3": _version(["iperf3", "-v"], r"iperf (\S+)"),
         "python": platform.python_version(),
         "uvloop": uv,
         "balancer": git,
