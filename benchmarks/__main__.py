@@ -146,10 +146,14 @@ def raise_nofile() -> None:
         log(f"warning: hard RLIMIT_NOFILE is {hard}; the idle and p99 tests need ~6,000")
 
 
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the finally in main() stops every child."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C so the finally below stops every child.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     raise_nofile()
     if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {CPU_LOAD})  # the idle-connection client stays off CPU 0

@@ -58,8 +58,8 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = 
     raise StartError(f"port {port} did not accept within {timeout:.0f}s{tail_text(log)}")
 
 
-def tail_text(log: Path | None, lines: int = 8) -> str:
-    """The end of a process log, formatted for an error message."""
+def tail_text(log: Path | None, lines: int = 4) -> str:
+    """The end of a process log (where a Python traceback names the error), one line."""
     if log is None or not log.exists():
         return ""
     text = log.read_text(errors="replace").strip().splitlines()[-lines:]
