@@ -90,6 +90,10 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- settings: {meta['settings']['duration']:g} s x {meta['settings']['runs']} run(s) "
         f"per figure (median), proxy on CPU 0, wrk/iperf3/backends on CPU 1",
+    ]
+    if meta["settings"].get("balancer_cmd"):
+        lines.append(f"- balancer started with --balancer-cmd `{meta['settings']['balancer_cmd']}`")
+    lines += [
         "- (Nx) is the ratio to HAProxy from this same run; for CPU, RSS and p99 lower is "
         "better, for Gbit/s higher is better",
         "",

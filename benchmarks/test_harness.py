@@ -1,0 +1,98 @@
+"""Fast checks of the harness's parsing and reporting (no processes, no network).
+
+Run with `.venv/bin/pytest benchmarks/test_harness.py`; a wrong parse would silently put
+wrong numbers in the table, which is worse than a crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.load import LoadError, parse_wrk
+from benchmarks.proxies import balancer_command
+
+WRK_LATENCY = """\
+Running 10s test @ http://127.0.0.1:40001/
+  1 threads and 1000 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    19.52ms    3.10ms  60.01ms   88.00%
+    Req/Sec    50.12k     2.00k   55.00k    70.00%
+  Latency Distribution
+     50%   19.00ms
+     75%   20.50ms
+     90%   22.00ms
+     99%    1.25s
+  501234 requests in 10.01s, 70.12MB read
+  Socket errors: connect 3, read 1, write 0, timeout 7
+  Non-2xx or 3xx responses: 2
+Requests/sec:  50073.33
+Transfer/sec:      7.01MB
+"""
+
+WRK_PLAIN = """\
+Running 3s test @ http://127.0.0.1:40001/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   900.00us  100.00us   5.00ms   90.00%
+    Req/Sec    70.00k     1.00k   72.00k    80.00%
+  210000 requests in 3.00s, 29.00MB read
+Requests/sec:  70000.00
+Transfer/sec:      9.67MB
+"""
+
+
+def test_parse_wrk_latency_and_errors() -> None:
+    r = parse_wrk(WRK_LATENCY)
+    assert r.requests == 501234
+    assert r.seconds == pytest.approx(10.01)
+    assert r.rate == pytest.approx(50073.33)
+    assert r.p99_ms == pytest.approx(1250.0)
+    assert (r.socket_errors, r.non_2xx, r.errors) == (11, 2, 13)
+
+
+def test_parse_wrk_without_latency_or_errors() -> None:
+    r = parse_wrk(WRK_PLAIN)
+    assert (r.requests, r.p99_ms, r.errors) == (210000, None, 0)
+
+
+def test_parse_wrk_refuses_garbage() -> None:
+    with pytest.raises(LoadError):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_summary_is_median_of_successful_runs() -> None:
+    s = report.summarize([
+        {"ok": True, "rate": 10.0, "cpu_us": 3.0},
+        {"ok": False, "error": "balancer died during the run (killed by signal 11)"},
+        {"ok": True, "rate": 30.0, "cpu_us": 1.0},
+        {"ok": True, "rate": 20.0, "cpu_us": None},
+    ])
+    assert s["runs_ok"] == 3
+    assert s["median"] == {"rate": 20.0, "cpu_us": 2.0}
+    assert s["failures"] == ["balancer died during the run (killed by signal 11)"]
+
+
+def test_table_shows_ratio_and_failure() -> None:
+    results = {
+        "haproxy": {"keepalive": report.summarize([{"ok": True, "rate": 100.0, "cpu_us": 10.0}])},
+        "balancer": {"keepalive": report.summarize([{"ok": False, "error": "boom"}])},
+        "nginx": {"keepalive": report.summarize([{"ok": True, "rate": 90.0, "cpu_us": 12.5}])},
+    }
+    meta = {"date": "d", "machine": {"nproc": 2, "cpu_model": "x", "kernel": "k"},
+            "versions": {}, "settings": {"duration": 1.0, "runs": 1, "idle_connections": 2000}}
+    md = report.markdown(meta, results)
+    assert "| balancer | FAIL | FAIL |" in md
+    assert "12.5 (1.25x)" in md
+    assert "balancer / keepalive: FAILED run: boom" in md
+    assert report.ratios(results)["nginx"]["CPU µs/req"] == 1.25
+
+
+def test_balancer_command_template() -> None:
+    cfg = Path("/tmp/a b.yaml")
+    assert balancer_command("bal --x", cfg) == ["bal", "--x", "-c", str(cfg)]
+    assert balancer_command("bal -c {config} -v debug", cfg) == ["bal", "-c", str(cfg), "-v",
+                                                               "debug"]
+    assert balancer_command(None, cfg)[1:5] == ["-m", "balancer", "-c", str(cfg)]
