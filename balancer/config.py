@@ -1,0 +1,451 @@
+"""Configuration: the YAML schema, parsed and validated once into frozen dataclasses.
+
+Raw YAML never travels past this module. `load_config(path)` returns a `Config` or raises
+`ConfigError` carrying *every* problem found, each as ``path: reason`` so an operator can fix
+the whole file in one go. Only the CLI turns a `ConfigError` into an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._validate import (
+    Problems,
+    Section,
+    as_list,
+    as_mapping,
+    child,
+    describe,
+    item,
+    read_yaml,
+    split_host_port,
+)
+from ._validate import parse_duration as parse_duration  # re-exported: part of the public API
+
+STRATEGIES = ("round_robin", "weighted", "least_conn", "ip_hash", "random_two")
+LOOPS = ("auto", "uvloop", "asyncio")
+CHECK_TYPES = ("tcp", "http")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `problems` lists each one as ``path: reason``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and port. `host` keeps IPv6 literals without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: Address
+    weight: int = 1
+    max_conns: int = 0  # 0 = unlimited
+    backup: bool = False
+
+    @property
+    def key(self) -> str:
+        """Stable identity of a server inside its upstream (used in logs, metrics, reload)."""
+        return str(self.address)
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Active health checks (resilience issue)."""
+
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    type: str = "tcp"  # tcp | http
+    path: str = "/health"
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    max_fails: int = 3  # 0 disables passive checks
+    fail_timeout: float = 10.0
+    check: CheckConfig | None = None
+
+
+@dataclass(frozen=True)
+class RetriesConfig:
+    tries: int = 3
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    size: int = 0
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    connect: float = 1.0
+    idle: float = 600.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+    strategy: str = "round_robin"
+    health: HealthConfig = field(default_factory=HealthConfig)
+    retries: RetriesConfig = field(default_factory=RetriesConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    slow_start: float = 0.0  # seconds; 0 = off
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    bind: Address
+    upstream: str
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    bind: Address
+    admin_token: str | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    access: str | None = None  # None = off, "stderr", or a file path
+    format: str = "text"  # text | json
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: dict[str, UpstreamConfig]
+    metrics: MetricsConfig | None = None
+    workers: int | None = 1  # None means "auto": one per usable CPU
+    loop: str = "auto"
+    shutdown_timeout: float = 30.0
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --- Parsing -------------------------------------------------------------------------------
+
+TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log")
+LISTENER_KEYS = ("name", "bind", "upstream")
+UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts")
+SERVER_KEYS = ("address", "weight", "max_conns", "backup")
+HEALTH_KEYS = ("max_fails", "fail_timeout", "check")
+CHECK_KEYS = ("interval", "timeout", "rise", "fall", "type", "path")
+RETRIES_KEYS = ("tries", "timeout")
+POOL_KEYS = ("size", "idle_timeout")
+TIMEOUTS_KEYS = ("connect", "idle")
+METRICS_KEYS = ("bind", "admin_token")
+LOG_KEYS = ("access", "format")
+
+# Default instances, so every default lives in exactly one place: the dataclasses above.
+_UPSTREAM = UpstreamConfig(name="", servers=())
+_SERVER = ServerConfig(Address("", 0))
+_CHECK = CheckConfig()
+_CONFIG = Config(listeners=(), upstreams={})
+
+
+def parse_address(text: object, *, allow_port_zero: bool = True) -> Address:
+    """``host:port`` or ``[v6]:port`` as an Address; ValueError carries the reason.
+
+    Port 0 (ephemeral) makes sense for a bind but never for a server to connect to.
+    """
+    host, port = split_host_port(text, min_port=0 if allow_port_zero else 1)
+    return Address(host, port)
+
+
+def _address(host_port: tuple[str, int] | None) -> Address | None:
+    return None if host_port is None else Address(*host_port)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML file; ConfigError names the file for read and syntax errors."""
+    try:
+        data = read_yaml(path)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    return parse_config(data, str(path))
+
+
+def parse_config(data: object, source: str = "<config>") -> Config:
+    """Validate an already-loaded YAML document; ConfigError lists every problem at once."""
+    if data is None:
+        raise ConfigError([f"{source}: empty configuration"])
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"{source}: must be a mapping of settings, got {describe(data)}"])
+    problems = Problems()
+    top = Section(data, "", problems, TOP_KEYS)
+    listeners = _listeners(top, _upstream_names(top.get("upstreams")))
+    upstreams = _upstreams(top)
+    metrics = _metrics(top, listeners)
+    workers = _workers(top)
+    loop = top.choice("loop", _CONFIG.loop, LOOPS)
+    shutdown_timeout = top.duration("shutdown_timeout", _CONFIG.shutdown_timeout)
+    log = _log(top)
+    if problems:
+        raise ConfigError(problems.items)
+    return Config(listeners, upstreams, metrics, workers, loop, shutdown_timeout, log)
+
+
+# --- Listeners -----------------------------------------------------------------------------
+
+
+def _upstream_names(value: object) -> set[str] | None:
+    """Names listeners may refer to; None when the upstreams section is itself broken."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    return {key for key in value if isinstance(key, str)}
+
+
+def _listeners(top: Section, known: set[str] | None) -> tuple[ListenerConfig, ...]:
+    value = top.required("listeners")
+    items = None if value is None else as_list(value, "listeners", top.problems)
+    if items is None:
+        return ()
+    if not items:
+        top.fail("listeners", "must not be empty")
+    listeners: list[ListenerConfig] = []
+    names: dict[str, int] = {}
+    binds: dict[str, int] = {}
+    for index, raw in enumerate(items):
+        path = item("listeners", index)
+        data = as_mapping(raw, path, top.problems)
+        if data is None:
+            continue
+        section = Section(data, path, top.problems, LISTENER_KEYS)
+        listener = _listener(section, known)
+        if listener is None:
+            continue
+        named = section.get("name") is not None
+        _unique(section, "name", listener.name, names, index, named=named)
+        if listener.bind.port != 0:
+            _unique(section, "bind", str(listener.bind), binds, index)
+        listeners.append(listener)
+    return tuple(listeners)
+
+
+def _listener(section: Section, known: set[str] | None) -> ListenerConfig | None:
+    bind = _address(section.host_port("bind"))
+    name = section.string("name")
+    upstream = section.required("upstream")
+    if upstream is not None and not isinstance(upstream, str):
+        section.fail("upstream", f"must be a string, got {describe(upstream)}")
+        upstream = None
+    if isinstance(upstream, str) and known and upstream not in known:
+        listed = ", ".join(sorted(known))
+        section.fail("upstream", f"unknown upstream {upstream!r} (known: {listed})")
+    if bind is None or not isinstance(upstream, str):
+        return None
+    return ListenerConfig(name=name or str(bind), bind=bind, upstream=upstream)
+
+
+def _unique(
+    section: Section, key: str, value: str, seen: dict[str, int], index: int, *, named: bool = True
+) -> None:
+    """Record `value` for listener `index`, reporting it if an earlier listener had it."""
+    if value not in seen:
+        seen[value] = index
+        return
+    hint = "" if named else " (the name defaults to the bind address; set a name)"
+    section.fail(key, f"duplicate of {item('listeners', seen[value])}{hint}")
+
+
+# --- Upstreams -----------------------------------------------------------------------------
+
+
+def _upstreams(top: Section) -> dict[str, UpstreamConfig]:
+    value = top.required("upstreams")
+    data = None if value is None else as_mapping(value, "upstreams", top.problems)
+    if data is None:
+        return {}
+    if not data:
+        top.fail("upstreams", "must not be empty")
+    upstreams: dict[str, UpstreamConfig] = {}
+    for name, raw in data.items():
+        path = child("upstreams", name)
+        if not isinstance(name, str) or not name:
+            top.problems.add(path, f"upstream name must be a non-empty string, got {name!r}")
+            continue
+        body = as_mapping(raw, path, top.problems)
+        if body is not None:
+            upstreams[name] = _upstream(name, Section(body, path, top.problems, UPSTREAM_KEYS))
+    return upstreams
+
+
+def _upstream(name: str, section: Section) -> UpstreamConfig:
+    strategy = section.choice("strategy", _UPSTREAM.strategy, STRATEGIES)
+    slow_start = section.duration("slow_start", _UPSTREAM.slow_start)
+    servers = _servers(section)
+    return UpstreamConfig(
+        name=name,
+        servers=servers,
+        strategy=strategy,
+        health=_health(section),
+        retries=_retries(section),
+        pool=_pool(section),
+        timeouts=_timeouts(section),
+        slow_start=slow_start,
+    )
+
+
+def _servers(upstream: Section) -> tuple[ServerConfig, ...]:
+    value = upstream.required("servers")
+    items = None if value is None else as_list(value, upstream.at("servers"), upstream.problems)
+    if items is None:
+        return ()
+    if not items:
+        upstream.fail("servers", "must not be empty")
+    servers: list[ServerConfig] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(items):
+        path = item(upstream.at("servers"), index)
+        server, address_path = _server(raw, path, upstream.problems)
+        if server is None:
+            continue
+        if server.key in seen:
+            upstream.problems.add(address_path, f"duplicate of servers[{seen[server.key]}]")
+        else:
+            seen[server.key] = index
+        servers.append(server)
+    return tuple(servers)
+
+
+def _server(raw: object, path: str, problems: Problems) -> tuple[ServerConfig | None, str]:
+    """A server and the path its address came from (the item itself for the string form)."""
+    if isinstance(raw, str):
+        try:
+            return ServerConfig(parse_address(raw, allow_port_zero=False)), path
+        except ValueError as exc:
+            problems.add(path, str(exc))
+            return None, path
+    if not isinstance(raw, Mapping):
+        problems.add(path, f"must be an address string or a mapping, got {describe(raw)}")
+        return None, path
+    section = Section(raw, path, problems, SERVER_KEYS)
+    address = _address(section.host_port("address", min_port=1))
+    weight = section.integer("weight", _SERVER.weight, minimum=1)
+    max_conns = section.integer("max_conns", _SERVER.max_conns, minimum=0)
+    backup = section.boolean("backup", _SERVER.backup)
+    if address is None:
+        return None, section.at("address")
+    return ServerConfig(address, weight, max_conns, backup), section.at("address")
+
+
+def _health(upstream: Section) -> HealthConfig:
+    section = upstream.sub("health", HEALTH_KEYS)
+    default = _UPSTREAM.health
+    max_fails = section.integer("max_fails", default.max_fails, minimum=0)
+    # With passive checks off a zero fail_timeout is harmless; with them on it means "never".
+    fail_timeout = section.duration("fail_timeout", default.fail_timeout, positive=max_fails > 0)
+    return HealthConfig(max_fails, fail_timeout, _check(section))
+
+
+def _check(health: Section) -> CheckConfig | None:
+    if health.get("check") is None:
+        return None  # active checks are opt-in
+    section = health.sub("check", CHECK_KEYS)
+    path = section.string("path", _CHECK.path) or _CHECK.path
+    if not path.startswith("/"):
+        section.fail("path", f"must start with '/', got {path!r}")
+        path = _CHECK.path
+    return CheckConfig(
+        interval=section.duration("interval", _CHECK.interval, positive=True),
+        timeout=section.duration("timeout", _CHECK.timeout, positive=True),
+        rise=section.integer("rise", _CHECK.rise, minimum=1),
+        fall=section.integer("fall", _CHECK.fall, minimum=1),
+        type=section.choice("type", _CHECK.type, CHECK_TYPES),
+        path=path,
+    )
+
+
+def _retries(upstream: Section) -> RetriesConfig:
+    section = upstream.sub("retries", RETRIES_KEYS)
+    default = _UPSTREAM.retries
+    return RetriesConfig(
+        tries=section.integer("tries", default.tries, minimum=1),
+        timeout=section.duration("timeout", default.timeout, positive=True),
+    )
+
+
+def _pool(upstream: Section) -> PoolConfig:
+    section = upstream.sub("pool", POOL_KEYS)
+    default = _UPSTREAM.pool
+    return PoolConfig(
+        size=section.integer("size", default.size, minimum=0),
+        # The pool sweeps every idle_timeout / 2, so zero would spin.
+        idle_timeout=section.duration("idle_timeout", default.idle_timeout, positive=True),
+    )
+
+
+def _timeouts(upstream: Section) -> TimeoutsConfig:
+    section = upstream.sub("timeouts", TIMEOUTS_KEYS)
+    default = _UPSTREAM.timeouts
+    return TimeoutsConfig(
+        connect=section.duration("connect", default.connect, positive=True),
+        idle=section.duration("idle", default.idle, positive=True),
+    )
+
+
+# --- Process-wide settings -----------------------------------------------------------------
+
+
+def _metrics(top: Section, listeners: tuple[ListenerConfig, ...]) -> MetricsConfig | None:
+    value = top.get("metrics")
+    data = None if value is None else as_mapping(value, "metrics", top.problems)
+    if data is None:
+        return None  # absent means no metrics endpoint
+    section = Section(data, "metrics", top.problems, METRICS_KEYS)
+    bind = _address(section.host_port("bind"))
+    token = section.string("admin_token")
+    if bind is None:
+        return None
+    for index, listener in enumerate(listeners):
+        if bind.port != 0 and listener.bind == bind:
+            section.fail("bind", f"same address as {item('listeners', index)}.bind")
+    return MetricsConfig(bind, token)
+
+
+def _workers(top: Section) -> int | None:
+    """A positive count, or ``auto`` (None) for one worker per usable CPU."""
+    value = top.get("workers")
+    if value is None:
+        return _CONFIG.workers
+    if value == "auto":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    top.fail("workers", f"must be a positive integer or 'auto', got {describe(value)}")
+    return _CONFIG.workers
+
+
+def _log(top: Section) -> LogConfig:
+    section = top.sub("log", LOG_KEYS)
+    return LogConfig(access=_access(section), format=section.choice("format", "text", LOG_FORMATS))
+
+
+def _access(section: Section) -> str | None:
+    """``off`` arrives as YAML false (YAML 1.1) or the string; anything else names a sink."""
+    value = section.get("access")
+    if value is None or value is False or value == "off":
+        return None
+    if isinstance(value, str) and value.strip():
+        return value
+    section.fail("access", f"must be off, stderr or a file path, got {describe(value)}")
+    return None

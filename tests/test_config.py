@@ -1,0 +1,558 @@
+"""Configuration loading: the schema, its defaults, and the exact wording of every problem."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from balancer.config import (
+    Address,
+    CheckConfig,
+    Config,
+    ConfigError,
+    HealthConfig,
+    ListenerConfig,
+    LogConfig,
+    MetricsConfig,
+    PoolConfig,
+    RetriesConfig,
+    ServerConfig,
+    TimeoutsConfig,
+    UpstreamConfig,
+    load_config,
+    parse_address,
+    parse_config,
+    parse_duration,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+FULL = """\
+listeners:
+  - name: web
+    bind: 0.0.0.0:8080
+    upstream: app
+  - bind: "[::1]:0"
+    upstream: app
+upstreams:
+  app:
+    strategy: least_conn
+    slow_start: 30s
+    servers:
+      - address: 127.0.0.1:3001
+        weight: 2
+        max_conns: 100
+        backup: false
+      - 127.0.0.1:3002
+      - address: 127.0.0.1:3003
+        backup: true
+    health:
+      max_fails: 5
+      fail_timeout: 20s
+      check:
+        interval: 500ms
+        timeout: 250ms
+        rise: 1
+        fall: 4
+        type: http
+        path: /ready
+    retries:
+      tries: 2
+      timeout: 1.5s
+    pool:
+      size: 4
+      idle_timeout: 1m
+    timeouts:
+      connect: 2s
+      idle: 1h
+  spare:
+    servers: [localhost:4000]
+metrics:
+  bind: 127.0.0.1:9100
+  admin_token: secret
+workers: 4
+loop: uvloop
+shutdown_timeout: 5s
+log:
+  access: /var/log/balancer.log
+  format: json
+"""
+
+
+def minimal() -> dict[str, Any]:
+    """The smallest valid config, as plain data for tests to break one piece at a time."""
+    return {
+        "listeners": [{"bind": "127.0.0.1:8080", "upstream": "app"}],
+        "upstreams": {"app": {"servers": ["127.0.0.1:3001"]}},
+    }
+
+
+def problems_of(data: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+def with_upstream(**keys: Any) -> dict[str, Any]:
+    data = minimal()
+    data["upstreams"]["app"].update(keys)
+    return data
+
+
+# --- Valid configurations ------------------------------------------------------------------
+
+
+def test_full_config_round_trips_into_dataclasses() -> None:
+    config = parse_config(yaml.safe_load(FULL))
+    assert config.listeners == (
+        ListenerConfig("web", Address("0.0.0.0", 8080), "app"),
+        ListenerConfig("[::1]:0", Address("::1", 0), "app"),
+    )
+    assert config.upstreams["app"] == UpstreamConfig(
+        name="app",
+        servers=(
+            ServerConfig(Address("127.0.0.1", 3001), weight=2, max_conns=100, backup=False),
+            ServerConfig(Address("127.0.0.1", 3002)),
+            ServerConfig(Address("127.0.0.1", 3003), backup=True),
+        ),
+        strategy="least_conn",
+        health=HealthConfig(5, 20.0, CheckConfig(0.5, 0.25, 1, 4, "http", "/ready")),
+        retries=RetriesConfig(2, 1.5),
+        pool=PoolConfig(4, 60.0),
+        timeouts=TimeoutsConfig(2.0, 3600.0),
+        slow_start=30.0,
+    )
+    assert config.metrics == MetricsConfig(Address("127.0.0.1", 9100), "secret")
+    assert (config.workers, config.loop, config.shutdown_timeout) == (4, "uvloop", 5.0)
+    assert config.log == LogConfig("/var/log/balancer.log", "json")
+
+
+def test_omitted_keys_take_the_dataclass_defaults() -> None:
+    config = parse_config(minimal())
+    assert config == Config(
+        listeners=(ListenerConfig("127.0.0.1:8080", Address("127.0.0.1", 8080), "app"),),
+        upstreams={"app": UpstreamConfig("app", (ServerConfig(Address("127.0.0.1", 3001)),))},
+    )
+    upstream = config.upstreams["app"]
+    assert upstream.strategy == "round_robin" and upstream.slow_start == 0.0
+    assert upstream.health == HealthConfig(3, 10.0, None)
+    assert (config.metrics, config.workers, config.loop) == (None, 1, "auto")
+    assert config.log == LogConfig(None, "text")
+
+
+def test_upstream_referenced_by_no_listener_is_allowed() -> None:
+    config = parse_config(yaml.safe_load(FULL))
+    assert config.upstreams["spare"].servers == (ServerConfig(Address("localhost", 4000)),)
+
+
+def test_empty_check_mapping_enables_checks_with_defaults() -> None:
+    config = parse_config(with_upstream(health={"check": {}}))
+    assert config.upstreams["app"].health.check == CheckConfig()
+
+
+def test_workers_auto_means_none() -> None:
+    data = minimal() | {"workers": "auto"}
+    assert parse_config(data).workers is None
+
+
+@pytest.mark.parametrize("access", [False, "off", None])
+def test_access_log_off(access: object) -> None:
+    assert parse_config(minimal() | {"log": {"access": access}}).log.access is None
+
+
+def test_access_log_off_as_written_in_yaml() -> None:
+    data = yaml.safe_load("log:\n  access: off\n") | minimal()
+    assert parse_config(data).log.access is None
+
+
+def test_string_shorthand_server() -> None:
+    config = parse_config(with_upstream(servers=["127.0.0.1:3001", "[::1]:3002"]))
+    assert config.upstreams["app"].servers == (
+        ServerConfig(Address("127.0.0.1", 3001)),
+        ServerConfig(Address("::1", 3002)),
+    )
+
+
+def test_fail_timeout_may_be_zero_when_passive_checks_are_off() -> None:
+    config = parse_config(with_upstream(health={"max_fails": 0, "fail_timeout": 0}))
+    assert config.upstreams["app"].health == HealthConfig(0, 0.0, None)
+
+
+# --- Durations and addresses ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (0, 0.0),
+        (3, 3.0),
+        (2.5, 2.5),
+        ("250ms", 0.25),
+        ("10s", 10.0),
+        ("1.5s", 1.5),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("0s", 0.0),
+        (".5s", 0.5),
+    ],
+)
+def test_parse_duration(value: object, seconds: float) -> None:
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "value", [True, False, -1, -0.5, float("inf"), float("nan"), "fast", "10", "10 sec", "",
+              "-1s", "1d", "s", None, [1]]
+)
+def test_parse_duration_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="must be a duration like 250ms, 10s, 5m"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "address", "shown"),
+    [
+        ("0.0.0.0:8080", Address("0.0.0.0", 8080), "0.0.0.0:8080"),
+        ("localhost:80", Address("localhost", 80), "localhost:80"),
+        ("127.0.0.1:0", Address("127.0.0.1", 0), "127.0.0.1:0"),
+        ("[::1]:8080", Address("::1", 8080), "[::1]:8080"),
+        ("[::]:65535", Address("::", 65535), "[::]:65535"),
+        ("[2001:db8::1]:443", Address("2001:db8::1", 443), "[2001:db8::1]:443"),
+        ("backend-1.example.com:3001", Address("backend-1.example.com", 3001),
+         "backend-1.example.com:3001"),
+    ],
+)
+def test_parse_address(text: str, address: Address, shown: str) -> None:
+    assert parse_address(text) == address
+    assert str(address) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("localhost", "missing port in 'localhost' (expected host:port or [v6]:port)"),
+        (":80", "missing host in ':80'"),
+        ("host:http", "port must be 0..65535, got 'http'"),
+        ("host:65536", "port must be 0..65535, got 65536"),
+        ("host:-1", "port must be 0..65535, got '-1'"),
+        ("::1:80", "IPv6 addresses need brackets, like [::1]:80, got '::1:80'"),
+        ("[::1]80", "must be [v6]:port, got '[::1]80'"),
+        ("[nope]:80", "invalid IPv6 address 'nope'"),
+        ("300.1.1.1:80", "invalid IPv4 address '300.1.1.1'"),
+        ("bad host:80", "invalid host name 'bad host'"),
+        (8080, "must be an address like host:port, got 8080"),
+    ],
+)
+def test_parse_address_rejects(text: object, reason: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_address(text)
+    assert str(info.value) == reason
+
+
+def test_server_port_zero_is_rejected_but_bind_port_zero_is_not() -> None:
+    assert parse_address("127.0.0.1:0").port == 0
+    with pytest.raises(ValueError, match=r"port must be 1\.\.65535, got 0"):
+        parse_address("127.0.0.1:0", allow_port_zero=False)
+
+
+# --- One mistake, one exact message --------------------------------------------------------
+
+
+def _set(path: str, value: object) -> dict[str, Any]:
+    """minimal() with the dotted `path` (list indexes as numbers) set to `value`."""
+    data = minimal()
+    *parents, last = path.split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[int(last) if last.isdigit() else last] = value
+    return data
+
+
+MISTAKES = [
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1"}, {"address": "127.0.0.1:2", "weight": 0}],
+     "upstreams.app.servers[1].weight: must be a positive integer, got 0"),
+    ("listeners.0.upstream", "ap", "listeners[0].upstream: unknown upstream 'ap' (known: app)"),
+    ("upstreams.app.stratgy", "least_conn",
+     "upstreams.app.stratgy: unknown key (did you mean 'strategy'?)"),
+    ("upstreams.app.colour", "blue", "upstreams.app.colour: unknown key"),
+    ("listner", [], "listner: unknown key (did you mean 'listeners'?)"),
+    ("upstreams.app.strategy", "fastest",
+     "upstreams.app.strategy: must be one of round_robin, weighted, least_conn, ip_hash, "
+     "random_two, got 'fastest'"),
+    ("listeners.0.bind", "localhost",
+     "listeners[0].bind: missing port in 'localhost' (expected host:port or [v6]:port)"),
+    ("listeners.0.bind", None, "listeners[0].bind: required"),
+    ("listeners.0.upstream", 7, "listeners[0].upstream: must be a string, got 7"),
+    ("listeners.0.name", 7, "listeners[0].name: must be a string, got 7"),
+    ("listeners.0.name", "", "listeners[0].name: must not be empty"),
+    ("listeners", [], "listeners: must not be empty"),
+    ("listeners", None, "listeners: required"),
+    ("listeners", {"bind": "x:1"}, "listeners: must be a list, got a mapping"),
+    ("listeners.0", "127.0.0.1:80", "listeners[0]: must be a mapping, got '127.0.0.1:80'"),
+    ("upstreams", None, "upstreams: required"),
+    ("upstreams", {}, "upstreams: must not be empty"),
+    ("upstreams.app", ["x"], "upstreams.app: must be a mapping, got a list"),
+    ("upstreams.app.servers", [], "upstreams.app.servers: must not be empty"),
+    ("upstreams.app.servers", None, "upstreams.app.servers: required"),
+    ("upstreams.app.servers", "127.0.0.1:1",
+     "upstreams.app.servers: must be a list, got '127.0.0.1:1'"),
+    ("upstreams.app.servers", [{"weight": 1}], "upstreams.app.servers[0].address: required"),
+    ("upstreams.app.servers", [7],
+     "upstreams.app.servers[0]: must be an address string or a mapping, got 7"),
+    ("upstreams.app.servers", ["127.0.0.1:0"],
+     "upstreams.app.servers[0]: port must be 1..65535, got 0"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:0"}],
+     "upstreams.app.servers[0].address: port must be 1..65535, got 0"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "weight": True}],
+     "upstreams.app.servers[0].weight: must be a positive integer, got True"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "weight": 1.5}],
+     "upstreams.app.servers[0].weight: must be a positive integer, got 1.5"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "max_conns": -1}],
+     "upstreams.app.servers[0].max_conns: must be a non-negative integer, got -1"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "backup": "yes please"}],
+     "upstreams.app.servers[0].backup: must be a boolean, got 'yes please'"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "wieght": 2}],
+     "upstreams.app.servers[0].wieght: unknown key (did you mean 'weight'?)"),
+    ("upstreams.app.slow_start", "soon",
+     "upstreams.app.slow_start: must be a duration like 250ms, 10s, 5m, got 'soon'"),
+    ("upstreams.app.timeouts.connect", "fast",
+     "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, got 'fast'"),
+    ("upstreams.app.timeouts.connect", 0,
+     "upstreams.app.timeouts.connect: must be greater than 0, got 0"),
+    ("upstreams.app.timeouts.idle", "0s",
+     "upstreams.app.timeouts.idle: must be greater than 0, got '0s'"),
+    ("upstreams.app.timeouts.connect", True,
+     "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, got True"),
+    ("upstreams.app.timeouts", "1s", "upstreams.app.timeouts: must be a mapping, got '1s'"),
+    ("upstreams.app.health.max_fails", -1,
+     "upstreams.app.health.max_fails: must be a non-negative integer, got -1"),
+    ("upstreams.app.health.fail_timeout", 0,
+     "upstreams.app.health.fail_timeout: must be greater than 0, got 0"),
+    ("upstreams.app.health.check", {"interval": 0},
+     "upstreams.app.health.check.interval: must be greater than 0, got 0"),
+    ("upstreams.app.health.check", {"timeout": "0ms"},
+     "upstreams.app.health.check.timeout: must be greater than 0, got '0ms'"),
+    ("upstreams.app.health.check", {"rise": 0},
+     "upstreams.app.health.check.rise: must be a positive integer, got 0"),
+    ("upstreams.app.health.check", {"fall": "3"},
+     "upstreams.app.health.check.fall: must be a positive integer, got '3'"),
+    ("upstreams.app.health.check", {"type": "udp"},
+     "upstreams.app.health.check.type: must be one of tcp, http, got 'udp'"),
+    ("upstreams.app.health.check", {"path": "health"},
+     "upstreams.app.health.check.path: must start with '/', got 'health'"),
+    ("upstreams.app.health.check", True,
+     "upstreams.app.health.check: must be a mapping, got True"),
+    ("upstreams.app.retries.tries", 0,
+     "upstreams.app.retries.tries: must be a positive integer, got 0"),
+    ("upstreams.app.retries.timeout", 0,
+     "upstreams.app.retries.timeout: must be greater than 0, got 0"),
+    ("upstreams.app.pool.size", -2,
+     "upstreams.app.pool.size: must be a non-negative integer, got -2"),
+    ("upstreams.app.pool.idle_timeout", 0,
+     "upstreams.app.pool.idle_timeout: must be greater than 0, got 0"),
+    ("metrics", {"admin_token": "x"}, "metrics.bind: required"),
+    ("metrics", {"bind": "127.0.0.1:9100", "admin_token": 123},
+     "metrics.admin_token: must be a string, got 123"),
+    ("metrics", {"bind": "127.0.0.1:8080"}, "metrics.bind: same address as listeners[0].bind"),
+    ("metrics", "127.0.0.1:9100", "metrics: must be a mapping, got '127.0.0.1:9100'"),
+    ("workers", 0, "workers: must be a positive integer or 'auto', got 0"),
+    ("workers", True, "workers: must be a positive integer or 'auto', got True"),
+    ("workers", "many", "workers: must be a positive integer or 'auto', got 'many'"),
+    ("loop", "trio", "loop: must be one of auto, uvloop, asyncio, got 'trio'"),
+    ("shutdown_timeout", "-5s",
+     "shutdown_timeout: must be a duration like 250ms, 10s, 5m, got '-5s'"),
+    ("log.format", "xml", "log.format: must be one of text, json, got 'xml'"),
+    ("log.access", True, "log.access: must be off, stderr or a file path, got True"),
+    ("log.acess", "stderr", "log.acess: unknown key (did you mean 'access'?)"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), MISTAKES)
+def test_each_mistake_has_its_exact_message(path: str, value: object, expected: str) -> None:
+    assert expected in problems_of(_set(path, value))
+
+
+def test_mistakes_report_only_themselves() -> None:
+    """No knock-on noise: a single mistake yields a single line."""
+    for path, value, expected in MISTAKES:
+        assert problems_of(_set(path, copy.deepcopy(value))) == [expected], path
+
+
+def test_duplicate_server_addresses() -> None:
+    servers = ["127.0.0.1:3001", "127.0.0.1:3002", {"address": "127.0.0.1:3001"}, "127.0.0.1:3002"]
+    assert problems_of(with_upstream(servers=servers)) == [
+        "upstreams.app.servers[2].address: duplicate of servers[0]",
+        "upstreams.app.servers[3]: duplicate of servers[1]",
+    ]
+
+
+def test_duplicate_listener_names_and_binds() -> None:
+    data = minimal()
+    data["listeners"] = [
+        {"name": "web", "bind": "127.0.0.1:8080", "upstream": "app"},
+        {"name": "web", "bind": "127.0.0.1:8081", "upstream": "app"},
+        {"name": "other", "bind": "127.0.0.1:8080", "upstream": "app"},
+    ]
+    assert problems_of(data) == [
+        "listeners[1].name: duplicate of listeners[0]",
+        "listeners[2].bind: duplicate of listeners[0]",
+    ]
+
+
+def test_default_names_that_collide_say_how_to_fix_it() -> None:
+    data = minimal()
+    data["listeners"] = [{"bind": "127.0.0.1:0", "upstream": "app"}] * 2
+    assert problems_of(data) == [
+        "listeners[1].name: duplicate of listeners[0] "
+        "(the name defaults to the bind address; set a name)"
+    ]
+
+
+def test_ephemeral_binds_are_not_duplicates() -> None:
+    data = minimal()
+    data["listeners"] = [
+        {"name": "a", "bind": "127.0.0.1:0", "upstream": "app"},
+        {"name": "b", "bind": "127.0.0.1:0", "upstream": "app"},
+    ]
+    assert len(parse_config(data).listeners) == 2
+
+
+def test_unknown_upstream_lists_every_known_name() -> None:
+    data = _set("listeners.0.upstream", "db")
+    data["upstreams"]["cache"] = {"servers": ["127.0.0.1:6379"]}
+    assert problems_of(data) == ["listeners[0].upstream: unknown upstream 'db' (known: app, cache)"]
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    assert problems_of(["listeners"]) == ["<config>: must be a mapping of settings, got a list"]
+    assert problems_of(None) == ["<config>: empty configuration"]
+
+
+def test_every_mistake_in_one_file_is_reported_at_once() -> None:
+    text = """\
+listeners:
+  - bind: 0.0.0.0:8080
+    upstream: ap
+  - bind: nowhere
+    upstream: app
+upstreams:
+  app:
+    stratgy: least_conn
+    servers:
+      - 127.0.0.1:3001
+      - address: 127.0.0.1:3002
+        weight: 0
+    timeouts:
+      connect: fast
+workers: 0
+"""
+    assert problems_of(yaml.safe_load(text)) == [
+        "listeners[0].upstream: unknown upstream 'ap' (known: app)",
+        "listeners[1].bind: missing port in 'nowhere' (expected host:port or [v6]:port)",
+        "upstreams.app.stratgy: unknown key (did you mean 'strategy'?)",
+        "upstreams.app.servers[1].weight: must be a positive integer, got 0",
+        "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, got 'fast'",
+        "workers: must be a positive integer or 'auto', got 0",
+    ]
+
+
+# --- Files ---------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "balancer.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_load_config_reads_a_file(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, FULL)) == parse_config(yaml.safe_load(FULL))
+
+
+def test_load_config_prefixes_nothing_to_key_paths(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL.replace("weight: 2", "weight: 0"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        "upstreams.app.servers[0].weight: must be a positive integer, got 0"
+    ]
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "listeners:\n  - bind: 127.0.0.1:0\n    upstream: [app\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}: YAML syntax error at line 4, column 1: ")
+
+
+def test_yaml_syntax_error_line_is_one_based(tmp_path: Path) -> None:
+    text = "listeners:\n  - bind: 127.0.0.1:0\n   upstream: app\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert "YAML syntax error at line 3, column 4: " in info.value.problems[0]
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
+    text = FULL + "upstreams:\n  other:\n    servers: [127.0.0.1:1]\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    line = len(FULL.splitlines()) + 1
+    assert info.value.problems == [
+        f"{tmp_path / 'balancer.yaml'}: YAML syntax error at line {line}, column 1: "
+        "duplicate key 'upstreams'"
+    ]
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    full = (
+        "listeners: [{bind: '127.0.0.1:80', upstream: app}]\n"
+        "upstreams:\n  base: &base\n    servers: [127.0.0.1:3001]\n    strategy: weighted\n"
+        "  app:\n    <<: *base\n    strategy: least_conn\n"
+    )
+    config = load_config(write(tmp_path, full))
+    assert config.upstreams["app"].strategy == "least_conn"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}: cannot read: No such file or directory"]
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_empty_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}: empty configuration"]
+
+
+def test_shipped_configs_exist() -> None:
+    names = {p.name for p in (CONFIGS / "examples").glob("*.yaml")}
+    assert (CONFIGS / "upstream.yaml").is_file()
+    assert names >= {f"{s}.yaml" for s in ("round_robin", "weighted", "least_conn", "ip_hash",
+                                           "random_two")}
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS))
+)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.listeners and config.upstreams
+
+
+@pytest.mark.parametrize(
+    "strategy", ["round_robin", "weighted", "least_conn", "ip_hash", "random_two"]
+)
+def test_each_example_uses_its_strategy(strategy: str) -> None:
+    config = load_config(CONFIGS / "examples" / f"{strategy}.yaml")
+    assert {up.strategy for up in config.upstreams.values()} == {strategy}
