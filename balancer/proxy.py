@@ -26,7 +26,10 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
+from .health import failure_reason
+
 if TYPE_CHECKING:
+    from .pool import IdleConnection
     from .upstream import Server, Upstream
 
 log = logging.getLogger("balancer.proxy")
@@ -35,6 +38,49 @@ log = logging.getLogger("balancer.proxy")
 # up to 256 KiB) while bounding what one stalled connection can hold.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+
+
+class ConnectionEvents:
+    """What the data path reports, once per event of a connection (never per chunk).
+
+    Metrics and the access log subclass this; the base does nothing, so a bare balancer pays
+    one no-op call per event.
+    """
+
+    def connected(self, conn: ClientConnection, connect_seconds: float, pooled: bool) -> None:
+        """`conn` is now paired with an upstream connection to `conn.server`."""
+
+    def connect_failed(self, conn: ClientConnection, server: Server, reason: str) -> None:
+        """A connect to `server` failed (`refused`, `timeout` or `reset`)."""
+
+    def retried(self, conn: ClientConnection) -> None:
+        """Another server is being tried after a failed connect."""
+
+    def closed(self, conn: ClientConnection) -> None:
+        """`conn` ended; its counters and `outcome` are final."""
+
+
+class FanOutEvents(ConnectionEvents):
+    """Passes every event to several sinks, in order."""
+
+    def __init__(self, sinks: list[ConnectionEvents]) -> None:
+        self.sinks = sinks
+
+    def connected(self, conn: ClientConnection, connect_seconds: float, pooled: bool) -> None:
+        for sink in self.sinks:
+            sink.connected(conn, connect_seconds, pooled)
+
+    def connect_failed(self, conn: ClientConnection, server: Server, reason: str) -> None:
+        for sink in self.sinks:
+            sink.connect_failed(conn, server, reason)
+
+    def retried(self, conn: ClientConnection) -> None:
+        for sink in self.sinks:
+            sink.retried(conn)
+
+    def closed(self, conn: ClientConnection) -> None:
+        for sink in self.sinks:
+            sink.closed(conn)
 
 
 class Route:
@@ -47,10 +93,10 @@ class Route:
     __slots__ = (
         "connect_timeout",
         "connections",
+        "events",
         "idle_timeout",
         "listener_name",
         "loop",
-        "on_closed",
         "retry_budget",
         "tries",
         "upstream",
@@ -61,7 +107,7 @@ class Route:
         listener_name: str,
         upstream: Upstream,
         loop: asyncio.AbstractEventLoop,
-        on_closed: Callable[[ClientConnection], None] | None = None,
+        events: ConnectionEvents | None = None,
     ) -> None:
         config = upstream.config
         self.listener_name = listener_name
@@ -72,7 +118,7 @@ class Route:
         self.tries = config.retries.tries
         self.retry_budget = config.retries.timeout
         self.connections: set[ClientConnection] = set()
-        self.on_closed = on_closed
+        self.events = events or ConnectionEvents()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -108,6 +154,28 @@ class UpstreamConnection(asyncio.Protocol):
         self.client.transport.resume_reading()
 
 
+class PooledUpstreamConnection(UpstreamConnection):
+    """A pooled upstream connection on probation, until the server's first byte.
+
+    The server may have closed a pooled connection just as it was handed out. Until the server
+    has sent something, the client's bytes are kept, and if the connection dies they are
+    replayed on a fresh connect: a server's idle timeout never becomes a client's error.
+    """
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.client.confirm_pooled()
+        UpstreamConnection.data_received(self, data)
+
+    def eof_received(self) -> bool:
+        self.client.pooled_failed()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.pooled_failed()
+
+
 class ClientConnection(asyncio.Protocol):
     """The client half, and the owner of the pair's state."""
 
@@ -119,9 +187,11 @@ class ClientConnection(asyncio.Protocol):
         "clock",
         "closed",
         "connect_task",
+        "early",
         "idle_timer",
         "last_io",
         "outcome",
+        "paired",
         "route",
         "server",
         "started",
@@ -136,7 +206,9 @@ class ClientConnection(asyncio.Protocol):
         self.clock = route.loop.time
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.upstream: UpstreamConnection | None = None
-        self.upstream_write: Callable[[bytes], None] | None = None
+        # Until the upstream is connected, client bytes wait in `early` (bounded, see below).
+        self.upstream_write: Callable[[bytes], None] = self._hold_early
+        self.early: list[bytes] = []
         self.server: Server | None = None
         self.client_ip = ""
         self.started = 0.0
@@ -147,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_eof = False
         self.closed = False
         self.outcome = "ok"
+        self.paired = False  # reported as connected (once, even if a pooled one is replaced)
         self.connect_task: asyncio.Task[None] | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -156,72 +229,165 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         route = self.route
         route.connections.add(self)
-        # Hold the client's bytes in the kernel until there is somewhere to send them.
-        transport.pause_reading()  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.started = self.last_io = self.clock()
-        self.connect_task = route.loop.create_task(self._connect())
+        server = route.upstream.pick(self.client_ip)
+        if server is None:
+            self._no_server()
+            return
+        server.active += 1
+        self.server = server
+        pool = server.pool
+        if pool is not None:
+            idle = pool.take()
+            if idle is not None:  # a pool hit: no connect on the client's path at all
+                self._attach_idle(idle)
+                return
+        self.connect_task = route.loop.create_task(self._connect(server))
 
-    async def _connect(self) -> None:
-        """Try servers until one accepts, within `retries.tries` and `retries.timeout`."""
+    async def _connect(self, server: Server) -> None:
+        """Connect to `server`, then to others on failure, within `retries.tries` attempts
+        and the `retries.timeout` budget. Only connects are retried: once paired, the
+        connection is committed."""
         route = self.route
         upstream = route.upstream
         deadline = self.started + route.retry_budget
-        failed: Server | None = None
-        for _ in range(route.tries):
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                break
-            server = upstream.pick(self.client_ip, failed)
-            if server is None:
-                break
-            server.active += 1
-            self.server = server
+        for attempt in range(route.tries):
+            if attempt:
+                remaining = deadline - self.clock()
+                next_server = upstream.pick(self.client_ip, server)
+                if remaining <= 0 or next_server is None:
+                    break
+                server = next_server
+                server.active += 1
+                self.server = server
+                route.events.retried(self)
+            else:
+                remaining = route.retry_budget
+            health = server.health
+            health.connect_started()
             address = server.config.address
+            began = self.clock()
             try:
                 async with asyncio.timeout(min(route.connect_timeout, remaining)):
                     _, protocol = await route.loop.create_connection(
                         partial(UpstreamConnection, self), address.host, address.port
                     )
             except (OSError, TimeoutError) as exc:
+                reason = failure_reason(exc)
                 server.active -= 1
                 self.server = None
-                failed = server
+                health.connect_failed(reason)
+                route.events.connect_failed(self, server, reason)
                 log.debug("connect to %s/%s failed: %r", upstream.name, server.key, exc)
                 continue
+            health.connect_succeeded()
             self.connect_task = None
-            self._attach(protocol)  # type: ignore[arg-type]
+            self._attach(protocol, self.clock() - began, False)  # type: ignore[arg-type]
             return
         self.connect_task = None
+        self._no_server()
+
+    def _no_server(self) -> None:
         self.outcome = "no_server"
-        upstream.note_no_server()
+        self.route.upstream.note_no_server()
         self.close()
 
-    def _attach(self, upstream: UpstreamConnection) -> None:
+    def _attach_idle(self, idle: IdleConnection) -> None:
+        """Take over a pooled connection: swap in our protocol, deliver any banner first."""
+        upstream = PooledUpstreamConnection(self)
+        transport = idle.transport
+        upstream.transport = transport
+        transport.set_protocol(upstream)
+        self._attach(upstream, 0.0, True)
+        if idle.banner:  # the server has spoken: it is alive, no probation needed
+            self.confirm_pooled()
+            banner = b"".join(idle.banner)
+            self.bytes_down += len(banner)
+            transport.resume_reading()  # first: the write below may pause it again
+            self.transport.write(banner)
+        else:
+            self.upstream_write = self._send_and_keep
+
+    def _send_and_keep(self, data: bytes) -> None:
+        """Probation: send, and keep a copy for a replay (up to one buffer's worth)."""
+        self.early.append(data)
+        self.upstream.transport.write(data)  # type: ignore[union-attr]
+        if sum(map(len, self.early)) >= WRITE_HIGH_WATER:
+            self.confirm_pooled()  # too much to keep: commit to this connection
+
+    def confirm_pooled(self) -> None:
+        """The pooled connection proved alive: back to the plain data path."""
+        upstream = self.upstream
+        if upstream is None or type(upstream) is not PooledUpstreamConnection:
+            return
+        plain = UpstreamConnection(self)
+        plain.transport = upstream.transport
+        plain.transport.set_protocol(plain)
+        self.upstream = plain
+        self.upstream_write = plain.transport.write
+        self.early = []
+
+    def pooled_failed(self) -> None:
+        """The pooled connection died before the server said anything: connect afresh and
+        replay what the client sent (still in `early`)."""
+        upstream = self.upstream
+        if self.closed or upstream is None:
+            return
+        upstream.transport.abort()
+        self.upstream = None
+        self.upstream_write = self._hold_early
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        assert self.server is not None
+        log.debug("pooled connection to %s died unused; reconnecting", self.server.key)
+        self.connect_task = self.route.loop.create_task(self._connect(self.server))
+
+    def _attach(self, upstream: UpstreamConnection, connect_seconds: float, pooled: bool) -> None:
         """Join the two halves and let bytes flow."""
         transport = upstream.transport
         if self.closed:  # the client left while the connect was completing
             transport.close()
             return
+        if not self.paired:
+            self.paired = True
+            self.route.events.connected(self, connect_seconds, pooled)
         self.upstream = upstream
         self.upstream_write = transport.write
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.last_io = self.clock()
         self.idle_timer = self.route.loop.call_later(self.route.idle_timeout, self._check_idle)
-        self.transport.resume_reading()
+        if self.early:
+            # Resume first: writing the held bytes may itself fill the buffer and pause us.
+            self.transport.resume_reading()
+            transport.writelines(self.early)
+            self.early = []
+        if self.client_eof:
+            transport.write_eof()
+
+    def _hold_early(self, data: bytes) -> None:
+        """Keep bytes that arrive before the upstream is connected.
+
+        The client is still read meanwhile, so a client that leaves during the connect is
+        noticed at once; past one buffer's worth we stop reading it (backpressure again).
+        """
+        self.early.append(data)
+        if sum(map(len, self.early)) >= WRITE_HIGH_WATER:
+            self.transport.pause_reading()
 
     # -- the byte pump --------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         self.bytes_up += len(data)
         self.last_io = self.clock()
-        self.upstream_write(data)  # type: ignore[misc]
+        self.upstream_write(data)
 
     def eof_received(self) -> bool:
         self.client_eof = True
-        if self.upstream is not None:
+        if self.upstream is not None:  # else _attach forwards it after the early bytes
             self.upstream.transport.write_eof()
         if self.upstream_eof:
             self.close()
@@ -277,9 +443,11 @@ class ClientConnection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-        if self.connect_task is not None:
+        if self.connect_task is not None:  # the client left during the connect
             self.connect_task.cancel()
             self.connect_task = None
+            if self.server is not None:
+                self.server.health.connect_abandoned()
         transports = [self.transport]
         if self.upstream is not None:
             transports.append(self.upstream.transport)
@@ -293,5 +461,4 @@ class ClientConnection(asyncio.Protocol):
         if self.server is not None:
             self.server.active -= 1
         route.connections.discard(self)
-        if route.on_closed is not None:
-            route.on_closed(self)
+        route.events.closed(self)

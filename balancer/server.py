@@ -13,10 +13,23 @@ import logging
 import signal
 from functools import partial
 
+from .accesslog import AccessLog
+from .admin import AdminServer
 from .config import Config, ListenerConfig
 from .loops import new_event_loop, resolve_loop_name
-from .proxy import ClientConnection, Route
+from .metrics import Metrics, MetricsEvents
+from .proxy import ClientConnection, ConnectionEvents, FanOutEvents, Route
 from .upstream import Upstream
+
+_metrics: Metrics | None = None
+
+
+def process_metrics() -> Metrics:
+    """The metric families of this process, registered once on the default registry."""
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics()
+    return _metrics
 
 log = logging.getLogger("balancer.server")
 
@@ -27,11 +40,15 @@ class Listener:
     """One bound address feeding client connections into one upstream."""
 
     def __init__(
-        self, config: ListenerConfig, upstream: Upstream, loop: asyncio.AbstractEventLoop
+        self,
+        config: ListenerConfig,
+        upstream: Upstream,
+        loop: asyncio.AbstractEventLoop,
+        events: ConnectionEvents,
     ) -> None:
         self.config = config
         self.name = config.name
-        self.route = Route(config.name, upstream, loop)
+        self.route = Route(config.name, upstream, loop, events)
         self.loop = loop
         self.server: asyncio.AbstractServer | None = None
 
@@ -74,6 +91,10 @@ class Balancer:
         self._stop_requested: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._stopping = False
+        self.events = FanOutEvents([])
+        self.metrics_events: MetricsEvents | None = None
+        self.access_log: AccessLog | None = None
+        self.admin: AdminServer | None = None
 
     async def start(self) -> None:
         """Bind every listener; on any failure, release what was bound and raise."""
@@ -82,18 +103,50 @@ class Balancer:
         self._stop_requested = asyncio.Event()
         self._drained = asyncio.Event()
         self.upstreams = {name: Upstream(cfg) for name, cfg in self.config.upstreams.items()}
+        self._add_event_sinks()
         self.listeners = [
-            Listener(cfg, self.upstreams[cfg.upstream], loop) for cfg in self.config.listeners
+            Listener(cfg, self.upstreams[cfg.upstream], loop, self.events)
+            for cfg in self.config.listeners
         ]
-        for listener in self.listeners:
-            listener.route.on_closed = self._connection_closed
         try:
             for listener in self.listeners:
                 await listener.start()
+            if self.config.metrics is not None:
+                self.admin = AdminServer(self, self.config.metrics.admin_token)
+                bind = self.config.metrics.bind
+                await self.admin.start(bind.host, bind.port)
         except OSError:
             for listener in self.listeners:
                 listener.stop_accepting()
             raise
+        for upstream in self.upstreams.values():
+            upstream.start(loop)
+            if self.metrics_events is not None:
+                for server in upstream.servers:
+                    if server.pool is not None:
+                        self.metrics_events.watch_pool(server.pool)
+        if self.metrics_events is not None:
+            self.metrics_events.start()
+
+    def _add_event_sinks(self) -> None:
+        """Metrics (when exported) and the access log (when on) listen to connections."""
+        if self.config.metrics is not None:
+            self.metrics_events = MetricsEvents(process_metrics())
+            for upstream in self.upstreams.values():
+                self.metrics_events.watch_upstream(upstream)
+            self.events.sinks.append(self.metrics_events)
+        if self.config.log.access is not None:
+            self.access_log = AccessLog(self.config.log)
+            self.events.sinks.append(self.access_log)
+        self.events.sinks.append(_DrainWatch(self))
+
+    def set_draining(self, upstream: str, address: str, draining: bool) -> None:
+        """Operator drain: no new connections for a server; open ones continue."""
+        for server in self.upstreams[upstream].servers:
+            if server.key == address and server.draining != draining:
+                server.draining = draining
+                log.warning("server %s/%s %s by operator", upstream, address,
+                            "draining" if draining else "enabled")
 
     def bound_addresses(self) -> dict[str, tuple[str, int]]:
         return {listener.name: listener.address() for listener in self.listeners}
@@ -110,7 +163,7 @@ class Balancer:
         assert self._stop_requested is not None, "start() first"
         await self._stop_requested.wait()
 
-    def _connection_closed(self, connection: ClientConnection) -> None:
+    def _connection_closed(self) -> None:
         if self._stopping and self._drained is not None and not self.open_connections():
             self._drained.set()
 
@@ -121,6 +174,8 @@ class Balancer:
         self._stopping = True
         for listener in self.listeners:
             listener.stop_accepting()
+        for upstream in self.upstreams.values():
+            upstream.stop()
         open_now = self.open_connections()
         if open_now and self._drained is not None:
             log.info("draining %d open connection(s), up to %.0fs", open_now, timeout)
@@ -133,6 +188,12 @@ class Balancer:
         for listener in self.listeners:
             if listener.server is not None:
                 await listener.server.wait_closed()
+        if self.metrics_events is not None:
+            self.metrics_events.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.access_log is not None:
+            self.access_log.close()
 
     def close_all(self) -> None:
         """Abort every open connection now (the deadline passed, or a second signal came)."""
@@ -142,6 +203,16 @@ class Balancer:
         for connection in remaining:
             connection.outcome = "shutdown"
             connection.close(abort=True)
+
+
+class _DrainWatch(ConnectionEvents):
+    """Tells a stopping balancer when its last connection has ended."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def closed(self, conn: ClientConnection) -> None:
+        self.balancer._connection_closed()
 
 
 async def serve(config: Config) -> int:

@@ -1,0 +1,107 @@
+"""The `balancer` command: check, config errors, exit codes, signals."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from balancer import __version__
+
+from .utils import make_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def balancer(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "balancer", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write(tmp_path: Path, config: object, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return str(path)
+
+
+def test_check_accepts_a_valid_config(tmp_path):
+    result = balancer("check", "-c", write(tmp_path, make_config(["127.0.0.1:3001"])))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "configuration ok"
+
+
+BAD_CONFIG = """\
+listeners:
+  - bind: 127.0.0.1:0
+    upstream: ap
+upstreams:
+  app:
+    stratgy: least_conn
+    servers:
+      - address: 127.0.0.1:3001
+      - address: 127.0.0.1:3002
+        weight: 0
+"""
+
+
+@pytest.mark.parametrize("command", [["check"], []])
+def test_every_problem_is_reported_with_exit_code_2(tmp_path, command):
+    result = balancer(*command, "-c", write(tmp_path, BAD_CONFIG))
+    assert result.returncode == 2
+    problems = result.stderr.splitlines()
+    assert "upstreams.app.servers[1].weight: must be a positive integer, got 0" in problems
+    assert "listeners[0].upstream: unknown upstream 'ap' (known: app)" in problems
+    assert "upstreams.app.stratgy: unknown key (did you mean 'strategy'?)" in problems
+    assert "listening" not in result.stderr  # nothing was bound
+    assert "Traceback" not in result.stderr
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "listeners:\n  - bind: [127.0.0.1:0\n    upstream: app\n")
+    result = balancer("check", "-c", path)
+    assert result.returncode == 2
+    assert "line " in result.stderr and "YAML syntax error" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    result = balancer("check", "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version_help_and_usage():
+    assert balancer("--version").stdout.strip() == f"balancer {__version__}"
+    help_text = balancer("--help")
+    assert help_text.returncode == 0
+    for word in ("check", "demo", "--config", "--log-level", "--loop"):
+        assert word in help_text.stdout
+    missing = balancer("check")
+    assert missing.returncode == 2 and "-c/--config" in missing.stderr
+
+
+def test_port_in_use_exits_1_with_a_clear_message(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = make_config(["127.0.0.1:3001"])
+        config["listeners"][0]["bind"] = f"127.0.0.1:{port}"
+        result = balancer("-c", write(tmp_path, config))
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stops_cleanly_on_signal(start_balancer, signum):
+    process = start_balancer(make_config(["127.0.0.1:3001"]))
+    process.send_signal(signum)
+    assert process.proc.wait(10) == 0
+    process.wait_for_line("stopped", timeout=5)

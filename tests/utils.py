@@ -1,0 +1,204 @@
+"""Test helpers: real backend processes and a real `balancer` process, on ephemeral ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).parent
+BACKEND_SCRIPT = HERE / "backend.py"
+START_TIMEOUT = 15.0
+LISTENING = re.compile(r"listening on (\S+):(\d+) \((.+) -> upstream")
+
+
+def _read_listening_line(proc: subprocess.Popen[str], what: str) -> int:
+    """Read the child's first stdout line `listening <port>` (bounded by START_TIMEOUT)."""
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(START_TIMEOUT)
+    if not result or not result[0].startswith("listening "):
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError(f"{what} did not start: {result!r}")
+    return int(result[0].split()[1])
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
+    """SIGTERM, wait, then SIGKILL: no test leaves a process behind."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    return proc.returncode
+
+
+class Backend:
+    """A test backend process (see tests/backend.py for the modes)."""
+
+    def __init__(self, mode: str, name: str = "backend", *extra: str, port: int = 0) -> None:
+        self.mode = mode
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BACKEND_SCRIPT), mode, "--port", str(port), "--name", name,
+             *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.port = _read_listening_line(self.proc, f"backend {name}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class NodeBackend(Backend):
+    """The demo's Node.js HTTP app (balancer/demo_app/app.js) as a backend."""
+
+    def __init__(self, name: str, port: int = 0) -> None:
+        app = HERE.parent / "balancer" / "demo_app" / "app.js"
+        self.mode = "node"
+        self.name = name
+        self.proc = subprocess.Popen(
+            ["node", str(app), "--port", str(port), "--name", name],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.port = _read_listening_line(self.proc, f"node backend {name}")
+
+
+def free_port() -> int:
+    """A port that nothing listens on right now (a refusing server, until we start one)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_config(servers: list[str], strategy: str = "round_robin", **upstream: Any) -> dict:
+    """A one-listener, one-upstream config on an ephemeral port, as a plain dict."""
+    up: dict[str, Any] = {"strategy": strategy, "servers": servers}
+    up.update(upstream)
+    return {
+        "listeners": [{"name": "test", "bind": "127.0.0.1:0", "upstream": "app"}],
+        "upstreams": {"app": up},
+    }
+
+
+class BalancerProcess:
+    """The real `balancer -c FILE` command, started in its own session."""
+
+    def __init__(self, config: dict, tmp_path: Path, *args: str, loop: str = "uvloop") -> None:
+        self.config_path = tmp_path / f"balancer-{time.monotonic_ns()}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.lines: list[str] = []
+        self._lines_changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "balancer", "-c", str(self.config_path),
+             "--loop", loop, *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        self.ports: dict[str, int] = {}
+        expected = len(config["listeners"])
+        self.wait_for_log(lambda: len(self._listening()) >= expected, START_TIMEOUT)
+        self.ports = self._listening()
+
+    def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._lines_changed:
+                self.lines.append(line.rstrip("\n"))
+                self._lines_changed.notify_all()
+
+    def _listening(self) -> dict[str, int]:
+        found = {}
+        for line in list(self.lines):
+            match = LISTENING.search(line)
+            if match:
+                found[match.group(3)] = int(match.group(2))
+        return found
+
+    def wait_for_log(self, predicate: Any, timeout: float) -> None:
+        """Wait until `predicate()` holds over the collected log lines (or raise)."""
+        deadline = time.monotonic() + timeout
+        with self._lines_changed:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not predicate()):
+                    log = "\n".join(self.lines[-30:])
+                    raise AssertionError(f"balancer log condition not met; log:\n{log}")
+                self._lines_changed.wait(min(remaining, 0.2))
+
+    def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
+        regex = re.compile(pattern)
+        self.wait_for_log(lambda: any(regex.search(x) for x in self.lines), timeout)
+        return next(x for x in self.lines if regex.search(x))
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.ports.values()))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def status_kib(self, field: str) -> int:
+        """A /proc/PID/status field in KiB, e.g. VmRSS or VmHWM (peak RSS)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        return stop_process(self.proc)
+
+
+async def eventually(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Poll a condition another process makes true (an fd count, a file): bounded in time."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def read_backend_line(backend: Backend, timeout: float = 10.0) -> str:
+    """Next line a backend printed on its stdout, without blocking the event loop."""
+    import asyncio
+
+    assert backend.proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(backend.proc.stdout.readline), timeout)
+    return line.strip()
