@@ -1,0 +1,189 @@
+"""The admin endpoint on `metrics.bind`: metrics, health, status, and server drain/enable.
+
+A deliberately small HTTP/1.1 server (one request per connection) on its own listener: it is
+off the data path, and a scrape only reads state the data path already keeps.
+
+    GET  /metrics                         Prometheus text format (prometheus-client)
+    GET  /healthz                         200 "ok", or 503 naming the listener with no server
+    GET  /status                          JSON: listeners, upstreams, servers and their state
+    GET  /                                the HTML status page (refreshes from /status)
+    POST /servers/{upstream}/{address}/drain | enable
+                                          no new connections for a server / back in rotation
+
+POST endpoints need `Authorization: Bearer <metrics.admin_token>` when a token is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from .server import Balancer
+    from .upstream import Server
+
+log = logging.getLogger("balancer.admin")
+
+MAX_REQUEST_HEAD = 16 * 1024
+REQUEST_TIMEOUT = 5.0
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+           405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def server_status(server: Server) -> dict[str, Any]:
+    health = server.health
+    state = "draining" if server.draining else health.display_state
+    return {
+        "address": server.key,
+        "state": state,
+        "active": server.active,
+        "weight": server.config.weight,
+        "effective_weight": round(server.weight, 3),
+        "max_conns": server.config.max_conns,
+        "backup": server.config.backup,
+        "failures": health.total_failures,
+        "last_change": health.changed_at,
+        "reason": health.reason,
+        "pool_idle": len(server.pool.idle) if server.pool is not None else None,
+    }
+
+
+def balancer_status(balancer: Balancer) -> dict[str, Any]:
+    """Everything an operator looks at first, as plain JSON-able data."""
+    return {
+        "time": time.time(),
+        "listeners": [
+            {"name": lst.name, "bind": str(lst.config.bind), "upstream": lst.config.upstream,
+             "active": len(lst.connections)}
+            for lst in balancer.listeners
+        ],
+        "upstreams": {
+            name: {"strategy": up.config.strategy,
+                   "servers": [server_status(s) for s in up.servers]}
+            for name, up in balancer.upstreams.items()
+        },
+    }
+
+
+def health_problems(balancer: Balancer) -> list[str]:
+    """Listeners that have no server able to take a connection now."""
+    problems = []
+    for listener in balancer.listeners:
+        upstream = balancer.upstreams[listener.config.upstream]
+        if not any(s.up and not s.draining for s in upstream.servers):
+            problems.append(f"listener {listener.name}: no server up in upstream {upstream.name}")
+    return problems
+
+
+class AdminServer:
+    """Serves the admin endpoints for one balancer (or, with workers, for the primary)."""
+
+    def __init__(
+        self,
+        balancer: Balancer,
+        token: str | None = None,
+        render_metrics: Callable[[], bytes] | None = None,
+    ) -> None:
+        self.balancer = balancer
+        self.token = token
+        self.render_metrics = render_metrics or generate_latest
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._handle, host, port)
+        bound = self.server.sockets[0].getsockname()
+        log.info("admin endpoint on http://%s:%d/ (metrics, status)", bound[0], bound[1])
+
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        sockname = self.server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            status, content_type, body = self.respond(head)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            writer.close()
+            return
+        header = (
+            f"HTTP/1.1 {status} {REASONS.get(status, 'OK')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            writer.write(header.encode() + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def respond(self, head: bytes) -> tuple[int, str, bytes]:
+        """Route one request head to its answer: (status, content type, body)."""
+        try:
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = request_line.split(" ", 2)
+        except ValueError:
+            return _text(400, "bad request\n")
+        path = target.split("?", 1)[0]
+        if method == "GET":
+            return self._get(path)
+        if method == "POST":
+            headers = dict(
+                (k.strip().lower(), v.strip())
+                for k, _, v in (line.partition(":") for line in header_lines if line)
+            )
+            return self._post(path, headers.get("authorization", ""))
+        return _text(405, "method not allowed\n")
+
+    def _get(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, self.render_metrics()
+        if path == "/healthz":
+            problems = health_problems(self.balancer)
+            return _text(503, "\n".join(problems) + "\n") if problems else _text(200, "ok\n")
+        if path == "/status":
+            body = json.dumps(balancer_status(self.balancer), indent=1).encode()
+            return 200, "application/json", body
+        if path in ("/", "/index.html"):
+            page = resources.files("balancer").joinpath("static/status.html").read_bytes()
+            return 200, "text/html; charset=utf-8", page
+        return _text(404, "not found\n")
+
+    def _post(self, path: str, authorization: str) -> tuple[int, str, bytes]:
+        if self.token is not None:
+            expected = f"Bearer {self.token}"
+            if not hmac.compare_digest(authorization.encode(), expected.encode()):
+                return _text(401, "missing or wrong bearer token\n")
+        parts = path.strip("/").split("/")
+        if len(parts) != 4 or parts[0] != "servers" or parts[3] not in ("drain", "enable"):
+            return _text(404, "not found: use POST /servers/{upstream}/{address}/drain|enable\n")
+        _, upstream_name, address, action = parts
+        upstream = self.balancer.upstreams.get(upstream_name)
+        server = None
+        if upstream is not None:
+            server = next((s for s in upstream.servers if s.key == address), None)
+        if server is None:
+            return _text(404, f"no server {upstream_name}/{address}\n")
+        self.balancer.set_draining(upstream_name, address, action == "drain")
+        return 200, "application/json", json.dumps(server_status(server)).encode()
+
+
+def _text(status: int, text: str) -> tuple[int, str, bytes]:
+    return status, "text/plain; charset=utf-8", text.encode()

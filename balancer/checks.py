@@ -1,0 +1,93 @@
+"""Active health checks: probe every server on its own schedule, independent of traffic.
+
+Each server gets one task that probes it every `interval` (with +-10% jitter so checks of
+many servers, or many workers, do not arrive in lock step). `rise` consecutive passes mark it
+up and `fall` consecutive failures mark it down, through `ServerHealth.set_active`. Probes are
+off the data path: they share the loop but never block it, and a slow server only delays
+its own check (bounded by `timeout`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from .config import CheckConfig
+from .health import failure_reason
+
+if TYPE_CHECKING:
+    from .upstream import Server
+
+log = logging.getLogger("balancer.checks")
+
+MAX_STATUS_LINE = 1024
+
+
+class ActiveChecker:
+    """The active checks of one upstream's servers."""
+
+    def __init__(self, servers: list[Server], check: CheckConfig) -> None:
+        self.servers = servers
+        self.check = check
+        self._tasks: list[asyncio.Task[None]] = []
+        self._random = random.Random()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(server)) for server in self.servers]
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+
+    async def _run(self, server: Server) -> None:
+        check = self.check
+        passes = fails = 0
+        await asyncio.sleep(self._random.uniform(0, check.interval))  # spread the first round
+        while True:
+            ok, detail = await self.probe(server)
+            if ok:
+                passes, fails = passes + 1, 0
+                if passes >= check.rise:
+                    server.health.set_active(True, f"{passes} active checks passed")
+            else:
+                passes, fails = 0, fails + 1
+                if fails >= check.fall:
+                    server.health.set_active(
+                        False, f"{fails} active checks failed (last: {detail})"
+                    )
+            await asyncio.sleep(check.interval * self._random.uniform(0.9, 1.1))
+
+    async def probe(self, server: Server) -> tuple[bool, str]:
+        """One check: a TCP connect, or an HTTP GET expecting a 2xx or 3xx status."""
+        address = server.config.address
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.check.timeout):
+                reader, writer = await asyncio.open_connection(address.host, address.port)
+                if self.check.type == "tcp":
+                    return True, "connected"
+                request = (
+                    f"GET {self.check.path} HTTP/1.0\r\nHost: {address}\r\n"
+                    "User-Agent: balancer-health-check\r\nConnection: close\r\n\r\n"
+                )
+                writer.write(request.encode())
+                status_line = await reader.readline()
+        except (OSError, TimeoutError) as exc:
+            return False, failure_reason(exc)
+        finally:
+            if writer is not None:
+                writer.close()
+        return _status_ok(status_line[:MAX_STATUS_LINE])
+
+
+def _status_ok(status_line: bytes) -> tuple[bool, str]:
+    """Parse `HTTP/1.x NNN reason`: 2xx and 3xx pass."""
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return False, "not an HTTP response"
+    status = int(parts[1])
+    return 200 <= status < 400, f"HTTP {status}"

@@ -1,0 +1,186 @@
+"""Every Prometheus metric the balancer exports, defined in one place, and the sink that
+feeds them from connection events.
+
+Cost rules: nothing here runs per chunk. Labelled children are bound once per
+(listener, server) pair and reused; byte counters are brought up to date once a second for
+open connections and once more when a connection closes, so long transfers show progress
+without any work on the byte path. Works unchanged in prometheus-client's multiprocess mode
+(gauges declare how to combine workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .proxy import ClientConnection, ConnectionEvents
+
+if TYPE_CHECKING:
+    from .health import ServerHealth
+    from .pool import ServerPool
+    from .upstream import Server, Upstream
+
+FLUSH_INTERVAL = 1.0  # seconds between byte-counter updates for open connections
+
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    """The metric families. One instance per registry (tests make their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        self.connections = Counter(
+            "balancer_connections", "Client connections proxied to a server.",
+            ["listener", "upstream", "server"], **kw)
+        self.active = Gauge(
+            "balancer_active_connections", "Client connections open now.",
+            ["listener", "upstream", "server"], multiprocess_mode="livesum", **kw)
+        self.errors = Counter(
+            "balancer_connection_errors", "Failed upstream connects, and clients no server "
+            "could take (reason no_server).", ["upstream", "server", "reason"], **kw)
+        self.retries = Counter(
+            "balancer_retries", "Connects retried on another server.", ["upstream"], **kw)
+        self.bytes = Counter(
+            "balancer_bytes", "Bytes proxied; direction upstream is client to server.",
+            ["upstream", "server", "direction"], **kw)
+        self.connect_seconds = Histogram(
+            "balancer_upstream_connect_seconds", "Time to connect to a server.",
+            ["upstream", "server"], buckets=CONNECT_BUCKETS, **kw)
+        self.duration = Histogram(
+            "balancer_connection_duration_seconds", "Lifetime of client connections.",
+            ["upstream"], buckets=DURATION_BUCKETS, **kw)
+        self.server_up = Gauge(
+            "balancer_server_up", "1 when the server takes traffic by health state, else 0.",
+            ["upstream", "server"], multiprocess_mode="livemin", **kw)
+        self.pool_idle = Gauge(
+            "balancer_pool_idle_connections", "Idle pre-connected upstream connections.",
+            ["upstream", "server"], multiprocess_mode="livesum", **kw)
+        self.pool_requests = Counter(
+            "balancer_pool_requests", "Clients that found a pooled connection (hit) or not.",
+            ["upstream", "server", "result"], **kw)
+        self.config_reloads = Counter(
+            "balancer_config_reloads", "Configuration reloads by result.", ["result"], **kw)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+
+class _Children:
+    """The labelled children one (listener, server) pair needs, bound once."""
+
+    __slots__ = ("active", "bytes_down", "bytes_up", "connect", "connections", "duration",
+                 "pool_hit", "pool_miss")
+
+    def __init__(self, metrics: Metrics, listener: str, upstream: str, server: str) -> None:
+        self.connections = metrics.connections.labels(listener, upstream, server)
+        self.active = metrics.active.labels(listener, upstream, server)
+        self.connect = metrics.connect_seconds.labels(upstream, server)
+        self.duration = metrics.duration.labels(upstream)
+        self.bytes_up = metrics.bytes.labels(upstream, server, "upstream")
+        self.bytes_down = metrics.bytes.labels(upstream, server, "downstream")
+        self.pool_hit = metrics.pool_requests.labels(upstream, server, "hit")
+        self.pool_miss = metrics.pool_requests.labels(upstream, server, "miss")
+
+
+class MetricsEvents(ConnectionEvents):
+    """Feeds `Metrics` from the data path's events."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._children: dict[tuple[str, Server], _Children] = {}
+        # Open, paired connections -> bytes already counted (up, down).
+        self._counted: dict[ClientConnection, tuple[int, int, _Children]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def watch_upstream(self, upstream: Upstream) -> None:
+        """Export health and pool state of an upstream's servers as they change."""
+        for server in upstream.servers:
+            up = self.metrics.server_up.labels(upstream.name, server.key)
+
+            def on_health(health: ServerHealth, gauge: Any = up) -> None:
+                gauge.set(1 if health.ok else 0)
+
+            on_health(server.health)
+            server.health.listeners.append(on_health)
+            for reason in ("refused", "timeout", "reset"):
+                self.metrics.errors.labels(upstream.name, server.key, reason)
+        self.metrics.errors.labels(upstream.name, "", "no_server")
+        self.metrics.retries.labels(upstream.name)
+
+    def watch_pool(self, pool: ServerPool) -> None:
+        gauge = self.metrics.pool_idle.labels(pool.server.upstream_name, pool.server.key)
+        pool.on_change = lambda p: gauge.set(len(p.idle))
+
+    def start(self) -> None:
+        """Begin the once-a-second byte-counter update for open connections."""
+        self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+
+    def _tick(self) -> None:
+        self.flush()
+        self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._tick)
+
+    def flush(self) -> None:
+        """Add the bytes open connections moved since the last flush."""
+        for conn, (up, down, children) in list(self._counted.items()):
+            self._count_bytes(conn, up, down, children)
+
+    def _count_bytes(self, conn: ClientConnection, up: int, down: int,
+                     children: _Children) -> None:
+        if conn.bytes_up > up:
+            children.bytes_up.inc(conn.bytes_up - up)
+        if conn.bytes_down > down:
+            children.bytes_down.inc(conn.bytes_down - down)
+        self._counted[conn] = (conn.bytes_up, conn.bytes_down, children)
+
+    def _children_for(self, conn: ClientConnection, server: Server) -> _Children:
+        key = (conn.route.listener_name, server)
+        children = self._children.get(key)
+        if children is None:
+            children = _Children(self.metrics, conn.route.listener_name, server.upstream_name,
+                                 server.key)
+            self._children[key] = children
+        return children
+
+    # -- events -----------------------------------------------------------------------------
+
+    def connected(self, conn: ClientConnection, connect_seconds: float, pooled: bool) -> None:
+        server = conn.server
+        assert server is not None
+        children = self._children_for(conn, server)
+        children.connections.inc()
+        children.active.inc()
+        if pooled:
+            children.pool_hit.inc()
+        else:
+            children.connect.observe(connect_seconds)
+            if server.pool is not None:
+                children.pool_miss.inc()
+        self._counted[conn] = (0, 0, children)
+
+    def connect_failed(self, conn: ClientConnection, server: Server, reason: str) -> None:
+        self.metrics.errors.labels(server.upstream_name, server.key, reason).inc()
+
+    def retried(self, conn: ClientConnection) -> None:
+        self.metrics.retries.labels(conn.route.upstream.name).inc()
+
+    def closed(self, conn: ClientConnection) -> None:
+        counted = self._counted.pop(conn, None)
+        if counted is not None:
+            up, down, children = counted
+            self._count_bytes(conn, up, down, children)
+            del self._counted[conn]
+            children.active.dec()
+            children.duration.observe(conn.clock() - conn.started)
+        elif conn.outcome == "no_server":
+            self.metrics.errors.labels(conn.route.upstream.name, "", "no_server").inc()

@@ -1,0 +1,194 @@
+"""Keepalive pools: idle, already-connected upstream connections handed to new clients.
+
+A pool hit takes the upstream connect off the client's critical path. The rules:
+
+- Each usable server keeps `pool.size` idle connections; a taken one is replaced in the
+  background. No pool connects to a server that is down, draining or full.
+- An idle connection the server closes or resets is dropped at once, so a dead one is never
+  handed out. One older than `pool.idle_timeout` is closed and replaced.
+- Bytes a server sends before any client is attached (a banner) are kept and delivered first.
+- A handover swaps the transport's protocol (`set_protocol`), so the data path itself has no
+  "am I pooled?" test on every chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .health import failure_reason
+
+if TYPE_CHECKING:
+    from .upstream import Server
+
+log = logging.getLogger("balancer.pool")
+
+# A server that talks a lot before any client arrives: stop reading it past this much.
+MAX_BANNER = 64 * 1024
+# After a failed refill connect, wait this long before trying again (the health state
+# decides whether the server is tried at all).
+REFILL_RETRY_DELAY = 1.0
+
+
+class IdleConnection(asyncio.Protocol):
+    """An upstream connection waiting in a pool."""
+
+    __slots__ = ("banner", "banner_size", "born", "pool", "transport")
+
+    def __init__(self, pool: ServerPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.banner: list[bytes] = []
+        self.banner_size = 0
+        self.born = pool.loop.time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.banner.append(data)
+        self.banner_size += len(data)
+        if self.banner_size >= MAX_BANNER:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.pool.drop(self, "closed by server while idle")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.drop(self, "lost while idle")
+
+
+class ServerPool:
+    """The idle connections of one server, and the background work that keeps them."""
+
+    def __init__(self, server: Server, size: int, idle_timeout: float,
+                 connect_timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.loop = loop
+        self.idle: deque[IdleConnection] = deque()
+        self.connecting = 0
+        self.hits = 0
+        self.misses = 0
+        self.closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        # Told whenever the number of idle connections changes (the metrics gauge).
+        self.on_change: Callable[[ServerPool], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def start(self) -> None:
+        self.refill()
+        self._schedule_sweep()
+
+    def take(self) -> IdleConnection | None:
+        """Hand out the freshest live idle connection, or None (a miss)."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.transport.is_closing():
+                self.hits += 1
+                self._changed()
+                self.refill()
+                return conn
+        self._changed()
+        self.misses += 1
+        self.refill()
+        return None
+
+    def drop(self, conn: IdleConnection, why: str) -> None:
+        """Forget an idle connection that died or expired, close it, and replace it."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            return  # already handed out or dropped
+        log.debug("pool %s: dropping idle connection: %s", self.server.key, why)
+        conn.transport.close()
+        self._changed()
+        self.refill()
+
+    # -- background upkeep ----------------------------------------------------------------
+
+    def refill(self) -> None:
+        """Start connects until idle + connecting reaches `size` (only for usable servers)."""
+        if self.closed or self._retry_timer is not None:
+            return
+        while len(self.idle) + self.connecting < self.size and self._wanted():
+            self.connecting += 1
+            task = self.loop.create_task(self._connect_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect_one(self) -> None:
+        address = self.server.config.address
+        health = self.server.health
+        health.connect_started()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: IdleConnection(self), address.host, address.port
+                )
+        except (OSError, TimeoutError) as exc:
+            self.connecting -= 1
+            health.connect_failed(failure_reason(exc))
+            if not self.closed and self._retry_timer is None:
+                self._retry_timer = self.loop.call_later(REFILL_RETRY_DELAY, self._retry)
+            return
+        except asyncio.CancelledError:
+            self.connecting -= 1
+            health.connect_abandoned()
+            raise
+        self.connecting -= 1
+        health.connect_succeeded()
+        if self.closed:
+            conn.transport.close()
+            return
+        self.idle.append(conn)  # type: ignore[arg-type]
+        self._changed()
+
+    def _wanted(self) -> bool:
+        """Keep connections only to servers that are fully up (a half-open server's one
+        trial belongs to a real client) and not draining."""
+        return self.server.health.ok and not self.server.draining
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self.refill()
+
+    def _schedule_sweep(self) -> None:
+        self._sweep_timer = self.loop.call_later(
+            min(self.idle_timeout / 2, 5.0), self._sweep
+        )
+
+    def _sweep(self) -> None:
+        """Close idle connections older than `idle_timeout`; top the pool up again."""
+        cutoff = self.loop.time() - self.idle_timeout
+        for conn in [c for c in self.idle if c.born <= cutoff]:
+            self.drop(conn, "idle timeout")
+        if not self._wanted():  # down or draining: hold no connections to it
+            for conn in list(self.idle):
+                self.drop(conn, f"server {self.server.health.display_state}")
+        self.refill()
+        if not self.closed:
+            self._schedule_sweep()
+
+    def close(self) -> None:
+        """Stop upkeep and close every idle connection (shutdown or reload)."""
+        self.closed = True
+        for timer in (self._retry_timer, self._sweep_timer):
+            if timer is not None:
+                timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        while self.idle:
+            self.idle.pop().transport.close()
+        self._changed()
