@@ -61,7 +61,7 @@ def balancer_status(balancer: Balancer) -> dict[str, Any]:
     return {
         "time": time.time(),
         "listeners": [
-            {"name": lst.name, "bind": str(lst.config.bind), "upstream": lst.config.upstream,
+            {"name": lst.name, "bind": _bound(lst), "upstream": lst.config.upstream,
              "active": len(lst.connections)}
             for lst in balancer.listeners
         ],
@@ -71,6 +71,14 @@ def balancer_status(balancer: Balancer) -> dict[str, Any]:
             for name, up in balancer.upstreams.items()
         },
     }
+
+
+def _bound(listener: Any) -> str:
+    """The address really bound (the port is real even when the config said 0)."""
+    if listener.server is None or not listener.server.sockets:
+        return str(listener.config.bind)
+    host, port = listener.address()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def health_problems(balancer: Balancer) -> list[str]:

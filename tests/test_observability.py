@@ -176,8 +176,8 @@ async def test_status_json(start_backend, start_balancer):
     writer.close()
     assert status == 200
     data = json.loads(body)
-    assert data["listeners"] == [{"name": "test", "bind": "127.0.0.1:0", "upstream": "app",
-                                  "active": 1}]
+    assert data["listeners"] == [{"name": "test", "bind": f"127.0.0.1:{balancer.port}",
+                                  "upstream": "app", "active": 1}]
     upstream = data["upstreams"]["app"]
     assert upstream["strategy"] == "weighted"
     first, second = upstream["servers"]
@@ -288,7 +288,8 @@ async def test_status_page_in_headless_chromium(start_backend, start_balancer, t
     dom = await asyncio.to_thread(
         subprocess.run, [*common, "--dump-dom", url], capture_output=True, text=True,
         timeout=60)
-    rows = dict(re.findall(r'<tr data-server="([^"]+)" data-state="([^"]+)"', dom.stdout))
+    rendered = dom.stdout.split('<main id="upstreams">', 1)[-1].split("</main>", 1)[0]
+    rows = dict(re.findall(r'<tr data-server="([^"]+)" data-state="([^"]+)"', rendered))
     assert rows == {a.address: "up", dead: "down"}, dom.stdout[-2000:]
     shot = ARTIFACTS / "status.png"
     await asyncio.to_thread(

@@ -123,6 +123,7 @@ async def test_no_retry_once_bytes_reached_the_client(start_backend, start_balan
     seen = []
     for _ in range(4):
         reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+        writer.write_eof()  # lets the name backend finish after its greeting
         try:
             data = await asyncio.wait_for(reader.read(), 5)
         except ConnectionResetError:
