@@ -28,6 +28,15 @@ HALF_OPEN = "half_open"
 MAX_BACKOFF = 10  # the longest ejection, as a multiple of fail_timeout
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Classify a failed connect the way metrics and logs name it."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    return "reset"
+
+
 class ServerHealth:
     """The health state of one server, updated by connect outcomes and active checks."""
 

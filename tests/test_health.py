@@ -22,7 +22,7 @@ def make(max_fails: int = 3, fail_timeout: float = 10.0) -> tuple[ServerHealth, 
 
 
 def test_max_fails_within_fail_timeout_takes_server_down():
-    health, clock = make()
+    health, _clock = make()
     for _ in range(2):
         health.connect_failed("refused")
         assert health.available()
@@ -105,7 +105,7 @@ def test_active_check_down_overrides_passive_up():
 
 
 def test_each_state_change_is_logged_once(caplog):
-    health, clock = make()
+    health, _clock = make()
     with caplog.at_level(logging.INFO, logger="balancer.health"):
         for _ in range(10):
             health.connect_failed("refused")
