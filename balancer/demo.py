@@ -72,35 +72,32 @@ def start_backends(started: list[DemoBackend], names: tuple[str, ...] = BACKEND_
         started.append(DemoBackend(name, proc))
     deadline = time.monotonic() + START_TIMEOUT
     for backend in started:
-        backend.port = read_listening_port(backend, deadline)
+        backend.port = read_listening_port(backend.proc, backend.name, deadline)
     return "node" if node else "python"
 
 
-def read_listening_port(backend: DemoBackend, deadline: float) -> int:
-    """Read the backend's `listening <port>` line, giving up at `deadline` (monotonic)."""
-    assert backend.proc.stdout is not None
-    fd = backend.proc.stdout.fileno()
+def read_listening_port(proc: subprocess.Popen[bytes], name: str, deadline: float) -> int:
+    """Read a child's `listening <port>` line, giving up at `deadline` (time.monotonic)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     data = b""
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
-        while b"\n" not in data:
+        while b"\n" not in data and len(data) <= 4096:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RuntimeError(f"backend {backend.name} did not start within "
-                                   f"{START_TIMEOUT:.0f}s")
+                raise RuntimeError(f"backend {name} did not print 'listening <port>' in time")
             if not selector.select(remaining):
                 continue
             chunk = os.read(fd, 4096)
             if not chunk:
-                raise RuntimeError(f"backend {backend.name} exited before listening "
-                                   f"(exit code {backend.proc.poll()})")
+                raise RuntimeError(f"backend {name} exited before listening "
+                                   f"(exit code {proc.poll()})")
             data += chunk
-            if len(data) > 4096:
-                break
     line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
     word, _, port = line.partition(" ")
     if word != "listening" or not port.isdigit():
-        raise RuntimeError(f"backend {backend.name} printed {line!r}, not 'listening <port>'")
+        raise RuntimeError(f"backend {name} printed {line!r}, not 'listening <port>'")
     return int(port)
 
 

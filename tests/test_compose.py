@@ -1,0 +1,163 @@
+"""docker-compose.yml and configs/docker.yaml agree with each other and with the repo.
+
+Docker cannot run here, so these checks catch what would break `docker compose up`: a mount
+of a file that does not exist, a server the balancer cannot resolve (not a service name) or
+reaches on the wrong port, a published port the balancer does not listen on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from balancer.config import Config, load_config
+from balancer.demo import read_listening_port
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = REPO / "docker-compose.yml"
+CONFIG_IN_CONTAINER = "/etc/balancer/balancer.yaml"
+APPS = ("app1", "app2", "app3")
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """Compose allows a mapping or a list of KEY=VALUE; normalise to a mapping of strings."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host path, container path, mode) for each short-syntax bind mount."""
+    result = []
+    for volume in service.get("volumes", []):
+        assert isinstance(volume, str), f"use the short volume syntax: {volume!r}"
+        source, target, *mode = volume.split(":")
+        result.append((source, target, mode[0] if mode else "rw"))
+    return result
+
+
+def published(service: dict[str, Any]) -> dict[int, int]:
+    """Container port -> host port for each `[ip:]host:container` entry."""
+    ports = {}
+    for entry in service.get("ports", []):
+        parts = str(entry).split("/")[0].split(":")
+        ports[int(parts[-1])] = int(parts[-2])
+    return ports
+
+
+def docker_config() -> tuple[Path, Config]:
+    """The config file the balancer container reads, and its parsed form."""
+    for source, target, _mode in mounts(services()["balancer"]):
+        if target == CONFIG_IN_CONTAINER:
+            path = (REPO / source).resolve()
+            return path, load_config(path)
+    raise AssertionError(f"nothing is mounted at {CONFIG_IN_CONTAINER}")
+
+
+def test_services_are_three_node_apps_and_the_balancer() -> None:
+    found = services()
+    assert set(found) == {*APPS, "balancer"}
+    names = set()
+    for app in APPS:
+        service = found[app]
+        assert service["image"] == "node:20-alpine"
+        env = environment(service)
+        assert env["HOST"] == "0.0.0.0", "bound to loopback, the balancer could not reach it"
+        assert env["PORT"].isdigit()
+        names.add(env["APP_NAME"])
+        # The command runs the very file that is mounted.
+        app_js = next(t for s, t, _m in mounts(service) if s.endswith("demo_app/app.js"))
+        assert app_js in service["command"]
+    assert names == {"app-1", "app-2", "app-3"}
+    assert found["balancer"]["image"] == "python:3.11-slim"
+
+
+def test_every_mounted_host_path_exists_and_is_read_only() -> None:
+    for name, service in services().items():
+        for source, target, mode in mounts(service):
+            assert source.startswith("."), f"{name}: {source} should be relative to the repo"
+            assert (REPO / source).exists(), f"{name}: mounts missing {source}"
+            assert mode == "ro", f"{name}: {source} -> {target} should be read-only"
+
+
+def test_balancer_mounts_the_repo_and_runs_the_docker_config() -> None:
+    balancer = services()["balancer"]
+    targets = {target: source for source, target, _mode in mounts(balancer)}
+    assert targets.get("/src") == "."
+    path, _config = docker_config()
+    assert path == REPO / "configs" / "docker.yaml"
+    command = balancer["command"]
+    command = " ".join(command) if isinstance(command, list) else command
+    assert "pip install" in command
+    assert f"balancer -c {CONFIG_IN_CONTAINER}" in command
+
+
+def test_docker_config_loads_with_the_advertised_settings() -> None:
+    _path, config = docker_config()
+    assert [listener.bind.host for listener in config.listeners] == ["0.0.0.0"]
+    assert config.metrics is not None and config.metrics.bind.host == "0.0.0.0"
+    assert {upstream.strategy for upstream in config.upstreams.values()} == {"least_conn"}
+
+
+def test_every_server_is_a_compose_service_on_its_port() -> None:
+    found = services()
+    _path, config = docker_config()
+    addresses = [s.address for u in config.upstreams.values() for s in u.servers]
+    assert sorted(a.host for a in addresses) == sorted(APPS)
+    for address in addresses:
+        assert address.host in found, f"{address} is not a compose service"
+        assert int(environment(found[address.host])["PORT"]) == address.port, address
+
+
+def test_published_ports_match_the_listeners_and_metrics() -> None:
+    _path, config = docker_config()
+    ports = published(services()["balancer"])
+    assert config.metrics is not None
+    expected = {listener.bind.port for listener in config.listeners} | {config.metrics.bind.port}
+    assert set(ports) == expected
+    assert all(host == container for container, host in ports.items())
+    for name in APPS:
+        assert not services()[name].get("ports"), "apps are reached through the balancer only"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_app_js_takes_its_settings_from_the_compose_environment() -> None:
+    """The app containers pass no arguments: APP_NAME, HOST and PORT must be honoured."""
+    env = {**os.environ, "APP_NAME": "from-env", "HOST": "127.0.0.1", "PORT": "0"}
+    proc = subprocess.Popen(["node", str(REPO / "balancer" / "demo_app" / "app.js")],
+                            stdout=subprocess.PIPE, env=env)
+    try:
+        port = read_listening_port(proc, "app.js", time.monotonic() + 10)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/",
+                                         headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.loads(response.read())
+        assert body["name"] == "from-env"
+        assert body["pid"] == proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
