@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,19 @@ def _version(cmd: list[str], pattern: str) -> str:
     return m.group(1) if m else line
 
 
+def _loadavg() -> float:
+    """1-minute load average: above ~1 before a run, other work competes with the proxies."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def machine_and_versions() -> tuple[dict[str, Any], dict[str, str]]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    machine = {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release()}
+    machine = {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+               "loadavg_start": _loadavg()}
     try:
         import uvloop
 
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if not proxies or not tests:
         log("nothing to run")
         return 2
+    started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="balancer-bench-"))
     sup = Supervisor(workdir)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    meta["machine"]["loadavg_end"] = _loadavg()
+    meta["elapsed_s"] = round(time.monotonic() - started)
     results = {p: {k: report.summarize(v) for k, v in runs[p].items()}
                for p in proxies if p in runs}
     md = report.write(args.out, meta, results)

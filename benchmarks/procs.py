@@ -99,6 +99,16 @@ def cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_ticks(cpu: int) -> tuple[int, int]:
+    """(busy, total) jiffies of one CPU from /proc/stat: shows whether CPU 0 had company."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            vals = [int(v) for v in line.split()[1:]]
+            idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+            return sum(vals) - idle, sum(vals)
+    return 0, 0
+
+
 def rss_kib(root: int) -> int:
     """VmRSS of a process tree in KiB."""
     total = 0

@@ -86,7 +86,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         "",
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']['nproc']} CPUs, {meta['machine']['cpu_model']}, "
-        f"Linux {meta['machine']['kernel']}",
+        f"Linux {meta['machine']['kernel']}, load average {meta['machine']['loadavg_start']:.2f}"
+        f" at start, {meta['machine'].get('loadavg_end', 0):.2f} at end",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- settings: {meta['settings']['duration']:g} s x {meta['settings']['runs']} run(s) "
         f"per figure (median), proxy on CPU 0, wrk/iperf3/backends on CPU 1",

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from . import load
-from .procs import Proc, StartError, Supervisor, cpu_seconds, rss_kib, tree_pids
+from .procs import (
+    CPU_PROXY,
+    Proc,
+    StartError,
+    Supervisor,
+    cpu_seconds,
+    cpu_ticks,
+    rss_kib,
+    tree_pids,
+)
 from .proxies import Variant, start_proxy
 
 TESTS = ("keepalive", "conn", "bulk", "idle", "p99")
@@ -42,20 +51,42 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _cpu_us(proc: Proc | None, before: float, count: int) -> float | None:
-    if proc is None or count <= 0:
-        return None
-    return (cpu_seconds(proc.pid) - before) * 1e6 / count
+class CpuWatch:
+    """Proxy CPU seconds and CPU 0 busy share over a run.
+
+    `proxy_cpu_pct` near 100 means the proxy was the limit; `cpu0_busy_pct` well above it
+    means something else ran on the proxy's core and the run is noisy.
+    """
+
+    def __init__(self, proc: Proc | None) -> None:
+        self.proc = proc
+        self.t0 = time.monotonic()
+        self.cpu0 = cpu_ticks(CPU_PROXY)
+        self.proxy = cpu_seconds(proc.pid) if proc else 0.0
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.t0
+        busy, total = (a - b for a, b in zip(cpu_ticks(CPU_PROXY), self.cpu0, strict=True))
+        used = cpu_seconds(self.proc.pid) - self.proxy if self.proc else None
+        return {
+            "wall_s": wall,
+            "proxy_cpu_s": used,
+            "proxy_cpu_pct": 100 * used / wall if used is not None and wall else None,
+            "cpu0_busy_pct": 100 * busy / total if total else None,
+        }
 
 
 def _wrk_test(ctx: Context, proc: Proc | None, port: int, connections: int, close: bool,
               latency: bool) -> dict[str, Any]:
-    before = cpu_seconds(proc.pid) if proc else 0.0
+    watch = CpuWatch(proc)
     res = load.run_wrk(port, ctx.duration, connections, close=close, latency=latency)
+    cpu = watch.stop()
+    count = res.requests
     out: dict[str, Any] = {
+        **cpu,
         "requests": res.requests,
         "rate": res.rate,
-        "cpu_us": _cpu_us(proc, before, res.requests),
+        "cpu_us": cpu["proxy_cpu_s"] * 1e6 / count if proc and count else None,
         "errors": res.errors,
         "socket_errors": res.socket_errors,
         "non_2xx": res.non_2xx,
@@ -80,10 +111,9 @@ def t_p99(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
 
 
 def t_bulk(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
-    before = cpu_seconds(proc.pid) if proc else 0.0
+    watch = CpuWatch(proc)
     gbps = load.run_iperf(port, ctx.duration)
-    cpu = (cpu_seconds(proc.pid) - before) if proc else None
-    return {"gbps": gbps, "cpu_s": cpu}
+    return {"gbps": gbps, **watch.stop()}
 
 
 def t_idle(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
@@ -174,6 +204,19 @@ def describe(test: str, r: dict[str, Any]) -> str:
     """One progress line for stderr."""
     if not r["ok"]:
         return f"FAILED: {r['error']}"
+    return _describe(test, r) + _cpu_note(r)
+
+
+def _cpu_note(r: dict[str, Any]) -> str:
+    parts = []
+    if r.get("proxy_cpu_pct") is not None:
+        parts.append(f"proxy {r['proxy_cpu_pct']:.0f}% CPU")
+    if r.get("cpu0_busy_pct") is not None:
+        parts.append(f"CPU 0 {r['cpu0_busy_pct']:.0f}% busy")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def _describe(test: str, r: dict[str, Any]) -> str:
     if test in ("keepalive", "conn"):
         cpu = f", {r['cpu_us']:.1f} CPU µs each" if r.get("cpu_us") is not None else ""
         return f"{r['rate']:,.0f}/s{cpu}, {r['errors']} errors"

@@ -81,7 +81,8 @@ def test_table_shows_ratio_and_failure() -> None:
         "balancer": {"keepalive": report.summarize([{"ok": False, "error": "boom"}])},
         "nginx": {"keepalive": report.summarize([{"ok": True, "rate": 90.0, "cpu_us": 12.5}])},
     }
-    meta = {"date": "d", "machine": {"nproc": 2, "cpu_model": "x", "kernel": "k"},
+    meta = {"date": "d", "machine": {"nproc": 2, "cpu_model": "x", "kernel": "k",
+                                     "loadavg_start": 0.1},
             "versions": {}, "settings": {"duration": 1.0, "runs": 1, "idle_connections": 2000}}
     md = report.markdown(meta, results)
     assert "| balancer | FAIL | FAIL |" in md
