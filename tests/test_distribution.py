@@ -94,7 +94,9 @@ async def test_backup_only_when_primaries_unusable(start_backend, start_balancer
     servers = [{"address": primary.address, "max_conns": 1},
                {"address": backup.address, "backup": True}]
     balancer = start_balancer(make_config(servers, "round_robin"))
+    idle_fds = balancer.fd_count()
     assert await who_answers(balancer.port) == "primary"
+    await eventually(lambda: balancer.fd_count() == idle_fds)  # that slot is free again
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     assert (await reader.readline()).strip() == b"primary"  # primary now full (max_conns 1)
     assert await who_answers(balancer.port) == "backup"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -186,7 +187,9 @@ async def test_unreachable_upstream_closes_client_promptly(start_balancer):
     started = loop.time()
     reader, writer = await connect(balancer.port)
     writer.write(b"anyone?")
-    assert await read_to_eof(reader, timeout=5) == b""
+    # Our bytes may reach a socket the balancer has already closed (a reset): also "closed".
+    with contextlib.suppress(ConnectionResetError):
+        assert await read_to_eof(reader, timeout=5) == b""
     assert loop.time() - started < 2
     writer.close()
     assert balancer.alive()
