@@ -49,7 +49,7 @@ def server_status(server: Server) -> dict[str, Any]:
         "effective_weight": round(server.weight, 3),
         "max_conns": server.config.max_conns,
         "backup": server.config.backup,
-        "failures": health.total_failures,
+        "failures": server.failures,
         "last_change": health.changed_at,
         "reason": health.reason,
         "pool_idle": len(server.pool.idle) if server.pool is not None else None,
@@ -61,8 +61,8 @@ def balancer_status(balancer: Balancer) -> dict[str, Any]:
     return {
         "time": time.time(),
         "listeners": [
-            {"name": lst.name, "bind": _bound(lst), "upstream": lst.config.upstream,
-             "active": len(lst.connections)}
+            {"name": lst.name, "bind": lst.bound(), "upstream": lst.config.upstream,
+             "active": lst.active_count()}
             for lst in balancer.listeners
         ],
         "upstreams": {
@@ -71,14 +71,6 @@ def balancer_status(balancer: Balancer) -> dict[str, Any]:
             for name, up in balancer.upstreams.items()
         },
     }
-
-
-def _bound(listener: Any) -> str:
-    """The address really bound (the port is real even when the config said 0)."""
-    if listener.server is None or not listener.server.sockets:
-        return str(listener.config.bind)
-    host, port = listener.address()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def health_problems(balancer: Balancer) -> list[str]:

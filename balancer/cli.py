@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, load_config
@@ -39,12 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--loop", choices=("auto", "uvloop", "asyncio"),
         help="event loop, overriding the config's `loop` (default: from config, auto)",
     )
+    common.add_argument(
+        "--workers", metavar="N", help="worker processes (a number or auto), overriding the "
+        "config's `workers`",
+    )
+    common.add_argument(
+        "--pid-file", metavar="PATH",
+        help="write the main process id here (run), or signal the process found here (reload)",
+    )
     # The top-level parser accepts the run options too, so `balancer -c FILE` just runs.
     for action in common._actions:
         parser._add_action(action)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="serve a configuration (the default)")
     sub.add_parser("check", parents=[common], help="validate a configuration and exit")
+    sub.add_parser(
+        "reload", parents=[common],
+        help="validate a configuration, then tell the running balancer (--pid-file) to load it",
+    )
     demo = sub.add_parser(
         "demo", parents=[common], help="start sample backends and a balancer in front of them"
     )
@@ -69,9 +82,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         print("configuration ok")
         return EXIT_OK
+    if command == "reload":
+        return _signal_reload(args.pid_file)
     if args.loop:
         config = dataclasses.replace(config, loop=args.loop)
-    return _serve(config)
+    if args.workers:
+        workers = _parse_workers(args.workers)
+        if workers == 0:
+            parser.error("--workers: must be a positive integer or auto")
+        config = dataclasses.replace(config, workers=workers)
+    return _serve(config, args.config, args.pid_file)
+
+
+def _parse_workers(text: str) -> int | None:
+    """`auto` -> None (one per usable CPU); a positive integer; 0 means invalid."""
+    if text == "auto":
+        return None
+    return int(text) if text.isdigit() else 0
+
+
+def _signal_reload(pid_file: str | None) -> int:
+    """Send SIGHUP to the balancer whose pid is in `pid_file` (the config was valid)."""
+    import os
+    import signal
+
+    if not pid_file:
+        print("reload needs --pid-file (the file the running balancer was started with)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"cannot signal the balancer from {pid_file}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"configuration ok; reload signalled to pid {pid}")
+    return EXIT_OK
 
 
 def _load(path: str) -> Config | None:
@@ -84,17 +130,28 @@ def _load(path: str) -> Config | None:
         return None
 
 
-def _serve(config: Config) -> int:
-    from .server import run
-
+def _serve(config: Config, config_path: str, pid_file: str | None) -> int:
+    workers = config.workers if config.workers is not None else _usable_cpus()
     try:
-        return run(config)
+        if workers > 1:
+            from .supervisor import run_supervisor
+
+            return run_supervisor(config, config_path, workers, pid_file)
+        from .server import run
+
+        return run(config, config_path=config_path, pid_file=pid_file)
     except OSError as exc:
         logging.getLogger("balancer").error("cannot start: %s", exc)
         return EXIT_RUNTIME
     except RuntimeError as exc:  # e.g. loop: uvloop requested but not installed
         logging.getLogger("balancer").error("cannot start: %s", exc)
         return EXIT_RUNTIME
+
+
+def _usable_cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def entry() -> None:

@@ -129,6 +129,27 @@ class ServerHealth:
         factor = min(2 ** max(self.ejections - 1, 0), MAX_BACKOFF)
         return self.fail_timeout * factor
 
+    # -- what other workers decided (see shared.py) -----------------------------------------
+
+    def adopt_down(self, until: float, reason: str) -> None:
+        """Another worker ejected this server until `until`: follow it."""
+        if self.state == UP:
+            self.down_until = until
+            self.fails = 0
+            self._set_state(DOWN, reason)
+
+    def adopt_up(self, reason: str) -> None:
+        """Another worker's trial brought this server back: follow it."""
+        if self.state != UP:
+            self.ejections = 0
+            self.trial_in_flight = False
+            self._set_state(UP, reason)
+
+    def reconfigure(self, config: HealthConfig) -> None:
+        """New thresholds from a reload; the current state is kept."""
+        self.max_fails = config.max_fails
+        self.fail_timeout = config.fail_timeout
+
     # -- active checks ----------------------------------------------------------------------
 
     def set_active(self, up: bool, reason: str) -> None:

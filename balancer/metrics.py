@@ -94,12 +94,17 @@ class MetricsEvents(ConnectionEvents):
         # Open, paired connections -> bytes already counted (up, down).
         self._counted: dict[ClientConnection, tuple[int, int, _Children]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._watched: dict[tuple[str, str], Server] = {}
 
     # -- wiring -----------------------------------------------------------------------------
 
     def watch_upstream(self, upstream: Upstream) -> None:
-        """Export health and pool state of an upstream's servers as they change."""
+        """Export health and pool state of an upstream's servers as they change (servers
+        already watched, e.g. kept by a reload, are skipped)."""
         for server in upstream.servers:
+            if self._watched.get((upstream.name, server.key)) is server:
+                continue
+            self._watched[(upstream.name, server.key)] = server
             up = self.metrics.server_up.labels(upstream.name, server.key)
 
             def on_health(health: ServerHealth, gauge: Any = up) -> None:

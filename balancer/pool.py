@@ -139,7 +139,7 @@ class ServerPool:
                 )
         except (OSError, TimeoutError) as exc:
             self.connecting -= 1
-            health.connect_failed(failure_reason(exc))
+            self.server.connect_failed(failure_reason(exc))
             if not self.closed and self._retry_timer is None:
                 self._retry_timer = self.loop.call_later(REFILL_RETRY_DELAY, self._retry)
             return

@@ -109,16 +109,20 @@ class Route:
         loop: asyncio.AbstractEventLoop,
         events: ConnectionEvents | None = None,
     ) -> None:
-        config = upstream.config
         self.listener_name = listener_name
-        self.upstream = upstream
         self.loop = loop
+        self.connections: set[ClientConnection] = set()
+        self.events = events or ConnectionEvents()
+        self.use(upstream)
+
+    def use(self, upstream: Upstream) -> None:
+        """Point new connections at `upstream` with its current limits (also on reload)."""
+        config = upstream.config
+        self.upstream = upstream
         self.connect_timeout = config.timeouts.connect
         self.idle_timeout = config.timeouts.idle
         self.tries = config.retries.tries
         self.retry_budget = config.retries.timeout
-        self.connections: set[ClientConnection] = set()
-        self.events = events or ConnectionEvents()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -236,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             self._no_server()
             return
-        server.active += 1
+        server.acquire()
         self.server = server
         pool = server.pool
         if pool is not None:
@@ -260,7 +264,7 @@ class ClientConnection(asyncio.Protocol):
                 if remaining <= 0 or next_server is None:
                     break
                 server = next_server
-                server.active += 1
+                server.acquire()
                 self.server = server
                 route.events.retried(self)
             else:
@@ -276,9 +280,9 @@ class ClientConnection(asyncio.Protocol):
                     )
             except (OSError, TimeoutError) as exc:
                 reason = failure_reason(exc)
-                server.active -= 1
+                server.release()
                 self.server = None
-                health.connect_failed(reason)
+                server.connect_failed(reason)
                 route.events.connect_failed(self, server, reason)
                 log.debug("connect to %s/%s failed: %r", upstream.name, server.key, exc)
                 continue
@@ -459,6 +463,6 @@ class ClientConnection(asyncio.Protocol):
                 if transport.get_write_buffer_size():
                     route.loop.call_later(route.idle_timeout, transport.abort)
         if self.server is not None:
-            self.server.active -= 1
+            self.server.release()
         route.connections.discard(self)
         route.events.closed(self)

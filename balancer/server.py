@@ -1,9 +1,13 @@
-"""One balancer process: its listeners, its connection registry, and a timed drain on stop.
+"""One balancer process: its listeners, its connection registry, reload, and a timed drain.
 
 `Balancer` owns the lifecycle (uvicorn's `server.py` is the model): `start()` binds every
 listener, `wait_stopped()` returns once a stop was requested, `shutdown()` stops accepting and
 lets open connections finish up to a deadline before closing what remains. Every live
 connection sits in its listener's registry; that registry is what makes draining possible.
+`reload()` applies a new config in place, so servers that stay keep their health and pools.
+
+The same class runs a single-process balancer and each worker of a multi-worker one; a worker
+gets its listening sockets and a view of the shared state from the primary.
 """
 
 from __future__ import annotations
@@ -11,15 +15,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import time
 from functools import partial
+from pathlib import Path
 
 from .accesslog import AccessLog
 from .admin import AdminServer
-from .config import Config, ListenerConfig
+from .config import Config, ConfigError, ListenerConfig, load_config
 from .loops import new_event_loop, resolve_loop_name
 from .metrics import Metrics, MetricsEvents
 from .proxy import ClientConnection, ConnectionEvents, FanOutEvents, Route
-from .upstream import Upstream
+from .shared import SYNC_INTERVAL
+from .upstream import CellFor, Upstream, _no_cell
+
+log = logging.getLogger("balancer.server")
+
+LISTEN_BACKLOG = 1024
 
 _metrics: Metrics | None = None
 
@@ -30,10 +42,6 @@ def process_metrics() -> Metrics:
     if _metrics is None:
         _metrics = Metrics()
     return _metrics
-
-log = logging.getLogger("balancer.server")
-
-LISTEN_BACKLOG = 1024
 
 
 class Listener:
@@ -52,14 +60,15 @@ class Listener:
         self.loop = loop
         self.server: asyncio.AbstractServer | None = None
 
-    async def start(self, reuse_port: bool = False) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind the configured address, or serve `sock` (a worker's share of a listener)."""
+        factory = partial(ClientConnection, self.route)
+        if sock is not None:
+            self.server = await self.loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
+            return
         bind = self.config.bind
         self.server = await self.loop.create_server(
-            partial(ClientConnection, self.route),
-            bind.host,
-            bind.port,
-            backlog=LISTEN_BACKLOG,
-            reuse_port=reuse_port or None,
+            factory, bind.host, bind.port, backlog=LISTEN_BACKLOG
         )
         host, port = self.address()
         log.info("listening on %s:%d (%s -> upstream %s)", host, port, self.name,
@@ -75,22 +84,44 @@ class Listener:
         if self.server is not None:
             self.server.close()
 
+    def active_count(self) -> int:
+        return len(self.route.connections)
+
+    def bound(self) -> str:
+        """`host:port` really bound (the port is real even when the config said 0)."""
+        if self.server is None or not self.server.sockets:
+            return str(self.config.bind)
+        host, port = self.address()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     @property
     def connections(self) -> set[ClientConnection]:
         return self.route.connections
 
 
 class Balancer:
-    """The listeners and upstreams of one process, started and stopped as a unit."""
+    """The listeners and upstreams of one process, started, reloaded and stopped as a unit."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sockets: dict[str, socket.socket] | None = None,
+        cell_for: CellFor = _no_cell,
+        serve_admin: bool = True,
+    ) -> None:
         self.config = config
+        self.sockets = sockets  # listener name -> socket, when a primary bound them
+        self.cell_for = cell_for
+        self.serve_admin = serve_admin
         self.upstreams: dict[str, Upstream] = {}
         self.listeners: list[Listener] = []
+        self.retired: list[Listener] = []  # removed by a reload, finishing their connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._stopping = False
+        self._sync_timer: asyncio.TimerHandle | None = None
         self.events = FanOutEvents([])
         self.metrics_events: MetricsEvents | None = None
         self.access_log: AccessLog | None = None
@@ -102,16 +133,14 @@ class Balancer:
         self._loop = loop
         self._stop_requested = asyncio.Event()
         self._drained = asyncio.Event()
-        self.upstreams = {name: Upstream(cfg) for name, cfg in self.config.upstreams.items()}
+        self.upstreams = {
+            name: Upstream(cfg, self.cell_for) for name, cfg in self.config.upstreams.items()
+        }
         self._add_event_sinks()
-        self.listeners = [
-            Listener(cfg, self.upstreams[cfg.upstream], loop, self.events)
-            for cfg in self.config.listeners
-        ]
         try:
-            for listener in self.listeners:
-                await listener.start()
-            if self.config.metrics is not None:
+            for cfg in self.config.listeners:
+                await self._open_listener(cfg)
+            if self.config.metrics is not None and self.serve_admin:
                 self.admin = AdminServer(self, self.config.metrics.admin_token)
                 bind = self.config.metrics.bind
                 await self.admin.start(bind.host, bind.port)
@@ -121,12 +150,19 @@ class Balancer:
             raise
         for upstream in self.upstreams.values():
             upstream.start(loop)
-            if self.metrics_events is not None:
-                for server in upstream.servers:
-                    if server.pool is not None:
-                        self.metrics_events.watch_pool(server.pool)
+        self._watch_pools()
         if self.metrics_events is not None:
             self.metrics_events.start()
+        if self.cell_for is not _no_cell:
+            self._sync_timer = loop.call_later(SYNC_INTERVAL, self._sync)
+
+    async def _open_listener(self, cfg: ListenerConfig) -> Listener:
+        assert self._loop is not None
+        listener = Listener(cfg, self.upstreams[cfg.upstream], self._loop, self.events)
+        sock = self.sockets.get(cfg.name) if self.sockets is not None else None
+        await listener.start(sock)
+        self.listeners.append(listener)
+        return listener
 
     def _add_event_sinks(self) -> None:
         """Metrics (when exported) and the access log (when on) listen to connections."""
@@ -140,19 +176,95 @@ class Balancer:
             self.events.sinks.append(self.access_log)
         self.events.sinks.append(_DrainWatch(self))
 
+    def _watch_pools(self) -> None:
+        if self.metrics_events is None:
+            return
+        for upstream in self.upstreams.values():
+            for server in upstream.servers:
+                if server.pool is not None and server.pool.on_change is None:
+                    self.metrics_events.watch_pool(server.pool)
+
+    def _sync(self) -> None:
+        """Follow the shared state other workers write (see shared.py)."""
+        now = time.monotonic()
+        for upstream in self.upstreams.values():
+            for server in upstream.servers:
+                server.sync(now)
+        assert self._loop is not None
+        self._sync_timer = self._loop.call_later(SYNC_INTERVAL, self._sync)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self, config: Config, sockets: dict[str, socket.socket] | None = None
+                     ) -> None:
+        """Apply a new (already valid) config without dropping a connection.
+
+        New listeners are bound first: if one cannot be, nothing changes and OSError is raised.
+        Then upstreams are reconfigured in place (servers that stay keep health and pools) and
+        removed listeners stop accepting; their open connections finish on their own.
+        """
+        loop = self._loop
+        assert loop is not None
+        if sockets is not None:
+            self.sockets = sockets
+        added = {name: Upstream(cfg, self.cell_for)
+                 for name, cfg in config.upstreams.items() if name not in self.upstreams}
+        current = {listener.name: listener for listener in self.listeners}
+        kept = {cfg.name for cfg in config.listeners
+                if cfg.name in current and current[cfg.name].config.bind == cfg.bind}
+        opened: list[Listener] = []
+        try:
+            for cfg in config.listeners:
+                if cfg.name not in kept:
+                    upstream = added.get(cfg.upstream) or self.upstreams[cfg.upstream]
+                    listener = Listener(cfg, upstream, loop, self.events)
+                    await listener.start(self.sockets.get(cfg.name) if self.sockets else None)
+                    opened.append(listener)
+        except OSError:
+            for listener in opened:
+                listener.stop_accepting()
+            raise
+        for name, cfg in config.upstreams.items():
+            if name in added:
+                self.upstreams[name] = added[name]
+                added[name].start(loop)
+            else:
+                self.upstreams[name].reconfigure(cfg, loop)
+            if self.metrics_events is not None:
+                self.metrics_events.watch_upstream(self.upstreams[name])
+        for cfg in config.listeners:
+            if cfg.name in kept:
+                current[cfg.name].config = cfg
+                current[cfg.name].route.use(self.upstreams[cfg.upstream])
+        for listener in self.listeners:
+            if listener.name not in kept:
+                listener.stop_accepting()
+                self.retired.append(listener)
+        self.listeners = [current[name] for name in kept] + opened
+        for name in [n for n in self.upstreams if n not in config.upstreams]:
+            self.upstreams.pop(name).stop()
+        self._watch_pools()
+        self.config = config
+        log.info("configuration reloaded: %d listener(s), %d upstream(s)",
+                 len(self.listeners), len(self.upstreams))
+
     def set_draining(self, upstream: str, address: str, draining: bool) -> None:
         """Operator drain: no new connections for a server; open ones continue."""
         for server in self.upstreams[upstream].servers:
             if server.key == address and server.draining != draining:
                 server.draining = draining
+                if server.cell is not None:
+                    server.cell.draining = draining
                 log.warning("server %s/%s %s by operator", upstream, address,
                             "draining" if draining else "enabled")
+
+    # -- stop ---------------------------------------------------------------------------------
 
     def bound_addresses(self) -> dict[str, tuple[str, int]]:
         return {listener.name: listener.address() for listener in self.listeners}
 
     def open_connections(self) -> int:
-        return sum(len(listener.connections) for listener in self.listeners)
+        return sum(len(lst.connections) for lst in [*self.listeners, *self.retired])
 
     def request_stop(self) -> None:
         """Begin shutdown; safe to call from a signal handler, and more than once."""
@@ -176,16 +288,18 @@ class Balancer:
             listener.stop_accepting()
         for upstream in self.upstreams.values():
             upstream.stop()
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
         open_now = self.open_connections()
         if open_now and self._drained is not None:
-            log.info("draining %d open connection(s), up to %.0fs", open_now, timeout)
+            log.info("draining %d open connection(s), up to %gs", open_now, timeout)
             try:
                 async with asyncio.timeout(timeout):
                     await self._drained.wait()
             except TimeoutError:
                 pass
         self.close_all()
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.retired]:
             if listener.server is not None:
                 await listener.server.wait_closed()
         if self.metrics_events is not None:
@@ -197,7 +311,7 @@ class Balancer:
 
     def close_all(self) -> None:
         """Abort every open connection now (the deadline passed, or a second signal came)."""
-        remaining = [c for listener in self.listeners for c in listener.connections]
+        remaining = [c for lst in [*self.listeners, *self.retired] for c in lst.connections]
         if remaining:
             log.info("closing %d connection(s) still open", len(remaining))
         for connection in remaining:
@@ -215,45 +329,91 @@ class _DrainWatch(ConnectionEvents):
         self.balancer._connection_closed()
 
 
-async def serve(config: Config) -> int:
-    """Run one balancer until SIGINT/SIGTERM; a second signal skips the drain."""
+def count_reload(result: str) -> None:
+    process_metrics().config_reloads.labels(result).inc()
+
+
+async def reload_from(balancer: Balancer, path: str) -> bool:
+    """SIGHUP in a single process: re-read `path`; a bad file leaves the old config serving."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload rejected: %s", problem)
+        count_reload("failure")
+        return False
+    try:
+        await balancer.reload(config)
+    except OSError as exc:
+        log.error("reload rejected: cannot open a new listener: %s", exc)
+        count_reload("failure")
+        return False
+    count_reload("success")
+    return True
+
+
+async def serve(config: Config, config_path: str | None = None) -> int:
+    """Run one balancer until SIGINT/SIGTERM; a second signal skips the drain; SIGHUP
+    reloads `config_path`."""
     balancer = Balancer(config)
     loop = asyncio.get_running_loop()
     signals_seen = 0
+    reloads: set[asyncio.Task[bool]] = set()
 
-    def on_signal(signum: int) -> None:
+    def on_stop_signal(signum: int) -> None:
         # Only set flags here; the main coroutine does the work.
         nonlocal signals_seen
         signals_seen += 1
+        name = signal.Signals(signum).name
         if signals_seen == 1:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
+            log.info("received %s, shutting down (again to close connections at once)", name)
             balancer.request_stop()
         else:
-            log.info("received %s again, closing all connections now",
-                     signal.Signals(signum).name)
+            log.info("received %s again, closing all connections now", name)
             balancer.close_all()
 
+    def on_hangup() -> None:
+        if config_path is None:
+            log.warning("received SIGHUP, but there is no config file to reload")
+            return
+        log.info("received SIGHUP, reloading %s", config_path)
+        task = loop.create_task(reload_from(balancer, config_path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, on_stop_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await balancer.start()
         await balancer.wait_stopped()
         await balancer.shutdown()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     log.info("stopped")
     return 0
 
 
-def run(config: Config, loop_name: str | None = None) -> int:
+def run(config: Config, loop_name: str | None = None, config_path: str | None = None,
+        pid_file: str | None = None) -> int:
     """Create the event loop (after any fork) and serve `config` until stopped."""
     name = resolve_loop_name(loop_name or config.loop)
     loop = new_event_loop(name)
     asyncio.set_event_loop(loop)
     log.debug("event loop: %s", name)
+    if pid_file:
+        write_pid_file(pid_file)
     try:
-        return loop.run_until_complete(serve(config))
+        return loop.run_until_complete(serve(config, config_path))
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+        if pid_file:
+            Path(pid_file).unlink(missing_ok=True)
+
+
+def write_pid_file(path: str) -> None:
+    import os
+
+    Path(path).write_text(f"{os.getpid()}\n")

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 from .checks import ActiveChecker
 from .config import HealthConfig, ServerConfig, UpstreamConfig
-from .health import ServerHealth
+from .health import DOWN, UP, ServerHealth
 from .pool import ServerPool
+from .shared import SharedCell
 from .strategies import Strategy, make_strategy
 
 log = logging.getLogger("balancer.upstream")
@@ -31,11 +32,12 @@ class Server:
     """One upstream server as the data path sees it."""
 
     __slots__ = (
-        "active",
+        "cell",
         "config",
         "draining",
         "health",
         "key",
+        "local_active",
         "pool",
         "ramp_until",
         "slow_start",
@@ -48,17 +50,59 @@ class Server:
         upstream_name: str = "",
         health: HealthConfig | None = None,
         slow_start: float = 0.0,
+        cell: SharedCell | None = None,
     ) -> None:
         self.config = config
         self.key = config.key
         self.upstream_name = upstream_name
-        self.active = 0  # client connections currently proxied to (or connecting to) it
+        self.local_active = 0  # this process's connections proxied to (or connecting to) it
         self.draining = False  # operator asked for no new connections
         self.health = ServerHealth(f"{upstream_name}/{self.key}", health or HealthConfig())
         self.health.listeners.append(self._health_changed)
         self.pool: ServerPool | None = None
         self.slow_start = slow_start
         self.ramp_until = 0.0  # while in slow start: when the ramp ends
+        self.cell = cell  # shared with other workers, when there are any
+
+    # -- connection counting (global across workers when shared) ---------------------------
+
+    @property
+    def active(self) -> int:
+        """Open connections to this server, of every worker."""
+        cell = self.cell
+        return self.local_active if cell is None else cell.total_active()
+
+    def acquire(self) -> None:
+        self.local_active += 1
+        if self.cell is not None:
+            self.cell.add_active(1)
+
+    def release(self) -> None:
+        self.local_active -= 1
+        if self.cell is not None:
+            self.cell.add_active(-1)
+
+    def connect_failed(self, reason: str) -> None:
+        self.health.connect_failed(reason)
+        if self.cell is not None:
+            self.cell.add_failure()
+
+    @property
+    def failures(self) -> int:
+        cell = self.cell
+        return self.health.total_failures if cell is None else cell.total_failures()
+
+    def sync(self, now: float) -> None:
+        """Follow what other workers decided: ejections, recoveries, drains."""
+        cell = self.cell
+        if cell is None:
+            return
+        until = cell.down_until
+        if until > now:
+            self.health.adopt_down(until, "marked down by another worker")
+        elif until == 0.0:
+            self.health.adopt_up("marked up by another worker")
+        self.draining = cell.draining
 
     @property
     def up(self) -> bool:
@@ -97,30 +141,73 @@ class Server:
     def _health_changed(self, health: ServerHealth) -> None:
         if health.ok and self.slow_start and health.reason != "initial":
             self.ramp_until = time.monotonic() + self.slow_start
+        if self.cell is not None:  # tell the other workers (half-open stays local)
+            if health.state == DOWN:
+                self.cell.down_until = health.down_until
+            elif health.state == UP:
+                self.cell.down_until = 0.0
 
     def __repr__(self) -> str:
         return f"Server({self.upstream_name}/{self.key}, active={self.active}, up={self.up})"
 
 
+CellFor = Callable[[str], "SharedCell | None"]
+
+
+def _no_cell(key: str) -> SharedCell | None:
+    return None
+
+
 class Upstream:
     """The servers of one upstream and the strategies that choose among them."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, cell_for: CellFor = _no_cell) -> None:
+        self.cell_for = cell_for  # where a server's shared row lives (workers), if anywhere
+        self.servers: list[Server] = []
+        self.checker: ActiveChecker | None = None
+        self._build(config, {})
+        self.no_server_count = 0
+        self._no_server_logged_at = float("-inf")
+
+    def _build(self, config: UpstreamConfig, keep: dict[str, Server]) -> None:
+        """(Re)build the server list and strategies; servers in `keep` are reused as they are
+        (health, counts, pool), with their new settings."""
         self.config = config
         self.name = config.name
-        self.servers = [
-            Server(s, config.name, config.health, config.slow_start) for s in config.servers
-        ]
+        servers = []
+        for server_config in config.servers:
+            server = keep.get(server_config.key)
+            if server is None:
+                server = Server(server_config, config.name, config.health, config.slow_start,
+                                self.cell_for(f"{config.name}/{server_config.key}"))
+            else:
+                server.config = server_config
+                server.slow_start = config.slow_start
+                server.health.reconfigure(config.health)
+            servers.append(server)
+        self.servers = servers
         self.primary: Strategy = make_strategy(
-            config.strategy, [s for s in self.servers if not s.config.backup]
+            config.strategy, [s for s in servers if not s.config.backup]
         )
         self.backup: Strategy = make_strategy(
-            config.strategy, [s for s in self.servers if s.config.backup]
+            config.strategy, [s for s in servers if s.config.backup]
         )
-        self.no_server_count = 0
         check = config.health.check
-        self.checker = ActiveChecker(self.servers, check) if check is not None else None
-        self._no_server_logged_at = float("-inf")
+        self.checker = ActiveChecker(servers, check) if check is not None else None
+
+    def reconfigure(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+        """Apply a reloaded config in place. Servers that stay keep their health state, live
+        connections and pool; removed servers' pools close, their connections finish."""
+        if self.checker is not None:
+            self.checker.stop()
+        old = {server.key: server for server in self.servers}
+        self._build(config, old)
+        kept = {server.key for server in self.servers}
+        for key, server in old.items():
+            if key not in kept and server.pool is not None:
+                server.pool.close()
+                server.pool = None
+        self.start(loop)
 
     def pick(self, client_ip: str, exclude: Server | None = None) -> Server | None:
         """Choose a server for a client, skipping `exclude` (the one that just failed).
@@ -152,17 +239,24 @@ class Upstream:
             )
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the background work: active checks, and keepalive pools (`pool.size` > 0)."""
+        """Start the background work: active checks, and keepalive pools (`pool.size` > 0).
+        Safe to call again after `reconfigure`: existing pools are resized, not replaced."""
         if self.checker is not None:
             self.checker.start()
-        size = self.config.pool.size
-        if not size:
-            return
+        pool_config = self.config.pool
         for server in self.servers:
-            server.pool = ServerPool(
-                server, size, self.config.pool.idle_timeout, self.config.timeouts.connect, loop
-            )
-            server.pool.start()
+            pool = server.pool
+            if pool_config.size and pool is None:
+                server.pool = ServerPool(server, pool_config.size, pool_config.idle_timeout,
+                                         self.config.timeouts.connect, loop)
+                server.pool.start()
+            elif pool_config.size and pool is not None:
+                pool.size = pool_config.size
+                pool.idle_timeout = pool_config.idle_timeout
+                pool.refill()
+            elif pool is not None:
+                pool.close()
+                server.pool = None
 
     def stop(self) -> None:
         """Stop checks and close the pools' idle connections."""

@@ -1,0 +1,101 @@
+"""The primary's view of a multi-worker balancer, for /status, /healthz, /metrics and drain.
+
+The primary moves no bytes, so its upstreams are mirrors: the same `Upstream` and `Server`
+objects the workers use, bound to the shared table and synced from it (active connections of
+all workers, ejections, drains). Nothing here starts pools or checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, multiprocess
+
+from .config import Config, ListenerConfig
+from .shared import SYNC_INTERVAL, SharedCell, SharedTable
+from .upstream import Upstream
+
+
+class ListenerView:
+    """A listener as the primary sees it: its sockets and the load of its upstream."""
+
+    def __init__(self, config: ListenerConfig, sockets: list[socket.socket],
+                 upstream: Upstream) -> None:
+        self.config = config
+        self.name = config.name
+        self.sockets = sockets
+        self.upstream = upstream
+
+    def active_count(self) -> int:
+        return sum(server.active for server in self.upstream.servers)
+
+    def bound(self) -> str:
+        host, port = self.sockets[0].getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ClusterView:
+    """What admin.py needs (`listeners`, `upstreams`, `set_draining`), built from shared state."""
+
+    def __init__(self, config: Config, table: SharedTable, rows: dict[str, int],
+                 sockets: dict[str, list[socket.socket]]) -> None:
+        self.table = table
+        self.rows = rows
+        self.sockets = sockets
+        self.upstreams: dict[str, Upstream] = {}
+        self.listeners: list[ListenerView] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.apply(config)
+
+    def cell_for(self, key: str) -> SharedCell | None:
+        row = self.rows.get(key)
+        # The primary never writes active counts; column 0 is only a place to read from.
+        return None if row is None else self.table.cell(row, 0)
+
+    def apply(self, config: Config) -> None:
+        """Mirror a (re)loaded config; servers that stay keep their mirrored state."""
+        upstreams = {}
+        for name, cfg in config.upstreams.items():
+            upstream = self.upstreams.get(name)
+            if upstream is None:
+                upstream = Upstream(cfg, self.cell_for)
+            else:
+                upstream._build(cfg, {s.key: s for s in upstream.servers})
+            upstreams[name] = upstream
+        self.upstreams = upstreams
+        self.listeners = [
+            ListenerView(cfg, self.sockets[cfg.name], upstreams[cfg.upstream])
+            for cfg in config.listeners
+        ]
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(0, self._sync)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _sync(self) -> None:
+        now = time.monotonic()
+        for upstream in self.upstreams.values():
+            for server in upstream.servers:
+                server.sync(now)
+        self._timer = asyncio.get_running_loop().call_later(SYNC_INTERVAL, self._sync)
+
+    def set_draining(self, upstream: str, address: str, draining: bool) -> None:
+        """Written to the shared table; every worker follows within SYNC_INTERVAL."""
+        for server in self.upstreams[upstream].servers:
+            if server.key == address and server.cell is not None:
+                server.cell.draining = draining
+                server.draining = draining
+
+
+def render_cluster_metrics() -> bytes:
+    """Every worker's metrics, combined (prometheus-client multiprocess mode), plus the
+    primary's own process metrics."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    ProcessCollector(registry=registry)
+    return generate_latest(registry)

@@ -1,0 +1,392 @@
+"""The primary of a multi-worker balancer: sockets, workers, reload, stop. No client traffic.
+
+gunicorn's arbiter is the model: signal handlers only queue; one loop does the work.
+
+- Sockets: for every listener the primary binds one SO_REUSEPORT socket per worker slot and
+  keeps it open for as long as the listener exists. The kernel spreads connections across the
+  slots; a worker that dies or is replaced leaves its queue intact for its successor, so no
+  queued connection is ever reset by a restart or a reload.
+- Workers are fresh interpreters (`python -m balancer.worker`): each creates its own loop and
+  inherits no event loop, thread or lock from the primary. They get their config (the exact
+  `Config` the primary validated) and sockets over a SOCK_SEQPACKET pair.
+- A worker that exits unexpectedly is logged with its status and replaced at once; after
+  `CRASH_LIMIT` crashes within `CRASH_WINDOW` seconds, or a boot error, the primary gives up.
+- SIGHUP (or `balancer reload`) reloads: a bad config is logged and counted and changes
+  nothing; a good one is sent to every worker, which applies it in place.
+- Metrics: prometheus-client multiprocess mode in a clean directory; the primary serves one
+  `/metrics` for all workers and calls `mark_process_dead` for every worker it reaps.
+- Shared state (shared.py): active connections per server across workers, and health and
+  drain decisions, so least_conn and ejections are global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, ListenerConfig, load_config
+from .worker import EXIT_BOOT_ERROR, receive_message, send_message
+
+log = logging.getLogger("balancer.supervisor")
+
+CRASH_LIMIT = 5
+CRASH_WINDOW = 30.0
+READY_TIMEOUT = 15.0
+SHARED_ROWS = 4096  # servers the shared table can hold (pages never touched cost nothing)
+COLUMNS_PER_WORKER = 4  # worker slots in the table: room for replacements while old ones drain
+
+
+class GiveUp(Exception):
+    """Workers keep failing; stop instead of restarting them for ever."""
+
+
+@dataclass
+class WorkerProcess:
+    slot: int
+    column: int
+    process: asyncio.subprocess.Process
+    control: socket.socket
+    replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    retiring: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str, workers: int, state_dir: Path) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.count = workers
+        self.state_dir = state_dir
+        self.sockets: dict[str, list[socket.socket]] = {}
+        self.rows: dict[str, int] = {}
+        self.free_columns = list(range(workers * COLUMNS_PER_WORKER))
+        self.workers: dict[int, WorkerProcess] = {}  # slot -> live worker
+        self.crashes: list[float] = []
+        self.failure: str | None = None
+        self.stopping = False
+        self._done = asyncio.Event()
+        from .shared import SharedTable
+
+        self.table = SharedTable(state_dir / "shared", SHARED_ROWS, len(self.free_columns),
+                                 create=True)
+        self.view: Any = None
+        self.admin: Any = None
+
+    # -- sockets and rows -----------------------------------------------------------------------
+
+    def bind_listener(self, cfg: ListenerConfig) -> list[socket.socket]:
+        """One SO_REUSEPORT socket per worker slot, all on the same address."""
+        family = socket.AF_INET6 if ":" in cfg.bind.host else socket.AF_INET
+        bound: list[socket.socket] = []
+        port = cfg.bind.port
+        try:
+            for _ in range(self.count):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                bound.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((cfg.bind.host, port))
+                sock.listen(1024)
+                sock.set_inheritable(False)
+                port = sock.getsockname()[1]  # port 0: the others join the same port
+        except OSError:
+            for sock in bound:
+                sock.close()
+            raise
+        log.info("listening on %s:%d (%s -> upstream %s, %d workers)", cfg.bind.host, port,
+                 cfg.name, cfg.upstream, self.count)
+        return bound
+
+    def assign_rows(self, config: Config) -> None:
+        for name, upstream in config.upstreams.items():
+            for server in upstream.servers:
+                key = f"{name}/{server.key}"
+                if key not in self.rows:
+                    if len(self.rows) >= SHARED_ROWS:
+                        raise ConfigError([f"more than {SHARED_ROWS} servers in all"])
+                    self.rows[key] = len(self.rows)
+
+    # -- workers ------------------------------------------------------------------------------
+
+    async def spawn(self, slot: int) -> WorkerProcess:
+        """Start the worker for `slot` and wait until it serves."""
+        column = self.free_columns.pop(0)
+        self.table.clear_column(column)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "balancer.worker", "--control-fd", str(theirs.fileno()),
+            "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
+            pass_fds=[theirs.fileno()], start_new_session=True,
+        )
+        theirs.close()
+        worker = WorkerProcess(slot, column, process, ours)
+        names = [cfg.name for cfg in self.config.listeners]
+        send_message(ours, {
+            "kind": "start", "config": self.config, "listeners": names, "rows": self.rows,
+            "column": column, "columns": self.table.columns, "capacity": SHARED_ROWS,
+            "shm": str(self.table.path),
+        }, [self.sockets[name][slot].fileno() for name in names])
+        ours.setblocking(False)
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_reply, worker)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                reply = await worker.replies.get()
+        except TimeoutError:
+            reply = {"kind": "timeout"}
+        if reply.get("kind") != "ready":
+            code = await self._kill(worker)
+            raise GiveUp(f"worker for slot {slot} did not start (exit status {code})")
+        self.workers[slot] = worker
+        log.info("worker %d started (pid %d)", slot, process.pid)
+        asyncio.get_running_loop().create_task(self._watch(worker))
+        return worker
+
+    def _on_reply(self, worker: WorkerProcess) -> None:
+        try:
+            message, fds = receive_message(worker.control)
+        except BlockingIOError:
+            return
+        except OSError:
+            message, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            asyncio.get_running_loop().remove_reader(worker.control.fileno())
+            return
+        worker.replies.put_nowait(message)
+
+    async def _kill(self, worker: WorkerProcess) -> int:
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.kill()
+        code = await worker.process.wait()
+        self._forget(worker)
+        return code
+
+    def _forget(self, worker: WorkerProcess) -> None:
+        """A worker has exited: release its column, its metrics files and its channel."""
+        from prometheus_client import multiprocess
+
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(worker.control.fileno())
+        worker.control.close()
+        multiprocess.mark_process_dead(worker.process.pid)
+        self.table.clear_column(worker.column)
+        self.free_columns.append(worker.column)
+        if self.workers.get(worker.slot) is worker:
+            del self.workers[worker.slot]
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        """Wait for a worker to exit; replace it unless it was asked to go."""
+        code = await worker.process.wait()
+        self._forget(worker)
+        if worker.retiring or self.stopping:
+            log.info("worker %d (pid %d) exited", worker.slot, worker.process.pid)
+            if self.stopping and not self.workers:
+                self._done.set()
+            return
+        log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid, describe_exit(code))
+        try:
+            await self._replace(worker.slot, code)
+        except GiveUp as exc:
+            self.failure = str(exc)
+            log.error("giving up: %s", exc)
+            self.request_stop()
+
+    async def _replace(self, slot: int, code: int) -> None:
+        if code == EXIT_BOOT_ERROR:
+            raise GiveUp(f"worker {slot} could not boot (see its error above)")
+        now = time.monotonic()
+        self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW] + [now]
+        if len(self.crashes) >= CRASH_LIMIT:
+            raise GiveUp(f"workers crashed {len(self.crashes)} times in {CRASH_WINDOW:g}s")
+        if len(self.crashes) > 1:  # back off a little when crashes repeat
+            await asyncio.sleep(min(1.0, 0.1 * 2 ** (len(self.crashes) - 2)))
+        if not self.stopping:
+            await self.spawn(slot)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file; apply it in every worker, or change nothing."""
+        from .server import count_reload
+
+        try:
+            config = load_config(self.config_path)
+            if (config.workers or self.count) != self.count:
+                log.warning("reload: changing the number of workers needs a restart; "
+                            "keeping %d", self.count)
+            self.assign_rows(config)
+            added = [cfg for cfg in config.listeners if cfg.name not in self.sockets or
+                     self._bind_of(cfg.name) != cfg.bind]
+            new_sockets = {cfg.name: self.bind_listener(cfg) for cfg in added}
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected: %s", problem)
+            count_reload("failure")
+            return False
+        except OSError as exc:
+            log.error("reload rejected: cannot open a new listener: %s", exc)
+            count_reload("failure")
+            return False
+        self.config = config
+        removed = {name: socks for name, socks in self.sockets.items()
+                   if name not in {cfg.name for cfg in config.listeners} or name in new_sockets}
+        self.sockets = {**{k: v for k, v in self.sockets.items() if k not in removed},
+                        **new_sockets}
+        names = list(new_sockets)
+        ok = True
+        for slot, worker in list(self.workers.items()):
+            send_message(worker.control, {"kind": "reload", "config": config,
+                                          "listeners": names, "rows": self.rows},
+                         [self.sockets[name][slot].fileno() for name in names])
+            try:
+                async with asyncio.timeout(READY_TIMEOUT):
+                    reply = await worker.replies.get()
+            except TimeoutError:
+                reply = {"ok": False, "error": "no answer"}
+            if not reply.get("ok"):
+                ok = False
+                log.error("worker %d could not apply the reload: %s", slot, reply.get("error"))
+        for socks in removed.values():
+            for sock in socks:
+                sock.close()
+        self.view.apply(config)
+        count_reload("success" if ok else "failure")
+        log.info("configuration reloaded from %s", self.config_path)
+        return ok
+
+    def _bind_of(self, name: str) -> Any:
+        return next((cfg.bind for cfg in self.config.listeners if cfg.name == name), None)
+
+    # -- stop ---------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+        if not self.workers:
+            self._done.set()
+
+    def force_stop(self) -> None:
+        """Second signal: workers close their connections at once."""
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_stop(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            name = signal.Signals(signum).name
+            if signals == 1:
+                log.info("received %s, stopping workers (again to close connections at once)",
+                         name)
+                self.request_stop()
+            else:
+                log.info("received %s again, closing all connections now", name)
+                self.force_stop()
+
+        reloading: set[asyncio.Task[bool]] = set()
+
+        def on_hangup() -> None:
+            log.info("received SIGHUP, reloading %s", self.config_path)
+            task = loop.create_task(self.reload())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        try:
+            self.assign_rows(self.config)
+            for cfg in self.config.listeners:
+                self.sockets[cfg.name] = self.bind_listener(cfg)
+            await self._start_admin()
+            for slot in range(self.count):
+                await self.spawn(slot)
+            await self._done.wait()
+        except GiveUp as exc:
+            self.failure = str(exc)
+            log.error("giving up: %s", exc)
+            self.request_stop()
+            await self._wait_workers()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+        await self._wait_workers()
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.view is not None:
+            self.view.stop()
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        log.info("stopped")
+        return 1 if self.failure else 0
+
+    async def _wait_workers(self) -> None:
+        deadline = self.config.shutdown_timeout + 5
+        for worker in list(self.workers.values()):
+            try:
+                async with asyncio.timeout(deadline):
+                    await worker.process.wait()
+            except TimeoutError:
+                await self._kill(worker)
+
+    async def _start_admin(self) -> None:
+        from .admin import AdminServer
+        from .cluster import ClusterView, render_cluster_metrics
+
+        self.view = ClusterView(self.config, self.table, self.rows, self.sockets)
+        self.view.start()
+        if self.config.metrics is not None:
+            self.admin = AdminServer(self.view, self.config.metrics.admin_token,
+                                     render_metrics=render_cluster_metrics)
+            bind = self.config.metrics.bind
+            await self.admin.start(bind.host, bind.port)
+
+
+def describe_exit(code: int) -> str:
+    """How a worker ended, the way an operator wants to read it."""
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (perhaps out of memory?)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {code}"
+
+
+def run_supervisor(config: Config, config_path: str, workers: int,
+                   pid_file: str | None = None) -> int:
+    """Run the primary with `workers` workers until stopped."""
+    state_dir = Path(tempfile.mkdtemp(prefix="balancer-"))
+    # Must be set before prometheus_client is first imported, here and in every worker.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state_dir)
+    if pid_file:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
+    loop = asyncio.new_event_loop()  # the primary moves no client bytes: stdlib loop is fine
+    asyncio.set_event_loop(loop)
+    try:
+        supervisor = Supervisor(config, config_path, workers, state_dir)
+        return loop.run_until_complete(supervisor.run())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if pid_file:
+            Path(pid_file).unlink(missing_ok=True)
