@@ -54,7 +54,7 @@ def parse_wrk(out: str) -> WrkResult:
     rate_m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     rate = float(rate_m.group(1)) if rate_m else requests / seconds
     p99_m = re.search(r"^\s+99%\s+([\d.]+\w+)\s*$", out, re.M)
-    p99 = _duration(p99_m.group(1)) * 1000 if p99_m else None
+    p99 = round(_duration(p99_m.group(1)) * 1000, 3) if p99_m else None
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     socket_errors = sum(int(g) for g in sock.groups()) if sock else 0
     non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

@@ -25,6 +25,19 @@ COLUMNS: tuple[tuple[str, str, str, bool, int, bool], ...] = (
 )
 
 
+# Points by which CPU 0 may be busier than the proxy itself (softirq, the kernel) before
+# a run counts as noisy: quiet runs here show a gap of 1-6 points.
+NOISE_GAP_PCT = 15.0
+
+
+def noisy(run: dict[str, Any]) -> bool:
+    """True when something other than the proxy ran on CPU 0 during this run."""
+    busy, proxy = run.get("cpu0_busy_pct"), run.get("proxy_cpu_pct")
+    if not run.get("ok") or busy is None or proxy is None:  # `direct` does not use CPU 0
+        return False
+    return busy - proxy > NOISE_GAP_PCT
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of every numeric metric over the successful runs, plus the failures."""
     ok = [r for r in runs if r.get("ok")]
@@ -40,6 +53,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs_ok": len(ok),
         "median": median,
         "failures": [r["error"] for r in runs if not r.get("ok")],
+        "noisy_runs": [i + 1 for i, r in enumerate(runs) if noisy(r)],
     }
 
 
@@ -59,6 +73,8 @@ def _cell(results: dict[str, Any], proxy: str, test: str, metric: str, big: bool
         base = results.get("haproxy", {}).get(key, {}).get("median", {}).get(metric)
         if base:
             text += f" ({value / base:.2f}x)"
+    if entry.get("noisy_runs"):
+        text += " ~"
     if entry["runs_ok"] < len(entry["runs"]):
         text += f" [{entry['runs_ok']}/{len(entry['runs'])} ok]"
     return text
@@ -96,7 +112,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         lines.append(f"- balancer started with --balancer-cmd `{meta['settings']['balancer_cmd']}`")
     lines += [
         "- (Nx) is the ratio to HAProxy from this same run; for CPU, RSS and p99 lower is "
-        "better, for Gbit/s higher is better",
+        "better, for Gbit/s higher is better; `~` marks a figure with a noisy run (see "
+        "the notes)",
         "",
     ]
     header = ["proxy", *(c[0] for c in COLUMNS)]
@@ -118,10 +135,16 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
                     "settings"]["idle_connections"]:
                 notes.append(f"- {proxy} / {test}: only {entry['median']['open']:g} of "
                              f"{meta['settings']['idle_connections']} connections opened")
+            for i in entry.get("noisy_runs", []):
+                r = entry["runs"][i - 1]
+                notes.append(f"- {proxy} / {test} run {i}: noisy, CPU 0 was "
+                             f"{r['cpu0_busy_pct']:.0f}% busy but the proxy used "
+                             f"{r['proxy_cpu_pct']:.0f}%: other processes shared "
+                             "its core")
     for skip in meta.get("skipped", []):
         notes.append(f"- skipped: {skip}")
     if notes:
-        lines += ["", "## Failures, errors and skips", "", *notes]
+        lines += ["", "## Failures, noise, errors and skips", "", *notes]
     return "\n".join(lines) + "\n"
 
 

@@ -221,7 +221,7 @@ def _describe(test: str, r: dict[str, Any]) -> str:
         cpu = f", {r['cpu_us']:.1f} CPU µs each" if r.get("cpu_us") is not None else ""
         return f"{r['rate']:,.0f}/s{cpu}, {r['errors']} errors"
     if test == "p99":
-        return f"p99 {r['p99_ms']} ms, {r['rate']:,.0f}/s, {r['errors']} errors"
+        return f"p99 {r['p99_ms']:.2f} ms, {r['rate']:,.0f}/s, {r['errors']} errors"
     if test == "bulk":
         return f"{r['gbps']:.2f} Gbit/s"
     return (f"{r['kib_per_conn']:.1f} KiB/conn ({r['rss_before_kib']} -> "

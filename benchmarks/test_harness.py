@@ -97,3 +97,10 @@ def test_balancer_command_template() -> None:
     assert balancer_command("bal -c {config} -v debug", cfg) == ["bal", "-c", str(cfg), "-v",
                                                                "debug"]
     assert balancer_command(None, cfg)[1:5] == ["-m", "balancer", "-c", str(cfg)]
+
+
+def test_noisy_run_is_flagged() -> None:
+    quiet = {"ok": True, "rate": 1.0, "proxy_cpu_pct": 90.0, "cpu0_busy_pct": 93.0}
+    loud = {"ok": True, "rate": 1.0, "proxy_cpu_pct": 40.0, "cpu0_busy_pct": 96.0}
+    direct = {"ok": True, "rate": 1.0, "proxy_cpu_pct": None, "cpu0_busy_pct": 96.0}
+    assert report.summarize([quiet, loud, direct])["noisy_runs"] == [2]
