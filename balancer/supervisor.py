@@ -51,6 +51,15 @@ class GiveUp(Exception):
     """Workers keep failing; stop instead of restarting them for ever."""
 
 
+class WorkerDied(Exception):
+    """A worker exited (or never answered) before it was ready."""
+
+    def __init__(self, slot: int, code: int) -> None:
+        super().__init__(f"worker {slot} exited with {code}")
+        self.slot = slot
+        self.code = code
+
+
 @dataclass
 class WorkerProcess:
     slot: int
@@ -75,6 +84,7 @@ class Supervisor:
         self.failure: str | None = None
         self.stopping = False
         self._done = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         from .shared import SharedTable
 
         self.table = SharedTable(state_dir / "shared", SHARED_ROWS, len(self.free_columns),
@@ -137,19 +147,39 @@ class Supervisor:
             "shm": str(self.table.path),
         }, [self.sockets[name][slot].fileno() for name in names])
         ours.setblocking(False)
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_reply, worker)
-        try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                reply = await worker.replies.get()
-        except TimeoutError:
-            reply = {"kind": "timeout"}
-        if reply.get("kind") != "ready":
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), self._on_reply, worker)
+        reply = loop.create_task(worker.replies.get())
+        exited = loop.create_task(process.wait())
+        done, _ = await asyncio.wait({reply, exited}, timeout=READY_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        reply.cancel()
+        if reply not in done or reply.result().get("kind") != "ready":
+            exited.cancel()
             code = await self._kill(worker)
-            raise GiveUp(f"worker for slot {slot} did not start (exit status {code})")
+            raise WorkerDied(slot, code)
+        exited.cancel()
         self.workers[slot] = worker
         log.info("worker %d started (pid %d)", slot, process.pid)
-        asyncio.get_running_loop().create_task(self._watch(worker))
+        self._spawn_task(self._watch(worker))
+        if self.stopping:  # a stop came while it was starting
+            process.send_signal(signal.SIGTERM)
         return worker
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start_slot(self, slot: int) -> None:
+        """Start a worker for `slot`, counting deaths before it is ready as crashes."""
+        while not self.stopping:
+            try:
+                await self.spawn(slot)
+                return
+            except WorkerDied as died:
+                log.error("worker %d %s before it was ready", slot, describe_exit(died.code))
+                await self._after_crash(slot, died.code)
 
     def _on_reply(self, worker: WorkerProcess) -> None:
         try:
@@ -196,13 +226,15 @@ class Supervisor:
             return
         log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid, describe_exit(code))
         try:
-            await self._replace(worker.slot, code)
+            await self._after_crash(worker.slot, code)
+            await self.start_slot(worker.slot)
         except GiveUp as exc:
             self.failure = str(exc)
             log.error("giving up: %s", exc)
             self.request_stop()
 
-    async def _replace(self, slot: int, code: int) -> None:
+    async def _after_crash(self, slot: int, code: int) -> None:
+        """Count a crash; give up on a boot error or too many crashes, else back off."""
         if code == EXIT_BOOT_ERROR:
             raise GiveUp(f"worker {slot} could not boot (see its error above)")
         now = time.monotonic()
@@ -211,8 +243,6 @@ class Supervisor:
             raise GiveUp(f"workers crashed {len(self.crashes)} times in {CRASH_WINDOW:g}s")
         if len(self.crashes) > 1:  # back off a little when crashes repeat
             await asyncio.sleep(min(1.0, 0.1 * 2 ** (len(self.crashes) - 2)))
-        if not self.stopping:
-            await self.spawn(slot)
 
     # -- reload -------------------------------------------------------------------------------
 
@@ -319,7 +349,7 @@ class Supervisor:
                 self.sockets[cfg.name] = self.bind_listener(cfg)
             await self._start_admin()
             for slot in range(self.count):
-                await self.spawn(slot)
+                await self.start_slot(slot)
             await self._done.wait()
         except GiveUp as exc:
             self.failure = str(exc)
@@ -330,6 +360,9 @@ class Supervisor:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         await self._wait_workers()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.admin is not None:
             await self.admin.stop()
         if self.view is not None:

@@ -1,0 +1,329 @@
+"""Workers, crash restart, reload and graceful stop, with real processes and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .test_distribution import who_answers
+from .test_observability import admin_port, http, scrape, total, with_metrics
+from .utils import eventually, make_config
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+
+
+def worker_pids(balancer) -> list[int]:
+    """The primary's live worker processes."""
+    children = Path(f"/proc/{balancer.pid}/task/{balancer.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def start_workers(start_balancer, config: dict, workers: int = 2, *args: str):
+    config["workers"] = workers
+    balancer = start_balancer(config, *args)
+    for slot in range(workers):
+        balancer.wait_for_line(rf"worker {slot} started", timeout=20)
+    return balancer
+
+
+def fd_count(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+async def echo_round_trip(port: int, payload: bytes = b"ping") -> bool:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10) == payload
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+async def test_two_workers_share_the_port(start_backend, start_balancer):
+    echo = start_backend("echo")
+    balancer = start_workers(start_balancer, make_config([echo.address]))
+    pids = worker_pids(balancer)
+    assert len(pids) == 2
+    baselines = {pid: fd_count(pid) for pid in pids}
+    held = []
+    for _ in range(24):
+        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        held.append(writer)
+    # Each worker holds some of the connections (two fds each): the kernel spread them.
+    grown = {pid: fd_count(pid) - baselines[pid] for pid in pids}
+    assert all(n >= 2 for n in grown.values()), grown
+    assert sum(grown.values()) == 48
+    for writer in held:
+        writer.close()
+
+
+async def test_killed_worker_is_replaced_under_load(start_backend, start_balancer):
+    echo = start_backend("echo")
+    balancer = start_workers(start_balancer, make_config([echo.address]))
+    victim = worker_pids(balancer)[0]
+    results: list[bool] = []
+    stop = asyncio.Event()
+    concurrency = 8
+
+    async def client_loop() -> None:
+        while not stop.is_set():
+            results.append(await echo_round_trip(balancer.port))
+
+    load = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
+    await eventually(lambda: len(results) >= 200, timeout=20)
+    signal_at = len(results)
+    balancer_kill = time.monotonic()
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    balancer.wait_for_line(rf"worker \d \(pid {victim}\) was killed by SIGKILL")
+    balancer.wait_for_line(r"worker \d started", timeout=5)
+    replaced_in = time.monotonic() - balancer_kill
+    await eventually(lambda: len(results) >= signal_at + 300, timeout=30)
+    stop.set()
+    await asyncio.gather(*load)
+    new_pids = worker_pids(balancer)
+    assert len(new_pids) == 2 and victim not in new_pids
+    assert replaced_in < 1.0, replaced_in
+    # Only connections open on the killed worker may fail: at most one per client task.
+    assert results.count(False) <= concurrency, results.count(False)
+
+
+async def test_least_conn_counts_connections_of_all_workers(start_backend, start_balancer):
+    backends = [start_backend("name", n) for n in "ab"]
+    config = make_config([b.address for b in backends], "least_conn")
+    balancer = start_workers(start_balancer, config)
+    held = []
+    answers: Counter[str] = Counter()
+    for _ in range(16):  # spread over both workers by the kernel
+        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+        answers[(await asyncio.wait_for(reader.readline(), 10)).decode().strip()] += 1
+        held.append(writer)
+    # Globally least loaded every time: an exact split, whichever worker took each client.
+    assert answers == {"a": 8, "b": 8}
+    for writer in held:
+        writer.close()
+
+
+async def test_metrics_and_status_aggregate_all_workers(start_backend, start_balancer):
+    echo = start_backend("echo")
+    balancer = start_workers(start_balancer, with_metrics(make_config([echo.address])))
+    port = admin_port(balancer)
+    for _ in range(20):
+        assert await echo_round_trip(balancer.port, b"12345")
+    held = []
+    for _ in range(6):
+        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+        writer.write(b"x")
+        await reader.readexactly(1)
+        held.append(writer)
+    samples = await scrape(port)
+    assert total(samples, "balancer_connections_total") == 26
+    assert total(samples, "balancer_active_connections") == 6
+    _, body = await http(port, path="/status")
+    server = json.loads(body)["upstreams"]["app"]["servers"][0]
+    assert server["active"] == 6 and server["state"] == "up"
+    for writer in held:
+        writer.close()
+
+
+async def test_reload_under_load_drops_nothing(start_backend, start_balancer, tmp_path):
+    a, b = start_backend("echo", "a"), start_backend("echo", "b")
+    base = with_metrics(make_config([a.address]))
+    balancer = start_workers(start_balancer, base, 2, "--pid-file", str(tmp_path / "pid"))
+    port = admin_port(balancer)
+    # Reload by rewriting the file the balancer was started with, then `balancer reload`.
+    config_path = balancer.config_path
+    long_reader, long_writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    long_writer.write(b"before")
+    assert await long_reader.readexactly(6) == b"before"
+    results: list[bool] = []
+    stop = asyncio.Event()
+
+    async def client_loop() -> None:
+        while not stop.is_set():
+            results.append(await echo_round_trip(balancer.port, b"r" * 100))
+
+    load = [asyncio.create_task(client_loop()) for _ in range(6)]
+    for i in range(10):
+        servers = [a.address, b.address] if i % 2 == 0 else [a.address]
+        config = dict(base, upstreams={"app": {"servers": servers}})
+        config["workers"] = 2
+        config_path.write_text(yaml.safe_dump(config))
+        done = len([x for x in balancer.lines if "configuration reloaded from" in x])
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "balancer", "reload", "-c", str(config_path),
+            "--pid-file", str(tmp_path / "pid"), stdout=asyncio.subprocess.PIPE)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        await eventually(lambda n=done: len(
+            [x for x in balancer.lines if "configuration reloaded from" in x]) > n, timeout=10)
+        served = len(results)
+        await eventually(lambda n=served: len(results) >= n + 20, timeout=10)
+    stop.set()
+    await asyncio.gather(*load)
+    assert len(results) >= 200 and all(results), results.count(False)
+    long_writer.write(b"after")  # the connection from before the reloads still works
+    assert await long_reader.readexactly(5) == b"after"
+    long_writer.close()
+    samples = await scrape(port)
+    assert total(samples, "balancer_config_reloads_total", result="success") == 10
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_broken_reload_keeps_the_old_config(start_backend, start_balancer, workers):
+    a = start_backend("name", "a")
+    config = with_metrics(make_config([a.address]))
+    config["workers"] = workers
+    balancer = (start_workers(start_balancer, config, workers) if workers > 1
+                else start_balancer(config))
+    port = admin_port(balancer)
+    balancer.config_path.write_text(BROKEN)
+    balancer.send_signal(signal.SIGHUP)
+    balancer.wait_for_line(r"reload rejected: upstreams\.app\.servers\[0\]\.weight: "
+                           r"must be a positive integer, got 0")
+    assert await who_answers(balancer.port) == "a"  # still serving the old config
+    samples = await scrape(port)
+    assert total(samples, "balancer_config_reloads_total", result="failure") == 1
+    assert balancer.alive()
+
+
+BROKEN = """\
+listeners:
+  - name: test
+    bind: 127.0.0.1:0
+    upstream: app
+upstreams:
+  app:
+    servers:
+      - address: 127.0.0.1:1
+        weight: 0
+"""
+
+
+async def test_single_process_reload_adds_a_server_and_keeps_health(
+    start_backend, start_balancer
+):
+    a, b = start_backend("name", "a"), start_backend("name", "b")
+    config = make_config([a.address])
+    balancer = start_balancer(config)
+    assert {await who_answers(balancer.port) for _ in range(4)} == {"a"}
+    config["upstreams"]["app"]["servers"] = [a.address, b.address]
+    balancer.config_path.write_text(yaml.safe_dump(config))
+    balancer.send_signal(signal.SIGHUP)
+    balancer.wait_for_line("configuration reloaded")
+    assert {await who_answers(balancer.port) for _ in range(4)} == {"a", "b"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_lets_a_transfer_finish_then_exits_0(start_backend, start_balancer,
+                                                           workers):
+    sink = start_backend("sink", "slow", "--slow-seconds", "1")
+    config = make_config([sink.address])
+    balancer = (start_workers(start_balancer, config, workers) if workers > 1
+                else start_balancer(config))
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    block = b"z" * MiB
+    writer.write(block)
+    await writer.drain()
+    balancer.send_signal(signal.SIGTERM)  # mid-transfer
+    balancer.wait_for_line("shutting down|stopping workers")
+    digest = hashlib.sha256(block)
+    for _ in range(7):
+        writer.write(block)
+        digest.update(block)
+        await writer.drain()
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert answer == f"{8 * MiB} {digest.hexdigest()}\n".encode()
+    assert balancer.proc.wait(15) == 0
+    # New connections were refused once the stop began.
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", balancer.port)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_second_sigterm_exits_at_once(start_backend, start_balancer, workers):
+    echo = start_backend("echo")
+    config = make_config([echo.address])
+    config["shutdown_timeout"] = "60s"
+    balancer = (start_workers(start_balancer, config, workers) if workers > 1
+                else start_balancer(config))
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    writer.write(b"x")
+    await reader.readexactly(1)
+    balancer.send_signal(signal.SIGTERM)
+    balancer.wait_for_line("draining 1 open connection")
+    started = time.monotonic()
+    balancer.send_signal(signal.SIGTERM)
+    assert balancer.proc.wait(10) == 0
+    assert time.monotonic() - started < 5  # not the 60 s drain
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_drain_via_admin_reaches_every_worker(start_backend, start_balancer):
+    a, b = start_backend("name", "a"), start_backend("name", "b")
+    config = with_metrics(make_config([a.address, b.address]), admin_token="t0k")
+    balancer = start_workers(start_balancer, config)
+    port = admin_port(balancer)
+    path = f"/servers/app/{a.address}/drain"
+    assert (await http(port, "POST", path))[0] == 401
+    status, body = await http(port, "POST", path, {"Authorization": "Bearer t0k"})
+    assert status == 200 and json.loads(body)["state"] == "draining"
+    # Every worker follows within a sync interval; from then on no new client reaches a.
+    await answers_become(balancer.port, {"b"}, within=2.0)
+    assert {await who_answers(balancer.port) for _ in range(12)} == {"b"}
+    _, body = await http(port, path="/status")
+    assert json.loads(body)["upstreams"]["app"]["servers"][0]["state"] == "draining"
+    await http(port, "POST", f"/servers/app/{a.address}/enable", {"Authorization": "Bearer t0k"})
+    await answers_become(balancer.port, {"a", "b"}, within=2.0)
+
+
+async def answers_become(port: int, expected: set[str], within: float) -> None:
+    """Rounds of 6 clients until one round is answered by exactly `expected` (bounded)."""
+    deadline = time.monotonic() + within
+    while {await who_answers(port) for _ in range(6)} != expected:
+        assert time.monotonic() < deadline, f"answers did not become {expected}"
+
+
+async def test_primary_gives_up_after_repeated_crashes(start_backend, start_balancer):
+    echo = start_backend("echo")
+    balancer = start_workers(start_balancer, make_config([echo.address]))
+    import os
+
+    killed = set()
+    deadline = time.monotonic() + 30
+    while balancer.alive() and time.monotonic() < deadline:
+        try:
+            pids = worker_pids(balancer)
+        except OSError:  # the primary has just exited
+            break
+        for pid in pids:
+            if pid not in killed:
+                killed.add(pid)
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)  # polling pace: the replacements are other processes
+    assert balancer.proc.wait(20) == 1
+    assert any(re.search(r"giving up: workers crashed 5 times in 30s", x)
+               for x in balancer.lines), "\n".join(balancer.lines[-15:])
+    assert not any(Path(f"/proc/{pid}").exists() for pid in killed)
