@@ -88,7 +88,7 @@ class ClusterView:
         """Written to the shared table; every worker follows within SYNC_INTERVAL."""
         for server in self.upstreams[upstream].servers:
             if server.key == address and server.cell is not None:
-                server.cell.draining = draining
+                server.cell.draining = draining  # workers follow within SYNC_INTERVAL
                 server.draining = draining
 
 

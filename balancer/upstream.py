@@ -102,7 +102,11 @@ class Server:
             self.health.adopt_down(until, "marked down by another worker")
         elif until == 0.0:
             self.health.adopt_up("marked up by another worker")
-        self.draining = cell.draining
+        draining = cell.draining
+        if draining != self.draining:
+            self.draining = draining
+            log.info("server %s/%s %s (shared state)", self.upstream_name, self.key,
+                     "draining" if draining else "enabled")
 
     @property
     def up(self) -> bool:
