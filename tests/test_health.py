@@ -113,3 +113,23 @@ def test_each_state_change_is_logged_once(caplog):
     assert lines == [
         "server app/127.0.0.1:1 down: 3 connect failures in 10s (last: refused); out for 10s"
     ]
+
+
+def test_slow_start_ramps_weight_after_recovery():
+    from balancer.config import Address, ServerConfig
+    from balancer.upstream import Server
+
+    server = Server(ServerConfig(Address("127.0.0.1", 1), weight=20), "app",
+                    HealthConfig(max_fails=1, fail_timeout=10.0), slow_start=30.0)
+    assert server.weight == 20  # at start: no ramp (nothing recovered)
+    server.health.connect_failed("refused")
+    server.health.down_until = 0.0  # its ejection is over
+    assert server.up  # half-open now
+    server.health.connect_started()
+    server.health.connect_succeeded()
+    ramped = server.weight
+    assert 20 * 0.05 <= ramped < 20 * 0.1  # just back: a small share of its weight
+    server.ramp_until -= 15  # halfway through the 30 s ramp
+    assert 9.5 < server.weight < 10.5
+    server.ramp_until -= 16  # the ramp is over
+    assert server.weight == 20 and server.ramp_until == 0.0
