@@ -60,6 +60,13 @@ class ConnectionEvents:
         """`conn` ended; its counters and `outcome` are final."""
 
 
+def _uncancel() -> None:
+    """Our own timer cancelled the connect; the task goes on (to the next server)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
 class FanOutEvents(ConnectionEvents):
     """Passes every event to several sinks, in order."""
 
@@ -94,6 +101,7 @@ class Route:
         "connect_timeout",
         "connections",
         "events",
+        "idle_sweep",
         "idle_timeout",
         "listener_name",
         "loop",
@@ -113,7 +121,28 @@ class Route:
         self.loop = loop
         self.connections: set[ClientConnection] = set()
         self.events = events or ConnectionEvents()
+        self.idle_sweep: asyncio.TimerHandle | None = None
         self.use(upstream)
+
+    def start_idle_sweep(self) -> None:
+        """Close connections idle for `idle_timeout`: one timer per listener sweeping every
+        connection, rather than a timer per connection (cheaper on the accept path).
+        A connection is closed between `idle_timeout` and `idle_timeout` + one sweep period."""
+        period = max(0.02, min(1.0, self.idle_timeout / 8))
+        self.idle_sweep = self.loop.call_later(period, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        cutoff = self.loop.time() - self.idle_timeout
+        idle = [c for c in self.connections if c.last_io <= cutoff and c.upstream is not None]
+        for conn in idle:
+            conn.outcome = "idle_timeout"
+            conn.close(abort=True)
+        self.start_idle_sweep()
+
+    def stop_idle_sweep(self) -> None:
+        if self.idle_sweep is not None:
+            self.idle_sweep.cancel()
+            self.idle_sweep = None
 
     def use(self, upstream: Upstream) -> None:
         """Point new connections at `upstream` with its current limits (also on reload)."""
@@ -191,8 +220,8 @@ class ClientConnection(asyncio.Protocol):
         "clock",
         "closed",
         "connect_task",
+        "connect_timer",
         "early",
-        "idle_timer",
         "last_io",
         "outcome",
         "paired",
@@ -225,7 +254,7 @@ class ClientConnection(asyncio.Protocol):
         self.outcome = "ok"
         self.paired = False  # reported as connected (once, even if a pooled one is replaced)
         self.connect_task: asyncio.Task[None] | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
 
     # -- accept and connect -------------------------------------------------------------
 
@@ -233,8 +262,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         route = self.route
         route.connections.add(self)
-        peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else ""
+        if route.upstream.needs_client_ip:  # a getpeername() only where it is used
+            peer = transport.get_extra_info("peername")
+            self.client_ip = peer[0] if peer else ""
         self.started = self.last_io = self.clock()
         server = route.upstream.pick(self.client_ip)
         if server is None:
@@ -273,25 +303,43 @@ class ClientConnection(asyncio.Protocol):
             health.connect_started()
             address = server.config.address
             began = self.clock()
+            # One timer that cancels this task, cheaper than an asyncio.timeout() per connect.
+            self.connect_timer = route.loop.call_later(
+                min(route.connect_timeout, remaining), self._connect_timed_out
+            )
             try:
-                async with asyncio.timeout(min(route.connect_timeout, remaining)):
-                    _, protocol = await route.loop.create_connection(
-                        partial(UpstreamConnection, self), address.host, address.port
-                    )
-            except (OSError, TimeoutError) as exc:
-                reason = failure_reason(exc)
+                _, protocol = await route.loop.create_connection(
+                    partial(UpstreamConnection, self), address.host, address.port
+                )
+            except (OSError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and self.connect_timer is not None:
+                    raise  # cancelled by close(): the client went away
+                if self.connect_timer is not None:
+                    self.connect_timer.cancel()
+                    self.connect_timer = None
+                    reason = failure_reason(exc)
+                else:
+                    reason = "timeout"
+                    _uncancel()
                 server.release()
                 self.server = None
                 server.connect_failed(reason)
                 route.events.connect_failed(self, server, reason)
-                log.debug("connect to %s/%s failed: %r", upstream.name, server.key, exc)
+                log.debug("connect to %s/%s failed: %s", upstream.name, server.key, reason)
                 continue
+            self.connect_timer.cancel()
+            self.connect_timer = None
             health.connect_succeeded()
             self.connect_task = None
             self._attach(protocol, self.clock() - began, False)  # type: ignore[arg-type]
             return
         self.connect_task = None
         self._no_server()
+
+    def _connect_timed_out(self) -> None:
+        self.connect_timer = None  # tells _connect the cancellation is a timeout
+        if self.connect_task is not None:
+            self.connect_task.cancel()
 
     def _no_server(self) -> None:
         self.outcome = "no_server"
@@ -342,9 +390,6 @@ class ClientConnection(asyncio.Protocol):
         upstream.transport.abort()
         self.upstream = None
         self.upstream_write = self._hold_early
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         assert self.server is not None
         log.debug("pooled connection to %s died unused; reconnecting", self.server.key)
         self.connect_task = self.route.loop.create_task(self._connect(self.server))
@@ -363,7 +408,6 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.last_io = self.clock()
-        self.idle_timer = self.route.loop.call_later(self.route.idle_timeout, self._check_idle)
         if self.early:
             # Resume first: writing the held bytes may itself fill the buffer and pause us.
             self.transport.resume_reading()
@@ -425,15 +469,6 @@ class ClientConnection(asyncio.Protocol):
             self.outcome = "upstream_reset" if exc is not None else "upstream_closed"
             self.close(abort=exc is not None)
 
-    def _check_idle(self) -> None:
-        remaining = self.last_io + self.route.idle_timeout - self.clock()
-        if remaining > 0:
-            self.idle_timer = self.route.loop.call_later(remaining, self._check_idle)
-            return
-        self.idle_timer = None
-        self.outcome = "idle_timeout"
-        self.close(abort=True)
-
     def close(self, abort: bool = False) -> None:
         """End the pair: close both transports now, release the server slot, report once.
 
@@ -444,9 +479,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         route = self.route
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
         if self.connect_task is not None:  # the client left during the connect
             self.connect_task.cancel()
             self.connect_task = None

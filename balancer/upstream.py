@@ -178,6 +178,7 @@ class Upstream:
         (health, counts, pool), with their new settings."""
         self.config = config
         self.name = config.name
+        self.needs_client_ip = config.strategy == "ip_hash"
         servers = []
         for server_config in config.servers:
             server = keep.get(server_config.key)
