@@ -32,6 +32,7 @@ class WrkResult:
     p99_ms: float | None
     socket_errors: int
     non_2xx: int
+    raw: str = ""
 
     @property
     def errors(self) -> int:
@@ -58,7 +59,8 @@ def parse_wrk(out: str) -> WrkResult:
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     socket_errors = sum(int(g) for g in sock.groups()) if sock else 0
     non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return WrkResult(requests, seconds, rate, p99, socket_errors, int(non.group(1)) if non else 0)
+    return WrkResult(requests, seconds, rate, p99, socket_errors,
+                     int(non.group(1)) if non else 0, out)
 
 
 def run_wrk(port: int, seconds: float, connections: int, close: bool = False,

@@ -94,7 +94,8 @@ def _wrk_test(ctx: Context, proc: Proc | None, port: int, connections: int, clos
     if latency:
         out["p99_ms"] = res.p99_ms
     if res.requests == 0:
-        raise RunFailed(f"no request completed ({res.errors} client errors)")
+        summary = " | ".join(line.strip() for line in res.raw.strip().splitlines()[-4:])
+        raise RunFailed(f"no request completed through the proxy; wrk said: {summary}")
     return out
 
 
