@@ -24,7 +24,16 @@ from typing import Any
 from . import report
 from .procs import CPU_LOAD, StartError, Supervisor
 from .proxies import PROXIES, REPO, nginx_has_stream, start_iperf_server, start_nginx_backend
-from .runner import IDLE_CONNECTIONS, TESTS, Context, describe, log, run_once, variants_for
+from .runner import (
+    IDLE_CONNECTIONS,
+    TESTS,
+    BackendDied,
+    Context,
+    describe,
+    log,
+    run_once,
+    variants_for,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 APT = "apt-get install -y haproxy nginx libnginx-mod-stream wrk iperf3"
@@ -197,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     except StartError as exc:
         log(f"error: could not start the backends: {exc}")
         return 2
+    except BackendDied as exc:
+        # Keep what was measured so far, but say loudly that the run is incomplete.
+        log(f"error: {exc}; stopping, the report is partial")
+        meta["aborted"] = str(exc)
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
         return 130
@@ -213,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     md = report.write(args.out, meta, results)
     print(md)
     log(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.json'}")
+    if meta.get("aborted"):
+        return 2
     failed = any(e["failures"] for t in results.values() for e in t.values())
     return 1 if failed else 0
 

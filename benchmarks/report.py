@@ -141,6 +141,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
                              f"{r['cpu0_busy_pct']:.0f}% busy but the proxy used "
                              f"{r['proxy_cpu_pct']:.0f}%: other processes shared "
                              "its core")
+    if meta.get("aborted"):
+        notes.insert(0, f"- ABORTED, the table is partial: {meta['aborted']}")
     for skip in meta.get("skipped", []):
         notes.append(f"- skipped: {skip}")
     if notes:

@@ -34,6 +34,10 @@ class RunFailed(RuntimeError):
     """This run of this proxy failed; the message says why."""
 
 
+class BackendDied(RuntimeError):
+    """A backend (not the proxy under test) died: no later figure would mean anything."""
+
+
 @dataclass
 class Context:
     """What every run needs: where to put files, who owns processes, the upstreams."""
@@ -167,7 +171,7 @@ def _check_backends(ctx: Context, test: str) -> None:
     procs = [ctx.iperf[0]] if test == "bulk" and ctx.iperf else ctx.backends
     for b in procs:
         if not b.alive():
-            raise RuntimeError(f"backend {b.death()}: the harness cannot continue")
+            raise BackendDied(f"backend {b.death()}")
 
 
 def run_once(ctx: Context, test: str, variant: Variant, run_no: int) -> dict[str, Any]:
