@@ -21,7 +21,7 @@ from .upstream import Upstream
 class ListenerView:
     """A listener as the primary sees it: its sockets and the load of its upstream."""
 
-    def __init__(self, config: ListenerConfig, sockets: list[socket.socket],
+    def __init__(self, config: ListenerConfig, sockets: list[list[socket.socket]],
                  upstream: Upstream) -> None:
         self.config = config
         self.name = config.name
@@ -32,7 +32,7 @@ class ListenerView:
         return sum(server.active for server in self.upstream.servers)
 
     def bound(self) -> str:
-        host, port = self.sockets[0].getsockname()[:2]
+        host, port = self.sockets[0][0].getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -40,7 +40,7 @@ class ClusterView:
     """What admin.py needs (`listeners`, `upstreams`, `set_draining`), built from shared state."""
 
     def __init__(self, config: Config, table: SharedTable, rows: dict[str, int],
-                 sockets: dict[str, list[socket.socket]]) -> None:
+                 sockets: dict[str, list[list[socket.socket]]]) -> None:
         self.table = table
         self.rows = rows
         self.sockets = sockets

@@ -28,11 +28,10 @@ from .loops import new_event_loop, resolve_loop_name
 from .metrics import Metrics, MetricsEvents
 from .proxy import ClientConnection, ConnectionEvents, FanOutEvents, Route
 from .shared import SYNC_INTERVAL
+from .sockets import LISTEN_BACKLOG, bind_group
 from .upstream import CellFor, Upstream, _no_cell
 
 log = logging.getLogger("balancer.server")
-
-LISTEN_BACKLOG = 1024
 
 _metrics: Metrics | None = None
 
@@ -59,32 +58,41 @@ class Listener:
         self.name = config.name
         self.route = Route(config.name, upstream, loop, events)
         self.loop = loop
-        self.server: asyncio.AbstractServer | None = None
+        self.servers: list[asyncio.AbstractServer] = []
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Bind the configured address, or serve `sock` (a worker's share of a listener)."""
+    async def start(self, socks: list[socket.socket] | None = None) -> None:
+        """Bind the configured address as a group of sockets (see sockets.py), or serve
+        `socks` (a worker's share of a listener the primary bound)."""
         factory = partial(ClientConnection, self.route)
+        announce = socks is None
+        if socks is None:
+            bind = self.config.bind
+            socks = bind_group(bind.host, bind.port)
+        try:
+            for sock in socks:
+                self.servers.append(
+                    await self.loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
+                )
+        except OSError:
+            self.stop_accepting()
+            for sock in socks:
+                sock.close()
+            raise
         self.route.start_idle_sweep()
-        if sock is not None:
-            self.server = await self.loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
-            return
-        bind = self.config.bind
-        self.server = await self.loop.create_server(
-            factory, bind.host, bind.port, backlog=LISTEN_BACKLOG
-        )
-        host, port = self.address()
-        log.info("listening on %s:%d (%s -> upstream %s)", host, port, self.name,
-                 self.route.upstream.name)
+        if announce:
+            host, port = self.address()
+            log.info("listening on %s:%d (%s -> upstream %s)", host, port, self.name,
+                     self.route.upstream.name)
 
     def address(self) -> tuple[str, int]:
         """The address actually bound (the port is real even when the config said 0)."""
-        assert self.server is not None and self.server.sockets
-        sockname = self.server.sockets[0].getsockname()
+        assert self.servers and self.servers[0].sockets
+        sockname = self.servers[0].sockets[0].getsockname()
         return sockname[0], sockname[1]
 
     def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
 
     def stop(self) -> None:
         """Stop accepting and stop the idle sweep (the process is going away)."""
@@ -96,10 +104,14 @@ class Listener:
 
     def bound(self) -> str:
         """`host:port` really bound (the port is real even when the config said 0)."""
-        if self.server is None or not self.server.sockets:
+        if not self.servers or not self.servers[0].sockets:
             return str(self.config.bind)
         host, port = self.address()
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def wait_closed(self) -> None:
+        for server in self.servers:
+            await server.wait_closed()
 
     @property
     def connections(self) -> set[ClientConnection]:
@@ -113,7 +125,7 @@ class Balancer:
         self,
         config: Config,
         *,
-        sockets: dict[str, socket.socket] | None = None,
+        sockets: dict[str, list[socket.socket]] | None = None,
         cell_for: CellFor = _no_cell,
         serve_admin: bool = True,
     ) -> None:
@@ -206,8 +218,8 @@ class Balancer:
 
     # -- reload -------------------------------------------------------------------------------
 
-    async def reload(self, config: Config, sockets: dict[str, socket.socket] | None = None
-                     ) -> None:
+    async def reload(self, config: Config,
+                     sockets: dict[str, list[socket.socket]] | None = None) -> None:
         """Apply a new (already valid) config without dropping a connection.
 
         New listeners are bound first: if one cannot be, nothing changes and OSError is raised.
@@ -312,8 +324,7 @@ class Balancer:
         self.close_all()
         for listener in [*self.listeners, *self.retired]:
             listener.stop()
-            if listener.server is not None:
-                await listener.server.wait_closed()
+            await listener.wait_closed()
         if self.metrics_events is not None:
             self.metrics_events.stop()
         if self.admin is not None:

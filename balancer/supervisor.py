@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, ListenerConfig, load_config
+from .sockets import bind_group
 from .worker import EXIT_BOOT_ERROR, receive_message, send_message
 
 log = logging.getLogger("balancer.supervisor")
@@ -76,7 +77,7 @@ class Supervisor:
         self.config_path = config_path
         self.count = workers
         self.state_dir = state_dir
-        self.sockets: dict[str, list[socket.socket]] = {}
+        self.sockets: dict[str, list[list[socket.socket]]] = {}  # listener -> slot -> group
         self.rows: dict[str, int] = {}
         self.free_columns = list(range(workers * COLUMNS_PER_WORKER))
         self.workers: dict[int, WorkerProcess] = {}  # slot -> live worker
@@ -94,28 +95,31 @@ class Supervisor:
 
     # -- sockets and rows -----------------------------------------------------------------------
 
-    def bind_listener(self, cfg: ListenerConfig) -> list[socket.socket]:
-        """One SO_REUSEPORT socket per worker slot, all on the same address."""
-        family = socket.AF_INET6 if ":" in cfg.bind.host else socket.AF_INET
-        bound: list[socket.socket] = []
+    def bind_listener(self, cfg: ListenerConfig) -> list[list[socket.socket]]:
+        """For each worker slot, a group of SO_REUSEPORT sockets, all on the same address."""
+        slots: list[list[socket.socket]] = []
         port = cfg.bind.port
         try:
             for _ in range(self.count):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                bound.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((cfg.bind.host, port))
-                sock.listen(1024)
-                sock.set_inheritable(False)
-                port = sock.getsockname()[1]  # port 0: the others join the same port
+                group = bind_group(cfg.bind.host, port)
+                for sock in group:
+                    sock.set_inheritable(False)
+                slots.append(group)
+                port = group[0].getsockname()[1]  # port 0: the other slots join it
         except OSError:
-            for sock in bound:
-                sock.close()
+            for group in slots:
+                for sock in group:
+                    sock.close()
             raise
         log.info("listening on %s:%d (%s -> upstream %s, %d workers)", cfg.bind.host, port,
                  cfg.name, cfg.upstream, self.count)
-        return bound
+        return slots
+
+    def share(self, names: list[str], slot: int) -> tuple[list[tuple[str, int]], list[int]]:
+        """What one worker gets of some listeners: their layout and its sockets' fds."""
+        layout = [(name, len(self.sockets[name][slot])) for name in names]
+        fds = [sock.fileno() for name in names for sock in self.sockets[name][slot]]
+        return layout, fds
 
     def assign_rows(self, config: Config) -> None:
         for name, upstream in config.upstreams.items():
@@ -140,12 +144,12 @@ class Supervisor:
         )
         theirs.close()
         worker = WorkerProcess(slot, column, process, ours)
-        names = [cfg.name for cfg in self.config.listeners]
+        layout, fds = self.share([cfg.name for cfg in self.config.listeners], slot)
         send_message(ours, {
-            "kind": "start", "config": self.config, "listeners": names, "rows": self.rows,
+            "kind": "start", "config": self.config, "listeners": layout, "rows": self.rows,
             "column": column, "columns": self.table.columns, "capacity": SHARED_ROWS,
             "shm": str(self.table.path),
-        }, [self.sockets[name][slot].fileno() for name in names])
+        }, fds)
         ours.setblocking(False)
         loop = asyncio.get_running_loop()
         loop.add_reader(ours.fileno(), self._on_reply, worker)
@@ -276,9 +280,9 @@ class Supervisor:
         names = list(new_sockets)
         ok = True
         for slot, worker in list(self.workers.items()):
+            layout, fds = self.share(names, slot)
             send_message(worker.control, {"kind": "reload", "config": config,
-                                          "listeners": names, "rows": self.rows},
-                         [self.sockets[name][slot].fileno() for name in names])
+                                          "listeners": layout, "rows": self.rows}, fds)
             try:
                 async with asyncio.timeout(READY_TIMEOUT):
                     reply = await worker.replies.get()
@@ -287,9 +291,10 @@ class Supervisor:
             if not reply.get("ok"):
                 ok = False
                 log.error("worker %d could not apply the reload: %s", slot, reply.get("error"))
-        for socks in removed.values():
-            for sock in socks:
-                sock.close()
+        for slots in removed.values():
+            for group in slots:
+                for sock in group:
+                    sock.close()
         self.view.apply(config)
         count_reload("success" if ok else "failure")
         log.info("configuration reloaded from %s", self.config_path)
@@ -367,9 +372,10 @@ class Supervisor:
             await self.admin.stop()
         if self.view is not None:
             self.view.stop()
-        for socks in self.sockets.values():
-            for sock in socks:
-                sock.close()
+        for slots in self.sockets.values():
+            for group in slots:
+                for sock in group:
+                    sock.close()
         log.info("stopped")
         return 1 if self.failure else 0
 

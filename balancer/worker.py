@@ -3,8 +3,8 @@
 The primary (supervisor.py) starts it with one end of a SOCK_SEQPACKET socket pair. Over it
 the worker receives, as pickled dicts with file descriptors attached:
 
-    {"kind": "start",  "config": Config, "listeners": [names], "rows": {key: row}, ...}
-    {"kind": "reload", "config": Config, "listeners": [names], "rows": {key: row}}
+    {"kind": "start",  "config": Config, "listeners": [(name, n)], "rows": {key: row}, ...}
+    {"kind": "reload", "config": Config, "listeners": [(name, n)], "rows": {key: row}}
 
 with its share of each listener's sockets (SO_REUSEPORT, bound by the primary), and answers
 `{"kind": "ready"}` / `{"kind": "reloaded", "ok": bool, "error": str}`. The worker creates its
@@ -46,8 +46,15 @@ def receive_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[in
     return pickle.loads(data), fds
 
 
-def listener_sockets(names: list[str], fds: list[int]) -> dict[str, socket.socket]:
-    return {name: socket.socket(fileno=fd) for name, fd in zip(names, fds, strict=True)}
+def listener_sockets(layout: list[tuple[str, int]], fds: list[int]
+                     ) -> dict[str, list[socket.socket]]:
+    """Rebuild {listener: its sockets} from [(name, how many fds)] and the fds received."""
+    sockets: dict[str, list[socket.socket]] = {}
+    position = 0
+    for name, count in layout:
+        sockets[name] = [socket.socket(fileno=fd) for fd in fds[position : position + count]]
+        position += count
+    return sockets
 
 
 class Worker:
