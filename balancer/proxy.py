@@ -435,18 +435,19 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
-        if self.upstream is not None:  # else _attach forwards it after the early bytes
-            self.upstream.transport.write_eof()
-        if self.upstream_eof:
+        if self.upstream_eof:  # both directions have ended: close() sends our FIN
             self.close()
+        elif self.upstream is not None:  # else _attach forwards it after the early bytes
+            self.upstream.transport.write_eof()
         return True  # keep our write side open: the server may still be answering
 
     def upstream_ended(self) -> None:
         """The server sent FIN: pass it on, and finish if the client already had."""
         self.upstream_eof = True
-        self.transport.write_eof()
-        if self.client_eof:
+        if self.client_eof:  # both directions have ended: close() sends our FIN
             self.close()
+        else:
+            self.transport.write_eof()
 
     # The client's receive side is slow: stop reading the server until it drains.
     def pause_writing(self) -> None:
