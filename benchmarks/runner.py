@@ -185,6 +185,7 @@ def run_once(ctx: Context, test: str, variant: Variant, run_no: int) -> dict[str
                                  run_id)
         pids = set(tree_pids(proc.pid)) if proc else set()
         result = TEST_FUNCS[test](ctx, proc, port)
+        _check_backends(ctx, test)  # a backend lost mid-run voids this run, not just later
         if proc is not None:
             if not proc.alive():
                 raise RunFailed(proc.death())
