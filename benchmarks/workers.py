@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             config = workdir / f"balancer-{workers}.yaml"
             config.write_text(balancer_config(port, backends, workers=workers))
-            cmd = [sys.executable, "-m", "balancer", "-c", str(config), "-v", "warning"]
+            # INFO, so the primary's "worker N started" lines reach the log we wait on.
+            cmd = [sys.executable, "-m", "balancer", "-c", str(config), "-v", "info"]
             proc = sup.start(f"balancer-{workers}w", cmd, None)
             wait_port(port, 20, proc.popen, proc.log)
             if workers > 1:  # the primary listens first; wait until every worker serves
