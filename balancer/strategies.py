@@ -3,14 +3,15 @@
 A strategy is built once for a fixed list of servers (a reload builds a new one) and asked,
 per client connection, for a server that `usable(server)` accepts. `usable` folds in health,
 draining, `max_conns` and the server a retry must avoid, so every strategy honours them the
-same way. `pick` is on the per-connection path: O(servers) at most, no logging.
+same way. `pick` is on the per-connection path: O(servers) at most, no logging, and no
+allocation on the common path. Weights are read from `server.weight` at every pick (never
+cached) because slow start changes them over time.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import ipaddress
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -26,78 +27,106 @@ class Strategy(ABC):
     """Chooses one server among a fixed list."""
 
     def __init__(self, servers: Sequence[Server]) -> None:
-        self.servers = list(servers)
+        self.servers: list[Server] = list(servers)
 
     @abstractmethod
     def pick(self, client_ip: str, usable: Usable) -> Server | None:
         """Return a server for which `usable(server)` is true, or None if there is none."""
 
 
-class Weighted(Strategy):
-    """Smooth weighted round robin (nginx): over sum(weights) picks each server gets exactly
-    its weight, interleaved rather than in bursts. Weights are read at every pick, so a
-    server in slow start ramps up smoothly."""
+class RoundRobin(Strategy):
+    """Each usable server in turn. The cursor restarts after the server chosen, not after
+    the one it pointed at, so an unusable server's turn goes to whoever comes next rather
+    than handing its neighbour a double share."""
 
     def __init__(self, servers: Sequence[Server]) -> None:
         super().__init__(servers)
-        self.current = [0.0] * len(self.servers)
-
-    def weight_of(self, server: Server) -> float:
-        return server.weight
-
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
-        best = -1
-        total = 0.0
-        current = self.current
-        for i, server in enumerate(self.servers):
-            if not usable(server):
-                continue
-            weight = self.weight_of(server)
-            current[i] += weight
-            total += weight
-            if best < 0 or current[i] > current[best]:
-                best = i
-        if best < 0:
-            return None
-        current[best] -= total
-        return self.servers[best]
-
-
-class RoundRobin(Weighted):
-    """Each usable server in turn: smooth weighted round robin with every weight 1."""
-
-    def weight_of(self, server: Server) -> float:
-        return 1.0
-
-
-class LeastConn(Strategy):
-    """Fewest active connections relative to weight; ties go round robin."""
-
-    def __init__(self, servers: Sequence[Server]) -> None:
-        super().__init__(servers)
-        self.next_start = 0
+        self.cursor = 0
 
     def pick(self, client_ip: str, usable: Usable) -> Server | None:
         servers = self.servers
         count = len(servers)
-        best: Server | None = None
-        start = self.next_start
-        for offset in range(count):
-            server = servers[(start + offset) % count]
+        index = self.cursor
+        for _ in range(count):
+            if index >= count:
+                index = 0
+            server = servers[index]
+            index += 1
+            if usable(server):
+                self.cursor = index
+                return server
+        return None
+
+
+class Weighted(Strategy):
+    """Smooth weighted round robin (nginx): over sum(weights) picks each server gets exactly
+    its weight, interleaved rather than in bursts (5,1,1 gives a a b a c a a). Unusable
+    servers neither gain nor lose credit, so they rejoin without a burst."""
+
+    def __init__(self, servers: Sequence[Server]) -> None:
+        super().__init__(servers)
+        self.current: list[float] = [0.0] * len(self.servers)
+
+    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+        current = self.current
+        best = -1
+        best_current = 0.0
+        total = 0.0
+        for index, server in enumerate(self.servers):
             if not usable(server):
                 continue
-            # active_a / weight_a < active_b / weight_b, without division (as nginx does)
-            if best is None or server.active * best.weight < best.active * server.weight:
-                best = server
-        if count:
-            self.next_start = (start + 1) % count
-        return best
+            weight = server.weight
+            value = current[index] + weight
+            current[index] = value
+            total += weight
+            if best < 0 or value > best_current:
+                best = index
+                best_current = value
+        if best < 0:
+            return None
+        current[best] = best_current - total
+        return self.servers[best]
+
+
+class LeastConn(Strategy):
+    """Fewest active connections relative to weight. Among equals the scan starts after the
+    last server chosen, so idle servers take turns instead of the first one taking all."""
+
+    def __init__(self, servers: Sequence[Server]) -> None:
+        super().__init__(servers)
+        self.cursor = 0
+
+    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+        servers = self.servers
+        count = len(servers)
+        best = -1
+        best_active = 0
+        best_weight = 1.0
+        index = self.cursor
+        for _ in range(count):
+            if index >= count:
+                index = 0
+            server = servers[index]
+            if usable(server):
+                active = server.active  # may sum shared counters: read once
+                weight = server.weight
+                # active / weight < best_active / best_weight, without division (as nginx)
+                if best < 0 or active * best_weight < best_active * weight:
+                    best = index
+                    best_active = active
+                    best_weight = weight
+            index += 1
+        if best < 0:
+            return None
+        self.cursor = best + 1
+        return servers[best]
 
 
 class IpHash(Strategy):
-    """Sticky by client IP: consistent hashing on a ring of weight-proportional virtual
-    nodes. Removing one of N servers moves only the clients it had (about 1/N); when the
-    chosen server is unusable, the next distinct server clockwise takes the client."""
+    """Sticky by client IP through consistent hashing: a ring of weight-proportional virtual
+    nodes keyed by server address. Removing one of N servers moves only the clients it had
+    (about 1/N), and when a client's server is unusable the next distinct usable server
+    clockwise takes it, so every other client stays put."""
 
     VNODES_PER_WEIGHT = 160
 
@@ -105,45 +134,89 @@ class IpHash(Strategy):
         super().__init__(servers)
         points: list[tuple[int, int]] = []
         for index, server in enumerate(self.servers):
+            # Configured weight, not the slow-start one: the ring must not depend on timing.
             for replica in range(self.VNODES_PER_WEIGHT * server.config.weight):
-                points.append((_hash(f"{server.key}#{replica}".encode()), index))
+                points.append((_hash(f"{server.key}#{replica}"), index))
         points.sort()
-        self.hashes = [h for h, _ in points]
-        self.owners = [i for _, i in points]
+        self.hashes: list[int] = [point for point, _ in points]
+        self.owners: list[int] = [index for _, index in points]
+        # Marks servers already refused during one walk; compared to a pick counter so it
+        # never needs clearing (no per-pick set).
+        self.seen: list[int] = [0] * len(self.servers)
+        self.walks = 0
 
     def pick(self, client_ip: str, usable: Usable) -> Server | None:
-        if not self.hashes:
+        hashes = self.hashes
+        size = len(hashes)
+        if not size:
             return None
-        position = bisect.bisect(self.hashes, _hash(_ip_key(client_ip)))
-        size = len(self.hashes)
-        tried: set[int] = set()
-        for step in range(size):
-            index = self.owners[(position + step) % size]
-            if index in tried:
+        position = bisect.bisect(hashes, _hash(_client_key(client_ip)))
+        if position == size:
+            position = 0
+        owners = self.owners
+        servers = self.servers
+        owner = owners[position]
+        server = servers[owner]
+        if usable(server):
+            return server
+        return self._walk(position, owner, usable)
+
+    def _walk(self, position: int, refused: int, usable: Usable) -> Server | None:
+        """Clockwise from `position` to the next distinct server `usable` accepts."""
+        self.walks += 1
+        walk = self.walks
+        seen = self.seen
+        seen[refused] = walk
+        left = len(self.servers) - 1  # distinct servers not yet asked
+        owners = self.owners
+        size = len(owners)
+        for step in range(1, size):
+            if not left:
+                break
+            owner = owners[(position + step) % size]
+            if seen[owner] == walk:
                 continue
-            server = self.servers[index]
+            server = self.servers[owner]
             if usable(server):
                 return server
-            tried.add(index)
-            if len(tried) == len(self.servers):
-                break
+            seen[owner] = walk
+            left -= 1
         return None
 
 
 class RandomTwo(Strategy):
-    """Power of two random choices: of two random usable servers, the less loaded (relative
-    to weight) wins. Avoids the herd effect of many balancers all choosing one 'least'."""
+    """Power of two random choices: of two random usable servers, the less loaded relative
+    to weight wins. Nearly as even as least_conn, without every balancer process herding
+    onto the same 'least' server when counts are stale."""
 
     def __init__(self, servers: Sequence[Server], seed: int | None = None) -> None:
         super().__init__(servers)
         self.random = random.Random(seed)
+        # Reused across picks for a partial Fisher-Yates shuffle: samples without a new list.
+        self.order: list[int] = list(range(len(self.servers)))
 
     def pick(self, client_ip: str, usable: Usable) -> Server | None:
-        candidates = [s for s in self.servers if usable(s)]
-        if len(candidates) < 2:
-            return candidates[0] if candidates else None
-        a, b = self.random.sample(candidates, 2)
-        return a if a.active * b.weight <= b.active * a.weight else b
+        servers = self.servers
+        order = self.order
+        count = len(order)
+        rand = self.random.random
+        first: Server | None = None
+        for slot in range(count):
+            # Swap a random not-yet-drawn index into `slot`: a uniform draw without repeats.
+            other = slot + int(rand() * (count - slot))
+            drawn = order[other]
+            order[other] = order[slot]
+            order[slot] = drawn
+            server = servers[drawn]
+            if not usable(server):
+                continue
+            if first is None:
+                first = server
+                continue
+            if server.active * first.weight < first.active * server.weight:
+                return server
+            return first
+        return first
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -160,17 +233,16 @@ def make_strategy(name: str, servers: Sequence[Server]) -> Strategy:
     return STRATEGIES[name](servers)
 
 
-def _hash(data: bytes) -> int:
-    """A stable 64-bit hash (Python's hash() is randomised per process)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+def _hash(text: str) -> int:
+    """A stable 64-bit hash: Python's hash() is randomised per process, and every worker
+    and every restart must map a client to the same server."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-def _ip_key(client_ip: str) -> bytes:
-    """The packed address, so '::ffff:1.2.3.4' and '1.2.3.4' hash alike."""
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return client_ip.encode()
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.packed
+def _client_key(client_ip: str) -> str:
+    """The client's address as hashed: an IPv4-mapped IPv6 address ('::ffff:1.2.3.4', as a
+    dual-stack listener reports IPv4 clients) hashes as the plain IPv4 address. Peer names
+    are already canonical text, so parsing them (microseconds) would buy nothing."""
+    if client_ip.startswith("::ffff:") and "." in client_ip:
+        return client_ip[7:]
+    return client_ip
