@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -17,7 +18,7 @@ import yaml
 
 from .test_distribution import who_answers
 from .test_observability import admin_port, http, scrape, total, with_metrics
-from .utils import eventually, make_config
+from .utils import eventually, free_port, make_config
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -331,3 +332,32 @@ async def test_primary_gives_up_after_repeated_crashes(start_backend, start_bala
     assert any(re.search(r"giving up: workers crashed 5 times in 30s", x)
                for x in balancer.lines), "\n".join(balancer.lines[-15:])
     assert not any(Path(f"/proc/{pid}").exists() for pid in killed)
+
+
+async def test_passive_ejection_in_one_worker_reaches_the_other(start_backend, start_balancer):
+    good = start_backend("name", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = make_config([dead, good.address], "round_robin",
+                         health={"max_fails": 1, "fail_timeout": "30s"})
+    balancer = start_workers(start_balancer, config)
+    down = re.compile(rf"\[worker (\d+)\] .*server app/{re.escape(dead)} down: (.*)")
+
+    def downs() -> list[tuple[str, str]]:
+        return [m.groups() for x in balancer.lines if (m := down.search(x))]
+
+    answers = set()
+    deadline = time.monotonic() + 10
+    while not downs():  # clients until one worker's connect to the dead server fails
+        assert time.monotonic() < deadline
+        answers.add(await who_answers(balancer.port))
+        # The ejection is logged before the client is retried elsewhere; let the log
+        # reader catch up, so no further client races the shared state.
+        with contextlib.suppress(AssertionError):
+            balancer.wait_for_log(lambda: bool(downs()), timeout=0.1)
+    first_seen = time.monotonic()
+    balancer.wait_for_log(lambda: len({pid for pid, _ in downs()}) == 2, timeout=1.0)
+    assert time.monotonic() - first_seen < 1.0
+    reasons = sorted(reason for _, reason in downs())
+    assert reasons[0].startswith("1 connect failures") or reasons[1].startswith("1 connect")
+    assert any(r == "marked down by another worker" for r in reasons)
+    assert answers == {"good"}
