@@ -46,19 +46,29 @@ class ActiveChecker:
     async def _run(self, server: Server) -> None:
         check = self.check
         passes = fails = 0
+        failing = False  # the last round raised: its error was logged, do not repeat it
         await asyncio.sleep(self._random.uniform(0, check.interval))  # spread the first round
         while True:
-            ok, detail = await self.probe(server)
-            if ok:
-                passes, fails = passes + 1, 0
-                if passes >= check.rise:
-                    server.health.set_active(True, f"{passes} active checks passed")
-            else:
-                passes, fails = 0, fails + 1
-                if fails >= check.fall:
-                    server.health.set_active(
-                        False, f"{fails} active checks failed (last: {detail})"
-                    )
+            try:
+                ok, detail = await self.probe(server)
+                if ok:
+                    passes, fails = passes + 1, 0
+                    if passes >= check.rise:
+                        server.health.set_active(True, f"{passes} active checks passed")
+                else:
+                    passes, fails = 0, fails + 1
+                    if fails >= check.fall:
+                        server.health.set_active(
+                            False, f"{fails} active checks failed (last: {detail})"
+                        )
+                failing = False
+            except Exception:
+                # A bug must not end this server's checks for good and freeze it in its last
+                # state: log it once, then keep checking on schedule.
+                if not failing:
+                    log.exception("active check of %s/%s raised; checks continue",
+                                  server.upstream_name, server.key)
+                failing = True
             await asyncio.sleep(check.interval * self._random.uniform(0.9, 1.1))
 
     async def probe(self, server: Server) -> tuple[bool, str]:
@@ -78,6 +88,11 @@ class ActiveChecker:
                 status_line = await reader.readline()
         except (OSError, TimeoutError) as exc:
             return False, failure_reason(exc)
+        except Exception as exc:
+            # Anything else the server provoked (e.g. ValueError from readline() on a line
+            # longer than the StreamReader limit) is a failed check too, not a dead checker.
+            log.debug("active check of %s/%s failed: %r", server.upstream_name, server.key, exc)
+            return False, f"probe error ({type(exc).__name__})"
         finally:
             if writer is not None:
                 writer.close()

@@ -1,11 +1,17 @@
-"""The per-server circuit breaker and active-check verdicts, on a controlled clock."""
+"""The per-server circuit breaker on a controlled clock, and the active checks that feed it
+(scripted probes, and real sockets for what a server can send back)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from balancer.config import HealthConfig
+import pytest
+
+from balancer.checks import ActiveChecker, _status_ok
+from balancer.config import Address, CheckConfig, HealthConfig, ServerConfig
 from balancer.health import DOWN, HALF_OPEN, UP, ServerHealth
+from balancer.upstream import Server
 
 
 class Clock:
@@ -70,8 +76,12 @@ def test_failed_trial_doubles_the_ejection_up_to_ten_times():
     downs = []
     for _ in range(6):
         start = clock.now
-        while not health.available():
+        for _ in range(1000):  # the longest ejection is 100 s: far fewer steps than this
+            if health.available():
+                break
             clock.now += 1
+        else:
+            raise AssertionError(f"still unavailable {clock.now - start:g}s after ejection")
         downs.append(clock.now - start)
         health.connect_started()
         health.connect_failed("refused")
@@ -84,8 +94,12 @@ def test_abandoned_trial_frees_the_slot():
         health.connect_failed("timeout")
     clock.now += 10
     assert health.available()
-    health.connect_started()
-    health.connect_abandoned()
+    trial = health.connect_started()
+    assert trial and not health.available()
+    assert health.connect_started() is False  # a second connect is not the trial
+    health.connect_abandoned(False)  # ...and its leaving does not free the trial
+    assert not health.available()
+    health.connect_abandoned(trial)
     assert health.available()
 
 
@@ -116,9 +130,6 @@ def test_each_state_change_is_logged_once(caplog):
 
 
 def test_slow_start_ramps_weight_after_recovery():
-    from balancer.config import Address, ServerConfig
-    from balancer.upstream import Server
-
     server = Server(ServerConfig(Address("127.0.0.1", 1), weight=20), "app",
                     HealthConfig(max_fails=1, fail_timeout=10.0), slow_start=30.0)
     assert server.weight == 20  # at start: no ramp (nothing recovered)
@@ -133,3 +144,132 @@ def test_slow_start_ramps_weight_after_recovery():
     assert 9.5 < server.weight < 10.5
     server.ramp_until -= 16  # the ramp is over
     assert server.weight == 20 and server.ramp_until == 0.0
+
+
+# -- active checks ------------------------------------------------------------------------
+
+Verdict = tuple[bool, str] | Exception
+
+
+class ScriptedChecker(ActiveChecker):
+    """Active checks of one server whose probe results come from a script. It records the
+    server's active verdict as each probe starts, and once the script is spent sets `done`
+    and waits to be cancelled."""
+
+    def __init__(self, server: Server, check: CheckConfig, script: list[Verdict]) -> None:
+        super().__init__([server], check)
+        self.script = list(script)
+        self.seen: list[bool] = []
+        self.done = asyncio.Event()
+
+    async def probe(self, server: Server) -> tuple[bool, str]:
+        self.seen.append(server.health.active_up)
+        if not self.script:
+            self.done.set()
+            await asyncio.get_running_loop().create_future()  # until stop() cancels us
+        verdict = self.script.pop(0)
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
+
+
+def check_config(**overrides: object) -> CheckConfig:
+    settings: dict = {"interval": 0.001, "timeout": 2.0, "rise": 1, "fall": 1}
+    settings.update(overrides)
+    return CheckConfig(**settings)
+
+
+def checked_server(port: int = 1) -> Server:
+    return Server(ServerConfig(Address("127.0.0.1", port)), "app", HealthConfig())
+
+
+async def run_until_spent(checker: ActiveChecker, done: asyncio.Event) -> None:
+    """Run the checker's loop until `done`, then stop it and wait for its tasks to end."""
+    checker.start()
+    tasks = list(checker._tasks)
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        checker.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_rise_and_fall_are_counted_as_configured():
+    server = checked_server()
+    passed, failed = (True, "HTTP 200"), (False, "refused")
+    checker = ScriptedChecker(server, check_config(rise=3, fall=1),
+                              [failed, passed, passed, passed, failed])
+    await run_until_spent(checker, checker.done)
+    # Verdict before each probe: one failure takes it down, the third pass brings it back.
+    assert checker.seen == [True, False, False, False, True, False]
+
+
+async def test_fall_needs_consecutive_failures():
+    server = checked_server()
+    passed, failed = (True, "HTTP 200"), (False, "timeout")
+    checker = ScriptedChecker(server, check_config(rise=1, fall=3),
+                              [failed, failed, passed, failed, failed, failed])
+    await run_until_spent(checker, checker.done)
+    assert checker.seen == [True, True, True, True, True, True, False]
+
+
+async def test_check_loop_survives_an_unexpected_error_and_logs_it_once(caplog):
+    server = checked_server()
+    bug = RuntimeError("bug in a check")
+    checker = ScriptedChecker(server, check_config(), [bug, bug, bug, (False, "refused")])
+    with caplog.at_level(logging.DEBUG, logger="balancer.checks"):
+        await run_until_spent(checker, checker.done)
+    assert checker.seen == [True, True, True, True, False]  # it kept probing, then went down
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert "active check of app/127.0.0.1:1 raised" in errors[0].getMessage()
+
+
+@pytest.mark.parametrize(("status_line", "ok"), [
+    (b"HTTP/1.1 200 OK\r\n", True),
+    (b"HTTP/1.0 204 No Content\r\n", True),
+    (b"HTTP/1.1 302 Found\r\n", True),
+    (b"HTTP/1.1 404 Not Found\r\n", False),
+    (b"HTTP/1.1 500 Internal Server Error\r\n", False),
+    (b"SSH-2.0-OpenSSH_9.6\r\n", False),
+    (b"HTTP/1.1 abc\r\n", False),
+    (b"\x00\xff garbage", False),
+    (b"", False),
+])
+def test_status_line_verdict(status_line: bytes, ok: bool):
+    assert _status_ok(status_line)[0] is ok
+
+
+async def test_http_check_against_an_endless_line_fails_and_checks_go_on(caplog):
+    """100 KiB without a newline overruns readline()'s 64 KiB limit (a ValueError, not an
+    OSError): a failed check, and the server keeps being checked."""
+    probes = 0
+    three_probes = asyncio.Event()
+
+    async def endless_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal probes
+        probes += 1
+        if probes >= 3:
+            three_probes.set()
+        try:
+            await reader.readuntil(b"\r\n\r\n")  # read the request: closing on unread
+            writer.write(b"x" * (100 * 1024))       # bytes would reset the connection
+            await writer.drain()
+            await reader.read()  # until the checker gives up and closes
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(endless_line, "127.0.0.1", 0)
+    async with listener:
+        server = checked_server(listener.sockets[0].getsockname()[1])
+        checker = ActiveChecker([server], check_config(type="http", interval=0.01))
+        with caplog.at_level(logging.DEBUG, logger="balancer.checks"):
+            ok, detail = await checker.probe(server)
+        assert (ok, detail) == (False, "probe error (ValueError)")
+        assert any("ValueError" in r.getMessage() for r in caplog.records)
+
+        await run_until_spent(checker, three_probes)
+        assert not server.health.active_up
+        assert "probe error (ValueError)" in server.health.reason
