@@ -27,13 +27,16 @@ class ListenerView:
         self.name = config.name
         self.sockets = sockets
         self.upstream = upstream
+        # Read now: the primary closes its sockets when a stop begins, and /status still
+        # answers while the workers drain.
+        host, port = sockets[0][0].getsockname()[:2]
+        self._bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def active_count(self) -> int:
         return sum(server.active for server in self.upstream.servers)
 
     def bound(self) -> str:
-        host, port = self.sockets[0][0].getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self._bound
 
 
 class ClusterView:

@@ -5,7 +5,8 @@ gunicorn's arbiter is the model: signal handlers only queue; one loop does the w
 - Sockets: for every listener the primary binds one SO_REUSEPORT socket per worker slot and
   keeps it open for as long as the listener exists. The kernel spreads connections across the
   slots; a worker that dies or is replaced leaves its queue intact for its successor, so no
-  queued connection is ever reset by a restart or a reload.
+  queued connection is ever reset by a restart or a reload. A stop closes them at once (the
+  workers close their copies as they stop accepting), so new clients are refused.
 - Workers are fresh interpreters (`python -m balancer.worker`): each creates its own loop and
   inherits no event loop, thread or lock from the primary. They get their config (the exact
   `Config` the primary validated) and sockets over a SOCK_SEQPACKET pair.
@@ -132,8 +133,8 @@ class Supervisor:
 
     # -- workers ------------------------------------------------------------------------------
 
-    async def spawn(self, slot: int) -> WorkerProcess:
-        """Start the worker for `slot` and wait until it serves."""
+    async def spawn(self, slot: int) -> WorkerProcess | None:
+        """Start the worker for `slot` and wait until it serves (None: a stop came first)."""
         column = self.free_columns.pop(0)
         self.table.clear_column(column)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -144,6 +145,9 @@ class Supervisor:
         )
         theirs.close()
         worker = WorkerProcess(slot, column, process, ours)
+        if self.stopping:  # a stop came while it was starting: the sockets are closed
+            await self._kill(worker)
+            return None
         layout, fds = self.share([cfg.name for cfg in self.config.listeners], slot)
         send_message(ours, {
             "kind": "start", "config": self.config, "listeners": layout, "rows": self.rows,
@@ -254,6 +258,9 @@ class Supervisor:
         """Re-read the config file; apply it in every worker, or change nothing."""
         from .server import count_reload
 
+        if self.stopping:
+            log.warning("reload ignored: stopping")
+            return False
         try:
             config = load_config(self.config_path)
             if (config.workers or self.count) != self.count:
@@ -280,6 +287,8 @@ class Supervisor:
         names = list(new_sockets)
         ok = True
         for slot, worker in list(self.workers.items()):
+            if self.stopping:  # the sockets are closed; the workers are leaving anyway
+                return False
             layout, fds = self.share(names, slot)
             send_message(worker.control, {"kind": "reload", "config": config,
                                           "listeners": layout, "rows": self.rows}, fds)
@@ -295,6 +304,8 @@ class Supervisor:
             for group in slots:
                 for sock in group:
                     sock.close()
+        if self.stopping:
+            return False
         self.view.apply(config)
         count_reload("success" if ok else "failure")
         log.info("configuration reloaded from %s", self.config_path)
@@ -306,14 +317,27 @@ class Supervisor:
     # -- stop ---------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
+        """Stop accepting at once, then let the workers drain.
+
+        The primary's copies of the listening sockets go first: a listening socket lives as
+        long as any process holds it, so if the primary kept its copies the kernel would go
+        on completing handshakes into queues no worker reads, and reset them at exit. Once
+        every worker has closed its share too, new clients are refused."""
         if self.stopping:
             return
         self.stopping = True
+        self._close_sockets()
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signal.SIGTERM)
         if not self.workers:
             self._done.set()
+
+    def _close_sockets(self) -> None:
+        for slots in self.sockets.values():
+            for group in slots:
+                for sock in group:
+                    sock.close()
 
     def force_stop(self) -> None:
         """Second signal: workers close their connections at once."""
@@ -372,10 +396,7 @@ class Supervisor:
             await self.admin.stop()
         if self.view is not None:
             self.view.stop()
-        for slots in self.sockets.values():
-            for group in slots:
-                for sock in group:
-                    sock.close()
+        self._close_sockets()
         log.info("stopped")
         return 1 if self.failure else 0
 
