@@ -37,14 +37,32 @@ class Strategy(ABC):
 class RoundRobin(Strategy):
     """Each usable server in turn. The cursor restarts after the server chosen, not after
     the one it pointed at, so an unusable server's turn goes to whoever comes next rather
-    than handing its neighbour a double share."""
+    than handing its neighbour a double share.
+
+    Weights are ignored, except for slow start (HAProxy applies `slowstart` to roundrobin
+    too): while any server is ramping, picks follow smooth weighted round robin over each
+    server's slow-start share (1 for a server not ramping), so a recovering server gets its
+    ramped share of the rotation. With no server ramping it is the exact rotation again.
+    """
 
     def __init__(self, servers: Sequence[Server]) -> None:
         super().__init__(servers)
         self.cursor = 0
+        # slow_start is an upstream setting and a reload builds new strategies, so whether
+        # any server can ramp is known now; without slow start no pick pays for the check.
+        self.slow_start = any(server.slow_start for server in self.servers)
+        self.current: list[float] = [0.0] * len(self.servers)  # smooth-WRR credit, ramping
+        self.smooth = False  # the last pick was a ramping one: `current` holds live credit
 
     def pick(self, client_ip: str, usable: Usable) -> Server | None:
         servers = self.servers
+        if self.slow_start:
+            for server in servers:
+                # `ramp_until` is 0.0 unless the server recovered recently; reading `weight`
+                # ends a ramp whose time is up, so a finished ramp does not count here.
+                if server.ramp_until and server.weight < server.config.weight:
+                    return self._pick_ramping(usable)
+            self.smooth = False
         count = len(servers)
         index = self.cursor
         for _ in range(count):
@@ -56,6 +74,34 @@ class RoundRobin(Strategy):
                 self.cursor = index
                 return server
         return None
+
+    def _pick_ramping(self, usable: Usable) -> Server | None:
+        """Smooth weighted round robin (see `Weighted`) with weight = slow-start share."""
+        servers = self.servers
+        current = self.current
+        if not self.smooth:  # a new ramp: start from no credit, not a stale ramp's
+            for index in range(len(current)):
+                current[index] = 0.0
+            self.smooth = True
+        best = -1
+        best_current = 0.0
+        total = 0.0
+        for index in range(len(servers)):
+            server = servers[index]
+            if not usable(server):
+                continue
+            share = server.weight / server.config.weight
+            value = current[index] + share
+            current[index] = value
+            total += share
+            if best < 0 or value > best_current:
+                best = index
+                best_current = value
+        if best < 0:
+            return None
+        current[best] = best_current - total
+        self.cursor = best + 1  # once the ramp ends, the rotation goes on after this one
+        return servers[best]
 
 
 class Weighted(Strategy):
@@ -126,7 +172,9 @@ class IpHash(Strategy):
     """Sticky by client IP through consistent hashing: a ring of weight-proportional virtual
     nodes keyed by server address. Removing one of N servers moves only the clients it had
     (about 1/N), and when a client's server is unusable the next distinct usable server
-    clockwise takes it, so every other client stays put."""
+    clockwise takes it, so every other client stays put. Slow start does not apply (as with
+    HAProxy's static `balance source`): a recovered server takes back all its clients at once,
+    since moving them elsewhere meanwhile would break the stickiness this strategy is for."""
 
     VNODES_PER_WEIGHT = 160
 

@@ -225,6 +225,84 @@ def test_round_robin_skips_unusable_servers_fairly():
     assert Counter(picks(strategy, servers, 10)) == {"a": 5, "b": 5}
 
 
+SLOW_START = 1000.0
+
+
+def slow_start_servers(*weights: int) -> list[Server]:
+    """Servers of an upstream with `slow_start` set (strategies read it when built)."""
+    servers = make_servers(*weights)
+    for server in servers:
+        server.slow_start = SLOW_START
+    return servers
+
+
+def start_ramp(server: Server, share: float) -> None:
+    """Put `server` in slow start, `share` of the way up its ramp (as a recovery does)."""
+    server.ramp_until = time.monotonic() + SLOW_START * (1 - share)
+
+
+def test_round_robin_gives_a_ramping_server_its_slow_start_share():
+    servers = slow_start_servers(5, 1, 1)  # configured weights stay ignored: only the share
+    strategy = RoundRobin(servers)
+    start_ramp(servers[0], 0.1)
+    sequence = picks(strategy, servers, 2100)  # 0.1 : 1 : 1, so 100 : 1000 : 1000
+    counts = Counter(sequence)
+    assert abs(counts["a"] - 100) <= 2, counts
+    assert abs(counts["b"] - counts["c"]) <= 1, counts
+    assert "aa" not in sequence  # spread over the window, not in bursts
+
+
+def test_round_robin_follows_the_ramp_as_it_rises():
+    servers = slow_start_servers(1, 1)
+    strategy = RoundRobin(servers)
+    start_ramp(servers[0], 0.5)
+    assert abs(Counter(picks(strategy, servers, 300))["a"] - 100) <= 2  # 0.5 : 1
+
+
+def test_round_robin_is_exact_rotation_when_nothing_ramps():
+    servers = slow_start_servers(1, 1, 1)  # configured, but nobody has recovered: no ramp
+    strategy = RoundRobin(servers)
+    assert picks(strategy, servers, 12) == "abc" * 4
+
+
+def test_round_robin_returns_to_exact_rotation_when_the_ramp_ends():
+    servers = slow_start_servers(1, 1, 1)
+    strategy = RoundRobin(servers)
+    start_ramp(servers[1], 0.1)
+    ramping = picks(strategy, servers, 21)
+    assert Counter(ramping)["b"] == 1, ramping
+    servers[1].ramp_until = time.monotonic() - 1  # its time is up
+    after = picks(strategy, servers, 9)
+    assert after in ("abcabcabc", "bcabcabca", "cabcabcab"), after
+    assert servers[1].ramp_until == 0.0
+
+
+def test_round_robin_upstream_with_slow_start_ramps_a_recovered_server():
+    from balancer.config import HealthConfig, UpstreamConfig
+    from balancer.upstream import Upstream
+
+    upstream = Upstream(UpstreamConfig(
+        "app", tuple(ServerConfig(Address("127.0.0.1", 3001 + i)) for i in range(2)),
+        health=HealthConfig(max_fails=1), slow_start=SLOW_START,
+    ))
+    first = upstream.servers[0]
+    first.health.connect_failed("refused")  # down ...
+    first.health.down_until = 0.0
+    first.health.connect_started()  # ... then a successful trial: back, at the 5 % floor
+    first.health.connect_succeeded()
+    counts = Counter(upstream.pick("10.0.0.1") for _ in range(210))
+    assert abs(counts[first] - 10) <= 2, counts  # 0.05 : 1
+
+
+def test_round_robin_ramp_skips_unusable_servers():
+    servers = slow_start_servers(1, 1, 1)
+    strategy = RoundRobin(servers)
+    start_ramp(servers[0], 0.1)
+    servers[2].up = False
+    counts = Counter(picks(strategy, servers, 110))
+    assert counts["c"] == 0 and abs(counts["a"] - 10) <= 1, counts
+
+
 # -- least connections --------------------------------------------------------------------
 
 
