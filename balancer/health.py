@@ -83,13 +83,19 @@ class ServerHealth:
 
     # -- passive outcomes -------------------------------------------------------------------
 
-    def connect_started(self) -> None:
-        if self.state == HALF_OPEN:
+    def connect_started(self) -> bool:
+        """A connect begins; True if it is the half-open server's one trial. Called as the
+        server is picked, so the next client in the same loop pass already sees it taken."""
+        if self.state == HALF_OPEN and not self.trial_in_flight:
             self.trial_in_flight = True
+            return True
+        return False
 
-    def connect_abandoned(self) -> None:
-        """The client left before the connect finished: neither success nor failure."""
-        self.trial_in_flight = False
+    def connect_abandoned(self, was_trial: bool) -> None:
+        """The client left before the connect finished: neither success nor failure. Only
+        the connect that held the trial frees it."""
+        if was_trial:
+            self.trial_in_flight = False
 
     def connect_succeeded(self) -> None:
         self.fails = 0

@@ -131,7 +131,7 @@ class ServerPool:
     async def _connect_one(self) -> None:
         address = self.server.config.address
         health = self.server.health
-        health.connect_started()
+        trial = health.connect_started()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await self.loop.create_connection(
@@ -145,7 +145,7 @@ class ServerPool:
             return
         except asyncio.CancelledError:
             self.connecting -= 1
-            health.connect_abandoned()
+            health.connect_abandoned(trial)
             raise
         self.connecting -= 1
         health.connect_succeeded()

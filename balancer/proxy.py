@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING
 
 from .health import failure_reason
@@ -58,13 +57,6 @@ class ConnectionEvents:
 
     def closed(self, conn: ClientConnection) -> None:
         """`conn` ended; its counters and `outcome` are final."""
-
-
-def _uncancel() -> None:
-    """Our own timer cancelled the connect; the task goes on (to the next server)."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.uncancel()
 
 
 class FanOutEvents(ConnectionEvents):
@@ -219,8 +211,9 @@ class ClientConnection(asyncio.Protocol):
         "client_ip",
         "clock",
         "closed",
-        "connect_task",
+        "connect_began",
         "connect_timer",
+        "connecting",
         "early",
         "last_io",
         "outcome",
@@ -229,9 +222,12 @@ class ClientConnection(asyncio.Protocol):
         "server",
         "started",
         "transport",
+        "trial",
+        "tries_left",
         "upstream",
         "upstream_eof",
         "upstream_write",
+        "waiting",
     )
 
     def __init__(self, route: Route) -> None:
@@ -253,8 +249,12 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.outcome = "ok"
         self.paired = False  # reported as connected (once, even if a pooled one is replaced)
-        self.connect_task: asyncio.Task[None] | None = None
+        self.tries_left = 0
+        self.trial = False  # this connect is a half-open server's one trial
+        self.connecting: Coroutine[object, None, tuple[object, UpstreamConnection]] | None = None
+        self.waiting: asyncio.Future[object] | None = None  # what `connecting` waits on
         self.connect_timer: asyncio.TimerHandle | None = None
+        self.connect_began = 0.0
 
     # -- accept and connect -------------------------------------------------------------
 
@@ -266,80 +266,121 @@ class ClientConnection(asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0] if peer else ""
         self.started = self.last_io = self.clock()
+        self.tries_left = route.tries
         server = route.upstream.pick(self.client_ip)
         if server is None:
             self._no_server()
             return
-        server.acquire()
-        self.server = server
         pool = server.pool
-        if pool is not None:
+        if pool is not None and server.health.ok:  # a half-open server's trial is a real connect
             idle = pool.take()
             if idle is not None:  # a pool hit: no connect on the client's path at all
-                self._attach_idle(idle)
-                return
-        self.connect_task = route.loop.create_task(self._connect(server))
-
-    async def _connect(self, server: Server) -> None:
-        """Connect to `server`, then to others on failure, within `retries.tries` attempts
-        and the `retries.timeout` budget. Only connects are retried: once paired, the
-        connection is committed."""
-        route = self.route
-        upstream = route.upstream
-        deadline = self.started + route.retry_budget
-        for attempt in range(route.tries):
-            if attempt:
-                remaining = deadline - self.clock()
-                next_server = upstream.pick(self.client_ip, server)
-                if remaining <= 0 or next_server is None:
-                    break
-                server = next_server
                 server.acquire()
                 self.server = server
-                route.events.retried(self)
-            else:
-                remaining = route.retry_budget
-            health = server.health
-            health.connect_started()
-            address = server.config.address
-            began = self.clock()
-            # One timer that cancels this task, cheaper than an asyncio.timeout() per connect.
-            self.connect_timer = route.loop.call_later(
-                min(route.connect_timeout, remaining), self._connect_timed_out
-            )
-            try:
-                _, protocol = await route.loop.create_connection(
-                    partial(UpstreamConnection, self), address.host, address.port
-                )
-            except (OSError, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError) and self.connect_timer is not None:
-                    raise  # cancelled by close(): the client went away
-                if self.connect_timer is not None:
-                    self.connect_timer.cancel()
-                    self.connect_timer = None
-                    reason = failure_reason(exc)
-                else:
-                    reason = "timeout"
-                    _uncancel()
-                server.release()
-                self.server = None
-                server.connect_failed(reason)
-                route.events.connect_failed(self, server, reason)
-                log.debug("connect to %s/%s failed: %s", upstream.name, server.key, reason)
-                continue
+                self._attach_idle(idle)
+                return
+        self._connect_to(server)
+
+    def _connect_to(self, server: Server) -> None:
+        """Start connecting to `server`, within the connect timeout and the retry budget.
+
+        The connect coroutine is driven by `_connect_step` rather than wrapped in a Task: a
+        Task per client costs a registry entry and an extra loop pass on the accept path,
+        and the connect needs neither (measured in benchmarks/, the new-connection figure).
+        """
+        route = self.route
+        server.acquire()
+        self.server = server
+        # Taken now, not when the connect resumes: other clients accepted in this same loop
+        # pass must already see a half-open server's one trial as in use.
+        self.trial = server.health.connect_started()
+        self.tries_left -= 1
+        now = self.connect_began = self.clock()
+        timeout = min(route.connect_timeout, self.started + route.retry_budget - now)
+        self.connect_timer = route.loop.call_later(timeout, self._connect_timed_out)
+        address = server.config.address
+        self.waiting = None
+        self.connecting = route.loop.create_connection(
+            self._new_upstream, address.host, address.port
+        )
+        self._connect_step(None)
+
+    def _new_upstream(self) -> UpstreamConnection:
+        return UpstreamConnection(self)
+
+    def _connect_step(self, waited: asyncio.Future[object] | None) -> None:
+        """Advance the connect coroutine one step, as a Task would."""
+        if waited is not self.waiting:  # a stale wake-up from an abandoned connect
+            return
+        connecting = self.connecting
+        assert connecting is not None
+        try:
+            waiting = connecting.send(None)
+        except StopIteration as done:
+            self.connecting = self.waiting = None
+            self._connected(done.value[1])
+        except OSError as exc:
+            self.connecting = self.waiting = None
+            self._connect_failed(failure_reason(exc))
+        except Exception:  # not a network failure: a bug; never leave the client hanging
+            self.connecting = self.waiting = None
+            log.exception("connect to %s failed unexpectedly", self.server)
+            self._connect_failed("reset")
+        else:
+            self.waiting = waiting
+            waiting.add_done_callback(self._connect_step)
+
+    def _abandon_connect(self) -> None:
+        """Stop a connect in progress; uvloop closes the half-made transport."""
+        connecting = self.connecting
+        if connecting is None:
+            return
+        self.connecting = None
+        if self.waiting is not None:
+            self.waiting.remove_done_callback(self._connect_step)
+            self.waiting = None
+        if self.connect_timer is not None:
             self.connect_timer.cancel()
             self.connect_timer = None
-            health.connect_succeeded()
-            self.connect_task = None
-            self._attach(protocol, self.clock() - began, False)  # type: ignore[arg-type]
-            return
-        self.connect_task = None
-        self._no_server()
+        connecting.close()
 
     def _connect_timed_out(self) -> None:
-        self.connect_timer = None  # tells _connect the cancellation is a timeout
-        if self.connect_task is not None:
-            self.connect_task.cancel()
+        self.connect_timer = None
+        self._abandon_connect()
+        self._connect_failed("timeout")
+
+    def _connected(self, upstream: UpstreamConnection) -> None:
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        server = self.server
+        assert server is not None
+        server.health.connect_succeeded()
+        self._attach(upstream, self.clock() - self.connect_began, False)
+
+    def _connect_failed(self, reason: str) -> None:
+        """Count the failure against the server, then try the next one while the tries and
+        the budget last. Only connects are retried: once paired, a connection is committed."""
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        server = self.server
+        assert server is not None
+        route = self.route
+        server.release()
+        self.server = None
+        server.connect_failed(reason)
+        route.events.connect_failed(self, server, reason)
+        log.debug("connect to %s/%s failed: %s", route.upstream.name, server.key, reason)
+        if self.closed:
+            return
+        if self.tries_left > 0 and self.clock() < self.started + route.retry_budget:
+            next_server = route.upstream.pick(self.client_ip, server)
+            if next_server is not None:
+                route.events.retried(self)
+                self._connect_to(next_server)
+                return
+        self._no_server()
 
     def _no_server(self) -> None:
         self.outcome = "no_server"
@@ -390,9 +431,18 @@ class ClientConnection(asyncio.Protocol):
         upstream.transport.abort()
         self.upstream = None
         self.upstream_write = self._hold_early
-        assert self.server is not None
-        log.debug("pooled connection to %s died unused; reconnecting", self.server.key)
-        self.connect_task = self.route.loop.create_task(self._connect(self.server))
+        server = self.server
+        assert server is not None
+        log.debug("pooled connection to %s died unused; reconnecting", server.key)
+        server.release()  # _connect_to takes the slot again, wherever it goes
+        self.server = None
+        if not server.usable():  # it went down or filled up meanwhile: go elsewhere
+            other = self.route.upstream.pick(self.client_ip, server)
+            if other is None:
+                self._no_server()
+                return
+            server = other
+        self._connect_to(server)
 
     def _attach(self, upstream: UpstreamConnection, connect_seconds: float, pooled: bool) -> None:
         """Join the two halves and let bytes flow."""
@@ -480,14 +530,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         route = self.route
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
-        if self.connect_task is not None:  # the client left during the connect
-            self.connect_task.cancel()
-            self.connect_task = None
+        if self.connecting is not None:  # the client left during the connect
+            self._abandon_connect()
             if self.server is not None:
-                self.server.health.connect_abandoned()
+                self.server.health.connect_abandoned(self.trial)
         transports = [self.transport]
         if self.upstream is not None:
             transports.append(self.upstream.transport)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
+import socket
 import time
 
 import pytest
@@ -246,3 +248,84 @@ async def test_killing_a_node_backend_under_load_fails_no_new_connection(start_b
     finally:
         for node in nodes:
             node.stop()
+
+
+async def test_client_leaving_during_connect_is_no_failure_and_leaks_no_slot(
+    start_backend, start_balancer
+):
+    """A client that resets while its upstream connect is pending is neither a connect
+    failure nor a reason to retry: the server's slot is freed and its record stays clean."""
+    from .test_observability import admin_port, http, scrape, total, with_metrics
+    from .test_proxy import full_accept_queue, reset
+
+    sockets = full_accept_queue()
+    slow = f"127.0.0.1:{sockets[0].getsockname()[1]}"
+    good = start_backend("echo", "good")
+    try:
+        servers = [slow, {"address": good.address, "backup": True}]
+        config = with_metrics(make_config(servers, health={"max_fails": 3},
+                                          timeouts={"connect": "30s"},
+                                          retries={"timeout": "30s"}))
+        balancer = start_balancer(config)
+        port = admin_port(balancer)
+
+        async def slow_active() -> int:
+            body = json.loads((await http(port, path="/status"))[1])
+            return {s["address"]: s for s in body["upstreams"]["app"]["servers"]}[slow]["active"]
+
+        clients = [socket.create_connection(("127.0.0.1", balancer.port)) for _ in range(6)]
+        deadline = time.monotonic() + 5
+        while await slow_active() < 6:  # every client is waiting on the slow connect
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        for client in clients:
+            reset(client)
+        deadline = time.monotonic() + 5
+        while await slow_active() != 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        body = json.loads((await http(port, path="/status"))[1])
+        state = {s["address"]: s for s in body["upstreams"]["app"]["servers"]}
+        assert state[slow]["state"] == "up" and state[slow]["failures"] == 0
+        assert state[good.address]["active"] == 0  # nothing was retried on the backup
+        samples = await scrape(port)
+        assert total(samples, "balancer_retries_total") == 0
+        assert total(samples, "balancer_connection_errors_total") == 0
+        assert not any(" down: " in line for line in balancer.lines)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def test_half_open_server_gets_exactly_one_trial_from_a_burst(
+    start_backend, start_balancer
+):
+    """Clients accepted in the same loop pass must not all take the half-open server's one
+    trial: least_conn prefers the dead server (it holds no connections), so a trial that is
+    reserved late would be handed to several of them."""
+    good = start_backend("name", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = make_config([dead, good.address], "least_conn",
+                         health={"max_fails": 1, "fail_timeout": "1s"})
+    balancer = start_balancer(config, "-v", "debug")
+    assert await who_answers(balancer.port) == "good"  # via a retry: the dead one is out
+    balancer.wait_for_line(rf"server app/{re.escape(dead)} down: 1 connect failures")
+    assert attempts_on(balancer, dead) == 1
+    # The ejection lasts fail_timeout (1 s): only the clock can end it.
+    await asyncio.sleep(1.2)
+    # Stopped, the balancer cannot accept: the 16 connections wait in the kernel's queues
+    # and are all accepted in its first loop passes after SIGCONT.
+    balancer.proc.send_signal(signal.SIGSTOP)
+    try:
+        burst = [socket.create_connection(("127.0.0.1", balancer.port)) for _ in range(16)]
+    finally:
+        balancer.proc.send_signal(signal.SIGCONT)
+    try:
+        answers = await asyncio.gather(*(
+            asyncio.to_thread(lambda s=s: s.makefile().readline().strip()) for s in burst))
+    finally:
+        for sock in burst:
+            sock.close()
+    assert answers == ["good"] * 16
+    balancer.wait_for_line(rf"server app/{re.escape(dead)} down: trial connection failed")
+    assert attempts_on(balancer, dead) == 2
