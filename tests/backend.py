@@ -11,7 +11,8 @@ Prints `listening <port>` once bound, then serves until SIGTERM. Modes:
 - abort:  resets the connection (RST) as soon as it accepts (SO_LINGER 0)
 - hang:   accepts and never reads nor writes
 - banner: sends "banner <name>\n" at once, then echoes (a server that speaks first)
-- resetafter: sends "hello", then resets the connection 100 ms later
+- resetafter: sends "hello", then resets the connection when the client's EOF arrives (a
+          client that reads "hello" before its FIN knows the reset comes after the bytes)
 - idleclose: echoes, but closes a connection that stays quiet for `--idle-close` seconds
 - http:   a minimal HTTP/1.0 server: any request gets 200 and "<name>\n", then close
 - halfclose: sends "bye\n" and its FIN at once, keeps reading; at EOF prints
@@ -125,7 +126,8 @@ async def handle(args: argparse.Namespace, reader: asyncio.StreamReader,
         elif args.mode == "resetafter":
             writer.write(b"hello")
             await writer.drain()
-            await asyncio.sleep(0.1)  # so "hello" surely reached the client first
+            while await reader.read(CHUNK):  # the client's EOF: it has read "hello" by now
+                pass
             reset(writer)
             return
         elif args.mode == "http":

@@ -246,8 +246,15 @@ async def test_scrape_during_bulk_transfer_is_fast(start_backend, start_balancer
     port = admin_port(balancer)
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     received = 0
-    while received < 64 << 20:  # the transfer is in full flow
-        received += len(await reader.read(1 << 20))
+
+    async def until_in_full_flow() -> None:
+        nonlocal received
+        while received < 64 << 20:
+            chunk = await reader.read(1 << 20)
+            assert chunk, f"the transfer ended after {received} bytes"
+            received += len(chunk)
+
+    await asyncio.wait_for(until_in_full_flow(), 30)  # the transfer is in full flow
     stop = asyncio.Event()
 
     async def keep_reading() -> None:
@@ -262,7 +269,7 @@ async def test_scrape_during_bulk_transfer_is_fast(start_backend, start_balancer
         await scrape(port)
         timings.append(time.monotonic() - started)
     stop.set()
-    await pump
+    await asyncio.wait_for(pump, 30)
     writer.close()
     assert max(timings) < 0.1, timings
 
