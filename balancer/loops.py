@@ -17,7 +17,10 @@ def resolve_loop_name(name: str) -> str:
         import uvloop  # noqa: F401
     except ImportError:
         if name == "uvloop":
-            raise RuntimeError("loop: uvloop was requested but is not installed") from None
+            raise RuntimeError(
+                "loop: uvloop was requested but is not installed "
+                "(pip install uvloop, or use loop: auto or asyncio)"
+            ) from None
         return "asyncio"
     return "uvloop"
 

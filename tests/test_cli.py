@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from balancer import __version__
+from balancer.loops import new_event_loop, resolve_loop_name
 
-from .utils import make_config
+from .utils import free_port, make_config, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,3 +108,73 @@ def test_stops_cleanly_on_signal(start_balancer, signum):
     process.send_signal(signum)
     assert process.proc.wait(10) == 0
     process.wait_for_line("stopped", timeout=5)
+
+
+# -- event loop selection and log levels ----------------------------------------------------
+
+
+def test_auto_loop_is_uvloop_when_it_imports():
+    pytest.importorskip("uvloop")
+    assert resolve_loop_name("auto") == "uvloop"
+    assert resolve_loop_name("uvloop") == "uvloop"
+    assert resolve_loop_name("asyncio") == "asyncio"
+    loop = new_event_loop("auto")
+    try:
+        assert type(loop).__module__.startswith("uvloop")
+    finally:
+        loop.close()
+
+
+def test_without_uvloop_auto_falls_back_and_uvloop_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` now fails
+    assert resolve_loop_name("auto") == "asyncio"
+    assert resolve_loop_name("asyncio") == "asyncio"
+    with pytest.raises(RuntimeError, match="loop: uvloop was requested but is not installed"):
+        resolve_loop_name("uvloop")
+    loop = new_event_loop("auto")
+    try:
+        assert isinstance(loop, asyncio.BaseEventLoop)  # the stdlib loop
+    finally:
+        loop.close()
+
+
+def test_loop_option_overrides_the_config(start_backend, start_balancer):
+    echo = start_backend("echo")
+    config = make_config([echo.address])
+    config["loop"] = "uvloop"
+    balancer = start_balancer(config, "-v", "debug", loop="asyncio")  # runs `--loop asyncio`
+    assert balancer.wait_for_line(r"event loop: \w+").endswith("event loop: asyncio")
+
+
+def test_debug_level_shows_debug_lines(start_backend, start_balancer):
+    echo = start_backend("echo")
+    balancer = start_balancer(make_config([echo.address]), "-v", "debug")
+    balancer.wait_for_line(r" DEBUG balancer\.")
+
+
+def test_error_level_hides_info_lines(start_backend, tmp_path):
+    echo = start_backend("echo")
+    config = make_config([echo.address])
+    port = free_port()
+    config["listeners"][0]["bind"] = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "balancer", "-c", write(tmp_path, config), "-v", "error"],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        # Nothing is logged at this level, so readiness is the port accepting (bounded).
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, "balancer exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "balancer did not start listening"
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        stderr = proc.stderr.read()
+    finally:
+        stop_process(proc)
+    assert "listening" not in stderr and " INFO " not in stderr, stderr
