@@ -20,7 +20,7 @@ import yaml
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
-DURATION_HINT = "must be a duration like 250ms, 10s, 5m"
+DURATION_HINT = "must be a duration like 250ms, 10s, 5m, 1h"
 
 
 def describe(value: object) -> str:

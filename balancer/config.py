@@ -28,6 +28,7 @@ STRATEGIES = ("round_robin", "weighted", "least_conn", "ip_hash", "random_two")
 LOOPS = ("auto", "uvloop", "asyncio")
 CHECK_TYPES = ("tcp", "http")
 LOG_FORMATS = ("text", "json")
+METRICS_HOST = "127.0.0.1"  # where `metrics.bind: PORT` listens: loopback only
 
 
 class ConfigError(Exception):
@@ -412,7 +413,7 @@ def _metrics(top: Section, listeners: tuple[ListenerConfig, ...]) -> MetricsConf
     if data is None:
         return None  # absent means no metrics endpoint
     section = Section(data, "metrics", top.problems, METRICS_KEYS)
-    bind = _address(section.host_port("bind"))
+    bind = _metrics_bind(section)
     token = section.string("admin_token")
     if bind is None:
         return None
@@ -420,6 +421,24 @@ def _metrics(top: Section, listeners: tuple[ListenerConfig, ...]) -> MetricsConf
         if bind.port != 0 and listener.bind == bind:
             section.fail("bind", f"same address as {item('listeners', index)}.bind")
     return MetricsConfig(bind, token)
+
+
+def _metrics_bind(section: Section) -> Address | None:
+    """``host:port``, or a bare port (``9100`` or ``":9100"``) meaning loopback: the admin
+    endpoints reach beyond this machine only when a host is named."""
+    value = section.get("bind")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        port = value.strip()
+        port = port[1:] if port.startswith(":") else port
+        if port.lstrip("-").isdigit():
+            try:
+                return parse_address(f"{METRICS_HOST}:{port}")
+            except ValueError as exc:
+                section.fail("bind", str(exc))
+                return None
+    return _address(section.host_port("bind"))
 
 
 def _workers(top: Section) -> int | None:

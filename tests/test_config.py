@@ -145,6 +145,27 @@ def test_omitted_keys_take_the_dataclass_defaults() -> None:
     assert config.log == LogConfig(None, "text")
 
 
+@pytest.mark.parametrize(("bind", "address"), [
+    (9100, Address("127.0.0.1", 9100)),
+    (":9100", Address("127.0.0.1", 9100)),
+    ("9100", Address("127.0.0.1", 9100)),
+    (" :9100 ", Address("127.0.0.1", 9100)),
+    (0, Address("127.0.0.1", 0)),
+    ("0.0.0.0:9100", Address("0.0.0.0", 9100)),
+    ("[::1]:9100", Address("::1", 9100)),
+])
+def test_metrics_bind_bare_port_means_loopback(bind: object, address: Address) -> None:
+    data = minimal()
+    data["metrics"] = {"bind": bind}
+    assert parse_config(data).metrics == MetricsConfig(address)
+
+
+def test_durations_take_hours() -> None:
+    data = minimal()
+    data["upstreams"]["app"]["timeouts"] = {"idle": "1h"}
+    assert parse_config(data).upstreams["app"].timeouts.idle == 3600.0
+
+
 def test_upstream_referenced_by_no_listener_is_allowed() -> None:
     config = parse_config(yaml.safe_load(FULL))
     assert config.upstreams["spare"].servers == (ServerConfig(Address("localhost", 4000)),)
@@ -210,7 +231,7 @@ def test_parse_duration(value: object, seconds: float) -> None:
               "-1s", "1d", "s", None, [1]]
 )
 def test_parse_duration_rejects(value: object) -> None:
-    with pytest.raises(ValueError, match="must be a duration like 250ms, 10s, 5m"):
+    with pytest.raises(ValueError, match="must be a duration like 250ms, 10s, 5m, 1h"):
         parse_duration(value)
 
 
@@ -320,15 +341,15 @@ MISTAKES = [
     ("upstreams.app.servers", [{"address": "127.0.0.1:1", "wieght": 2}],
      "upstreams.app.servers[0].wieght: unknown key (did you mean 'weight'?)"),
     ("upstreams.app.slow_start", "soon",
-     "upstreams.app.slow_start: must be a duration like 250ms, 10s, 5m, got 'soon'"),
+     "upstreams.app.slow_start: must be a duration like 250ms, 10s, 5m, 1h, got 'soon'"),
     ("upstreams.app.timeouts.connect", "fast",
-     "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, got 'fast'"),
+     "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, 1h, got 'fast'"),
     ("upstreams.app.timeouts.connect", 0,
      "upstreams.app.timeouts.connect: must be greater than 0, got 0"),
     ("upstreams.app.timeouts.idle", "0s",
      "upstreams.app.timeouts.idle: must be greater than 0, got '0s'"),
     ("upstreams.app.timeouts.connect", True,
-     "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, got True"),
+     "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, 1h, got True"),
     ("upstreams.app.timeouts", "1s", "upstreams.app.timeouts: must be a mapping, got '1s'"),
     ("upstreams.app.health.max_fails", -1,
      "upstreams.app.health.max_fails: must be a non-negative integer, got -1"),
@@ -361,12 +382,17 @@ MISTAKES = [
      "metrics.admin_token: must be a string, got 123"),
     ("metrics", {"bind": "127.0.0.1:8080"}, "metrics.bind: same address as listeners[0].bind"),
     ("metrics", "127.0.0.1:9100", "metrics: must be a mapping, got '127.0.0.1:9100'"),
+    ("metrics", {"bind": 70000}, "metrics.bind: port must be 0..65535, got 70000"),
+    ("metrics", {"bind": ":-1"}, "metrics.bind: port must be 0..65535, got '-1'"),
+    ("metrics", {"bind": ":"}, "metrics.bind: missing host in ':'"),
+    ("metrics", {"bind": True}, "metrics.bind: must be an address like host:port, got True"),
+    ("metrics", {"bind": 8080}, "metrics.bind: same address as listeners[0].bind"),
     ("workers", 0, "workers: must be a positive integer or 'auto', got 0"),
     ("workers", True, "workers: must be a positive integer or 'auto', got True"),
     ("workers", "many", "workers: must be a positive integer or 'auto', got 'many'"),
     ("loop", "trio", "loop: must be one of auto, uvloop, asyncio, got 'trio'"),
     ("shutdown_timeout", "-5s",
-     "shutdown_timeout: must be a duration like 250ms, 10s, 5m, got '-5s'"),
+     "shutdown_timeout: must be a duration like 250ms, 10s, 5m, 1h, got '-5s'"),
     ("log.format", "xml", "log.format: must be one of text, json, got 'xml'"),
     ("log.access", True, "log.access: must be off, stderr or a file path, got True"),
     ("log.acess", "stderr", "log.acess: unknown key (did you mean 'access'?)"),
@@ -457,7 +483,7 @@ workers: 0
         "listeners[1].bind: missing port in 'nowhere' (expected host:port or [v6]:port)",
         "upstreams.app.stratgy: unknown key (did you mean 'strategy'?)",
         "upstreams.app.servers[1].weight: must be a positive integer, got 0",
-        "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, got 'fast'",
+        "upstreams.app.timeouts.connect: must be a duration like 250ms, 10s, 5m, 1h, got 'fast'",
         "workers: must be a positive integer or 'auto', got 0",
     ]
 
