@@ -2,7 +2,13 @@
 
 The primary moves no bytes, so its upstreams are mirrors: the same `Upstream` and `Server`
 objects the workers use, bound to the shared table and synced from it (active connections of
-all workers, ejections, drains). Nothing here starts pools or checks.
+all workers, ejections, drains, and the workers' active-check verdicts). Nothing here starts
+pools or checks, and nothing here writes health to the table: the primary's cells only read.
+
+Active checks run in every worker, each on its own. The primary shows a server down by
+active check as soon as one live worker's checks say so (with that worker's reason), and up
+again once none does: a worker that failed its checks sends the server nothing, so "up"
+promises that every worker would use it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 
 from .config import Config, ListenerConfig
 from .shared import SYNC_INTERVAL, SharedCell, SharedTable
-from .upstream import Upstream
+from .upstream import Server, Upstream
 
 
 class ListenerView:
@@ -54,8 +60,8 @@ class ClusterView:
 
     def cell_for(self, key: str) -> SharedCell | None:
         row = self.rows.get(key)
-        # The primary never writes active counts; column 0 is only a place to read from.
-        return None if row is None else self.table.cell(row, 0)
+        # No column: the primary reads every worker's counts and verdicts and writes none.
+        return None if row is None else self.table.cell(row, None)
 
     def apply(self, config: Config) -> None:
         """Mirror a (re)loaded config; servers that stay keep their mirrored state."""
@@ -80,11 +86,16 @@ class ClusterView:
         if self._timer is not None:
             self._timer.cancel()
 
-    def _sync(self) -> None:
+    def refresh(self) -> None:
+        """Read the shared table once: what every worker decided and counts."""
         now = time.monotonic()
         for upstream in self.upstreams.values():
             for server in upstream.servers:
-                server.sync(now)
+                follow_checks(server)
+                server.sync(now)  # after: a passive ejection outlives an active recovery
+
+    def _sync(self) -> None:
+        self.refresh()
         self._timer = asyncio.get_running_loop().call_later(SYNC_INTERVAL, self._sync)
 
     def set_draining(self, upstream: str, address: str, draining: bool) -> None:
@@ -93,6 +104,17 @@ class ClusterView:
             if server.key == address and server.cell is not None:
                 server.cell.draining = draining  # workers follow within SYNC_INTERVAL
                 server.draining = draining
+
+
+def follow_checks(server: Server) -> None:
+    """Mirror the live workers' active-check verdicts: down if any of them says so."""
+    if server.cell is None:
+        return
+    reasons = server.cell.checked_down()
+    if reasons:
+        server.health.set_active(False, reasons[0])
+    else:
+        server.health.set_active(True, "active checks pass in every worker")
 
 
 def render_cluster_metrics() -> bytes:

@@ -6,14 +6,21 @@ One row per server (`upstream/host:port`), one column per worker slot:
     draining     int64     1 while an operator has it draining
     active[c]    int64     open connections of the worker in column c
     failures[c]  int64     connect failures seen by the worker in column c
+    checked[c]   int64     1 while the active checks of the worker in column c say down
+
+and after all the rows, for every row and column, the reason those checks gave
+(`REASON_BYTES` of UTF-8, written before `checked[c]` is set, so a reader that sees the flag
+finds the reason whole).
 
 Every worker writes only its own column, so no locks are needed; readers sum the columns.
 `down_until` and `draining` are written by whoever changes them and read by everyone's
 periodic sync (`SYNC_INTERVAL`), which is how "down in one worker" becomes "down in all of
 them" within a second. CLOCK_MONOTONIC is system-wide on Linux, so the times compare.
+`checked[c]` is read only by the primary, for /status and /healthz: a worker routes by its own
+checks' verdict.
 
 Per worker stay: pools, the smooth-weighted round-robin position, the active-check schedule
-(each worker probes on its own), and the half-open trial (up to one per worker).
+and verdict (each worker probes on its own), and the half-open trial (up to one per worker).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 
 SYNC_INTERVAL = 0.25  # seconds between a worker's reads of the shared state
 HEADER_FIELDS = 2  # down_until, draining
+COLUMN_FIELDS = 3  # active, failures, checked
+REASON_BYTES = 120
 
 
 class SharedTable:
@@ -34,8 +43,9 @@ class SharedTable:
         self.path = Path(path)
         self.rows = rows
         self.columns = columns
-        self.stride = HEADER_FIELDS + 2 * columns
-        size = rows * self.stride * 8
+        self.stride = HEADER_FIELDS + COLUMN_FIELDS * columns
+        self.reasons_at = rows * self.stride * 8  # byte offset of the reasons
+        size = self.reasons_at + rows * columns * REASON_BYTES
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         fd = os.open(self.path, flags, 0o600)
         try:
@@ -46,34 +56,47 @@ class SharedTable:
             os.close(fd)
         self.ints = memoryview(self._map).cast("q")
         self.floats = memoryview(self._map).cast("d")
+        self.bytes = memoryview(self._map)
 
-    def cell(self, row: int, column: int) -> SharedCell:
+    def cell(self, row: int, column: int | None) -> SharedCell:
+        """A worker's cell for one server (`column=None`: the primary's, which only reads)."""
         return SharedCell(self, row, column)
 
     def clear_column(self, column: int) -> None:
-        """Forget a worker slot's counts (its worker exited, maybe killed)."""
+        """Forget a worker slot's counts and check verdicts (its worker exited, maybe killed)."""
+        checked = HEADER_FIELDS + 2 * self.columns + column
         for row in range(self.rows):
-            base = row * self.stride + HEADER_FIELDS
-            self.ints[base + column] = 0
+            base = row * self.stride
+            self.ints[base + HEADER_FIELDS + column] = 0
+            self.ints[base + checked] = 0
 
     def close(self) -> None:
         self.ints.release()
         self.floats.release()
+        self.bytes.release()
         self._map.close()
 
 
 class SharedCell:
-    """One server's row, as seen by the worker in one column."""
+    """One server's row, as seen by the worker in one column (or by the primary: no column)."""
 
-    __slots__ = ("active_index", "base", "columns", "failure_index", "floats", "ints")
+    __slots__ = ("active_index", "base", "bytes", "checked_index", "column", "columns",
+                 "failure_index", "floats", "ints", "reason_at")
 
-    def __init__(self, table: SharedTable, row: int, column: int) -> None:
+    def __init__(self, table: SharedTable, row: int, column: int | None) -> None:
         self.ints = table.ints
         self.floats = table.floats
+        self.bytes = table.bytes
         self.columns = table.columns
+        self.column = column
         self.base = row * table.stride
-        self.active_index = self.base + HEADER_FIELDS + column
-        self.failure_index = self.base + HEADER_FIELDS + table.columns + column
+        # The primary's cell never counts connections; its indices point at column 0 only so
+        # that they are valid.
+        own = column or 0
+        self.active_index = self.base + HEADER_FIELDS + own
+        self.failure_index = self.base + HEADER_FIELDS + table.columns + own
+        self.checked_index = self.base + HEADER_FIELDS + 2 * table.columns + own
+        self.reason_at = table.reasons_at + row * table.columns * REASON_BYTES
 
     def add_active(self, delta: int) -> None:
         self.ints[self.active_index] += delta
@@ -88,6 +111,29 @@ class SharedCell:
     def total_failures(self) -> int:
         start = self.base + HEADER_FIELDS + self.columns
         return sum(self.ints[start : start + self.columns])
+
+    def set_checked_down(self, down: bool, reason: str) -> None:
+        """Publish this worker's active-check verdict (a no-op in the primary's cell)."""
+        if self.column is None:
+            return
+        if not down:
+            self.ints[self.checked_index] = 0
+        elif not self.ints[self.checked_index]:  # the reason of the change, not later ones
+            data = reason.encode()[:REASON_BYTES].ljust(REASON_BYTES, b"\0")
+            at = self.reason_at + self.column * REASON_BYTES
+            self.bytes[at : at + REASON_BYTES] = data
+            self.ints[self.checked_index] = 1
+
+    def checked_down(self) -> list[str]:
+        """The reasons of every worker whose active checks say this server is down."""
+        start = self.base + HEADER_FIELDS + 2 * self.columns
+        reasons = []
+        for column in range(self.columns):
+            if self.ints[start + column]:
+                at = self.reason_at + column * REASON_BYTES
+                raw = bytes(self.bytes[at : at + REASON_BYTES]).rstrip(b"\0")
+                reasons.append(raw.decode(errors="ignore") or "active checks failed")
+        return reasons
 
     @property
     def down_until(self) -> float:

@@ -145,11 +145,15 @@ class Server:
     def _health_changed(self, health: ServerHealth) -> None:
         if health.ok and self.slow_start and health.reason != "initial":
             self.ramp_until = time.monotonic() + self.slow_start
-        if self.cell is not None:  # tell the other workers (half-open stays local)
+        cell = self.cell
+        # Tell the other workers (half-open stays local) and the primary's /status (this
+        # worker's active-check verdict). The primary's own cell has no column: it only reads.
+        if cell is not None and cell.column is not None:
             if health.state == DOWN:
-                self.cell.down_until = health.down_until
+                cell.down_until = health.down_until
             elif health.state == UP:
-                self.cell.down_until = 0.0
+                cell.down_until = 0.0
+            cell.set_checked_down(not health.active_up, health.reason)
 
     def __repr__(self) -> str:
         return f"Server({self.upstream_name}/{self.key}, active={self.active}, up={self.up})"

@@ -74,7 +74,12 @@ class Worker:
 
     def cell_for(self, key: str) -> Any:
         row = self.rows.get(key)
-        return None if row is None else self.table.cell(row, self.column)
+        if row is None:
+            return None
+        cell = self.table.cell(row, self.column)
+        # A new Server starts up: forget the verdict of one a reload removed from this row.
+        cell.set_checked_down(False, "")
+        return cell
 
     async def run(self) -> int:
         from .server import Balancer

@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -16,9 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from balancer.admin import health_problems, server_status
+from balancer.cluster import ClusterView
+from balancer.config import parse_config
+from balancer.shared import REASON_BYTES, SharedTable
+from balancer.upstream import Upstream
+
 from .test_distribution import who_answers
 from .test_observability import admin_port, http, scrape, total, with_metrics
-from .utils import eventually, free_port, make_config
+from .utils import eventually, free_port, make_config, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -319,12 +326,17 @@ async def test_drain_via_admin_reaches_every_worker(start_backend, start_balance
 
 def followed(balancer, address: str, state: str) -> None:
     """Wait until both workers logged that they follow the shared drain state."""
-    pattern = re.compile(rf"\[worker (\d+)\] .*server app/{re.escape(address)} {state} ")
+    in_both_workers(balancer, rf"server app/{re.escape(address)} {state} ")
+
+
+def in_both_workers(balancer, pattern: str, timeout: float = 5.0) -> None:
+    """Wait until both workers have logged a line matching `pattern`."""
+    regex = re.compile(rf"\[worker (\d+)\] .*{pattern}")
 
     def both() -> bool:
-        return len({m.group(1) for x in balancer.lines if (m := pattern.search(x))}) == 2
+        return len({m.group(1) for x in balancer.lines if (m := regex.search(x))}) == 2
 
-    balancer.wait_for_log(both, timeout=5)
+    balancer.wait_for_log(both, timeout=timeout)
 
 
 async def test_primary_gives_up_after_repeated_crashes(start_backend, start_balancer):
@@ -377,3 +389,76 @@ async def test_passive_ejection_in_one_worker_reaches_the_other(start_backend, s
     assert reasons[0].startswith("1 connect failures") or reasons[1].startswith("1 connect")
     assert any(r == "marked down by another worker" for r in reasons)
     assert answers == {"good"}
+
+
+async def server_state(port: int) -> dict:
+    _, body = await http(port, path="/status")
+    return json.loads(body)["upstreams"]["app"]["servers"][0]
+
+
+async def test_active_checks_of_the_workers_reach_the_primarys_status(
+    start_backend, start_balancer
+):
+    backend = start_backend("name", "only")
+    check = {"interval": "100ms", "timeout": "200ms", "rise": 2, "fall": 2, "type": "tcp"}
+    config = with_metrics(make_config([backend.address],
+                                      health={"max_fails": 0, "check": check}))
+    balancer = start_workers(start_balancer, config)
+    port = admin_port(balancer)
+    assert await http(port, path="/healthz") == (200, b"ok\n")
+    backend_port = backend.port
+    backend.stop()
+    address = re.escape(backend.address)
+    in_both_workers(balancer, rf"server app/{address} down: 2 active checks failed")
+    # The primary reads the workers' verdicts every sync interval.
+    status = await wait_until(lambda: http(port, path="/healthz"), lambda r: r[0] == 503)
+    assert status == (503, b"listener test: no server up in upstream app\n")
+    server = await server_state(port)
+    assert server["state"] == "down", server
+    assert server["reason"] == "2 active checks failed (last: refused)", server
+    start_backend("name", "only", port=backend_port)
+    in_both_workers(balancer, rf"server app/{address} up: 2 active checks passed")
+    assert await wait_until(lambda: http(port, path="/healthz"),
+                            lambda r: r[0] == 200) == (200, b"ok\n")
+    assert (await server_state(port))["state"] == "up"
+
+
+async def test_primary_shows_down_while_any_live_worker_checks_fail(tmp_path):
+    """The primary's view of two workers' columns in one shared table, without processes."""
+    config = parse_config({
+        "listeners": [{"name": "test", "bind": "127.0.0.1:0", "upstream": "app"}],
+        "upstreams": {"app": {"servers": ["127.0.0.1:1", "127.0.0.1:2"],
+                              "health": {"check": {"type": "tcp"}}}},
+    })
+    rows = {"app/127.0.0.1:1": 0, "app/127.0.0.1:2": 1}
+    table = SharedTable(tmp_path / "shared", 8, 2, create=True)
+    workers = [Upstream(config.upstreams["app"],
+                        lambda key, c=column: table.cell(rows[key], c)) for column in (0, 1)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        view = ClusterView(config, table, rows, {"test": [[sock]]})
+    first = view.upstreams["app"].servers[0]
+
+    def refreshed() -> dict:
+        view.refresh()
+        return server_status(first)
+
+    assert refreshed()["state"] == "up"
+    workers[0].servers[0].health.set_active(False, "2 active checks failed (last: timeout)")
+    assert refreshed()["state"] == "down"
+    assert server_status(first)["reason"] == "2 active checks failed (last: timeout)"
+    assert health_problems(view) == []  # the second server is still up
+    for worker in workers:  # the second server fails too, in one worker only
+        worker.servers[1].health.set_active(worker is workers[1], "checks")
+    view.refresh()
+    assert health_problems(view) == ["listener test: no server up in upstream app"]
+    workers[0].servers[0].health.set_active(True, "2 active checks passed")
+    assert refreshed()["state"] == "up"  # the other worker never said down
+    assert health_problems(view) == []
+    table.clear_column(0)  # the worker that failed the second server's checks was reaped
+    view.refresh()
+    assert server_status(view.upstreams["app"].servers[1])["state"] == "up"
+    # A reason longer than its slot is cut, never mis-decoded.
+    workers[1].servers[0].health.set_active(False, "é" * REASON_BYTES)
+    assert refreshed()["reason"] == "é" * (REASON_BYTES // 2)
+    table.close()

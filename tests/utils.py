@@ -202,3 +202,19 @@ async def read_backend_line(backend: Backend, timeout: float = 10.0) -> str:
     assert backend.proc.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(backend.proc.stdout.readline), timeout)
     return line.strip()
+
+
+async def wait_until(probe: Any, accept: Any, timeout: float = 5.0,
+                     interval: float = 0.05) -> Any:
+    """Await `probe()` until `accept(result)` holds, and return that result: for state another
+    process changes and only answers about when asked (an HTTP endpoint). Bounded in time."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if accept(result):
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last: {result!r}")
+        await asyncio.sleep(interval)
