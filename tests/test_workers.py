@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -140,16 +141,53 @@ async def test_least_conn_counts_connections_of_all_workers(start_backend, start
     backends = [start_backend("name", n) for n in "ab"]
     config = make_config([b.address for b in backends], "least_conn")
     balancer = start_workers(start_balancer, config)
+    pids = worker_pids(balancer)
+    baselines = {pid: fd_count(pid) for pid in pids}
     held = []
-    answers: Counter[str] = Counter()
-    for _ in range(16):  # spread over both workers by the kernel
-        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
-        answers[(await asyncio.wait_for(reader.readline(), 10)).decode().strip()] += 1
-        held.append(writer)
-    # Globally least loaded every time: an exact split, whichever worker took each client.
-    assert answers == {"a": 8, "b": 8}
-    for writer in held:
-        writer.close()
+    answers: Counter[str] = Counter({"a": 0, "b": 0})
+    try:
+        for _ in range(16):  # spread over both workers by the kernel
+            reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+            held.append(writer)
+            answers[(await asyncio.wait_for(reader.readline(), 10)).decode().strip()] += 1
+            # Globally least loaded every time, whichever worker took this client: a worker
+            # that saw only its own connections would soon pick the server another one filled.
+            assert max(answers.values()) - min(answers.values()) <= 1, answers
+        assert answers == {"a": 8, "b": 8}
+        # Both workers placed clients (two fds per connection): the split above was shared.
+        grown = {pid: fd_count(pid) - baselines[pid] for pid in pids}
+        assert sum(grown.values()) == 32 and all(n >= 2 for n in grown.values()), grown
+    finally:
+        for writer in held:
+            writer.close()
+
+
+def test_least_conn_reads_every_column_of_the_shared_table(tmp_path):
+    """Two workers' upstreams on two columns of one table: each pick sees both workers'
+    connections, in any interleaving, and a release in one worker frees room for the other."""
+    servers = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    config = parse_config({
+        "listeners": [{"name": "test", "bind": "127.0.0.1:0", "upstream": "app"}],
+        "upstreams": {"app": {"strategy": "least_conn", "servers": servers}},
+    })
+    rows = {f"app/{address}": row for row, address in enumerate(servers)}
+    table = SharedTable(tmp_path / "shared", 8, 2, create=True)
+    workers = [Upstream(config.upstreams["app"],
+                        lambda key, c=column: table.cell(rows[key], c)) for column in (0, 1)]
+    rng = random.Random(7)
+    held = []
+    for _ in range(60):
+        server = rng.choice(workers).pick("127.0.0.1")
+        assert server is not None
+        server.acquire()
+        held.append(server)
+        load = [server.active for server in workers[0].servers]
+        assert max(load) - min(load) <= 1, load
+    assert [server.active for server in workers[1].servers] == [20, 20, 20]
+    for server in [s for s in held if s.key == servers[1]][:5]:  # ends in either worker
+        server.release()
+    assert {workers[i].pick("127.0.0.1").key for i in (0, 1)} == {servers[1]}
+    table.close()
 
 
 async def test_metrics_and_status_aggregate_all_workers(start_backend, start_balancer):
