@@ -62,7 +62,7 @@ class WorkerDied(Exception):
         self.code = code
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one object per process
 class WorkerProcess:
     slot: int
     column: int
@@ -70,6 +70,14 @@ class WorkerProcess:
     control: socket.socket
     replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     retiring: bool = False
+    stop_sent: bool = False  # a second SIGTERM would close its connections at once
+
+    def stop(self) -> None:
+        """Ask it to stop accepting and drain (once)."""
+        if not self.stop_sent:
+            self.stop_sent = True
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
 
 
 class Supervisor:
@@ -82,6 +90,7 @@ class Supervisor:
         self.rows: dict[str, int] = {}
         self.free_columns = list(range(workers * COLUMNS_PER_WORKER))
         self.workers: dict[int, WorkerProcess] = {}  # slot -> live worker
+        self.starting: set[WorkerProcess] = set()  # spawned, not ready yet
         self.crashes: list[float] = []
         self.failure: str | None = None
         self.stopping = False
@@ -145,13 +154,28 @@ class Supervisor:
         )
         theirs.close()
         worker = WorkerProcess(slot, column, process, ours)
+        # A stop waits for the workers being started too, or they would outlive the primary.
+        self.starting.add(worker)
+        try:
+            return await self._start(worker)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
+        finally:
+            self.starting.discard(worker)
+            self._check_done()
+
+    async def _start(self, worker: WorkerProcess) -> WorkerProcess | None:
+        """Hand a new worker its config and sockets and wait for its "ready"."""
+        slot, process, ours = worker.slot, worker.process, worker.control
         if self.stopping:  # a stop came while it was starting: the sockets are closed
             await self._kill(worker)
             return None
         layout, fds = self.share([cfg.name for cfg in self.config.listeners], slot)
         send_message(ours, {
             "kind": "start", "config": self.config, "listeners": layout, "rows": self.rows,
-            "column": column, "columns": self.table.columns, "capacity": SHARED_ROWS,
+            "column": worker.column, "columns": self.table.columns, "capacity": SHARED_ROWS,
             "shm": str(self.table.path),
         }, fds)
         ours.setblocking(False)
@@ -165,13 +189,16 @@ class Supervisor:
         if reply not in done or reply.result().get("kind") != "ready":
             exited.cancel()
             code = await self._kill(worker)
+            if self.stopping:  # told to stop before it was ready: not a crash
+                log.info("worker %d (pid %d) stopped before it was ready", slot, process.pid)
+                return None
             raise WorkerDied(slot, code)
         exited.cancel()
         self.workers[slot] = worker
         log.info("worker %d started (pid %d)", slot, process.pid)
         self._spawn_task(self._watch(worker))
         if self.stopping:  # a stop came while it was starting
-            process.send_signal(signal.SIGTERM)
+            worker.stop()
         return worker
 
     def _spawn_task(self, coro: Any) -> None:
@@ -229,8 +256,7 @@ class Supervisor:
         self._forget(worker)
         if worker.retiring or self.stopping:
             log.info("worker %d (pid %d) exited", worker.slot, worker.process.pid)
-            if self.stopping and not self.workers:
-                self._done.set()
+            self._check_done()
             return
         log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid, describe_exit(code))
         try:
@@ -327,10 +353,12 @@ class Supervisor:
             return
         self.stopping = True
         self._close_sockets()
-        for worker in self.workers.values():
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(signal.SIGTERM)
-        if not self.workers:
+        for worker in [*self.workers.values(), *self.starting]:
+            worker.stop()
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self.stopping and not self.workers and not self.starting:
             self._done.set()
 
     def _close_sockets(self) -> None:
@@ -341,7 +369,7 @@ class Supervisor:
 
     def force_stop(self) -> None:
         """Second signal: workers close their connections at once."""
-        for worker in self.workers.values():
+        for worker in [*self.workers.values(), *self.starting]:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signal.SIGTERM)
 

@@ -51,6 +51,15 @@ def fd_count(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
+def socket_count(pid: int) -> int:
+    """Open sockets only (metrics files come and go as label sets first appear)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
 async def assert_refused(port: int) -> None:
     """A connect to `port` is refused (a handshake the kernel completed would be a failure)."""
     try:
@@ -508,3 +517,61 @@ async def test_primary_shows_down_while_any_live_worker_checks_fail(tmp_path):
     workers[1].servers[0].health.set_active(False, "é" * REASON_BYTES)
     assert refreshed()["reason"] == "é" * (REASON_BYTES // 2)
     table.close()
+
+
+async def test_killed_worker_leaves_no_stale_active_connections(start_backend, start_balancer):
+    echo = start_backend("echo")
+    balancer = start_workers(start_balancer, with_metrics(make_config([echo.address])))
+    port = admin_port(balancer)
+    pids = worker_pids(balancer)
+    baselines = {pid: socket_count(pid) for pid in pids}
+    held = []
+    try:
+        for _ in range(12):
+            reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+            held.append(writer)
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
+        # Two fds per connection in the worker that holds it; kill the busier worker.
+        holding = {pid: (socket_count(pid) - baselines[pid]) // 2 for pid in pids}
+        assert sum(holding.values()) == 12, holding
+        victim = max(holding, key=holding.__getitem__)
+        assert total(await scrape(port), "balancer_active_connections") == 12
+        os.kill(victim, signal.SIGKILL)
+        # Logged once the primary has reaped it (mark_process_dead, its column cleared).
+        await eventually(lambda: any(f"(pid {victim}) was killed by SIGKILL" in x
+                                     for x in list(balancer.lines)), timeout=10)
+        left = 12 - holding[victim]
+        assert total(await scrape(port), "balancer_active_connections") == left
+        assert (await server_state(port))["active"] == left
+    finally:
+        for writer in held:
+            writer.close()
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Live processes whose environment holds `entry` (a balancer's metrics directory)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if entry.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+    return found
+
+
+async def test_stop_during_a_replacement_leaves_no_worker_behind(start_backend,
+                                                                 start_balancer):
+    echo = start_backend("echo")
+    balancer = start_workers(start_balancer, make_config([echo.address]))
+    victim = worker_pids(balancer)[0]
+    # The workers of this balancer, and only they, were started with its metrics directory
+    # in their environment (the primary set it after its own start).
+    entry = next(e for e in Path(f"/proc/{victim}/environ").read_bytes().decode().split("\0")
+                 if e.startswith("PROMETHEUS_MULTIPROC_DIR="))
+    assert sorted(processes_with_env(entry)) == sorted(worker_pids(balancer))
+    os.kill(victim, signal.SIGKILL)
+    await eventually(lambda: any(f"(pid {victim}) was killed by SIGKILL" in x
+                                 for x in list(balancer.lines)), timeout=10, interval=0.005)
+    balancer.send_signal(signal.SIGTERM)  # while the replacement is starting
+    assert balancer.proc.wait(20) == 0
+    assert processes_with_env(entry) == []
