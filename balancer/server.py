@@ -29,7 +29,7 @@ from .metrics import Metrics, MetricsEvents
 from .proxy import ClientConnection, ConnectionEvents, FanOutEvents, Route
 from .shared import SYNC_INTERVAL
 from .sockets import LISTEN_BACKLOG, bind_group
-from .upstream import CellFor, Upstream, _no_cell
+from .upstream import CellFor, Server, Upstream, _no_cell
 
 log = logging.getLogger("balancer.server")
 
@@ -139,6 +139,7 @@ class Balancer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
+        self._reload_lock = asyncio.Lock()
         self._stopping = False
         self._sync_timer: asyncio.TimerHandle | None = None
         self.events = FanOutEvents([])
@@ -224,8 +225,15 @@ class Balancer:
 
         New listeners are bound first: if one cannot be, nothing changes and OSError is raised.
         Then upstreams are reconfigured in place (servers that stay keep health and pools) and
-        removed listeners stop accepting; their open connections finish on their own.
+        removed listeners stop accepting. Connections through a removed listener or to a
+        removed server may finish for up to `shutdown_timeout`, then they are closed.
+        Reloads run one at a time, in the order they were asked for.
         """
+        async with self._reload_lock:
+            await self._reload(config, sockets)
+
+    async def _reload(self, config: Config,
+                      sockets: dict[str, list[socket.socket]] | None) -> None:
         loop = self._loop
         assert loop is not None
         if sockets is not None:
@@ -247,29 +255,49 @@ class Balancer:
             for listener in opened:
                 listener.stop_accepting()
             raise
+        gone: set[Server] = set()  # servers no longer in the config
         for name, cfg in config.upstreams.items():
             if name in added:
                 self.upstreams[name] = added[name]
                 added[name].start(loop)
             else:
-                self.upstreams[name].reconfigure(cfg, loop)
+                gone.update(self.upstreams[name].reconfigure(cfg, loop))
             if self.metrics_events is not None:
                 self.metrics_events.watch_upstream(self.upstreams[name])
         for cfg in config.listeners:
             if cfg.name in kept:
                 current[cfg.name].config = cfg
                 current[cfg.name].route.use(self.upstreams[cfg.upstream])
-        for listener in self.listeners:
-            if listener.name not in kept:
-                listener.stop_accepting()
-                self.retired.append(listener)
+        retiring = [lst for lst in self.listeners if lst.name not in kept]
+        for listener in retiring:
+            listener.stop_accepting()
+            self.retired.append(listener)
         self.listeners = [current[name] for name in kept] + opened
         for name in [n for n in self.upstreams if n not in config.upstreams]:
-            self.upstreams.pop(name).stop()
+            removed = self.upstreams.pop(name)
+            removed.stop()
+            gone.update(removed.servers)
+        if gone or retiring:
+            loop.call_later(config.shutdown_timeout, self._end_leftovers, gone, retiring)
         self._watch_pools()
         self.config = config
         log.info("configuration reloaded: %d listener(s), %d upstream(s)",
                  len(self.listeners), len(self.upstreams))
+
+    def _end_leftovers(self, gone: set[Server], retiring: list[Listener]) -> None:
+        """`shutdown_timeout` after a reload: close what still runs through a listener or to
+        a server that the reload removed, as a shutdown would."""
+        leftovers = [conn for lst in [*self.listeners, *self.retired] for conn in lst.connections
+                     if lst in retiring or conn.server in gone]
+        if leftovers:
+            log.info("closing %d connection(s) left from before the reload", len(leftovers))
+        for conn in leftovers:
+            conn.outcome = "shutdown"
+            conn.close(abort=True)
+        for listener in retiring:
+            listener.stop()
+            if listener in self.retired:
+                self.retired.remove(listener)
 
     def set_draining(self, upstream: str, address: str, draining: bool) -> None:
         """Operator drain: no new connections for a server; open ones continue."""

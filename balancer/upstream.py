@@ -192,6 +192,8 @@ class Upstream:
             else:
                 server.config = server_config
                 server.slow_start = config.slow_start
+                if not config.slow_start:  # a ramp in progress ends with slow start itself
+                    server.ramp_until = 0.0
                 server.health.reconfigure(config.health)
             servers.append(server)
         self.servers = servers
@@ -204,19 +206,22 @@ class Upstream:
         check = config.health.check
         self.checker = ActiveChecker(servers, check) if check is not None else None
 
-    def reconfigure(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def reconfigure(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> list[Server]:
         """Apply a reloaded config in place. Servers that stay keep their health state, live
-        connections and pool; removed servers' pools close, their connections finish."""
+        connections and pool; removed servers' pools close, their connections finish (the
+        caller bounds how long). Returns the removed servers."""
         if self.checker is not None:
             self.checker.stop()
         old = {server.key: server for server in self.servers}
         self._build(config, old)
         kept = {server.key for server in self.servers}
-        for key, server in old.items():
-            if key not in kept and server.pool is not None:
+        removed = [server for key, server in old.items() if key not in kept]
+        for server in removed:
+            if server.pool is not None:
                 server.pool.close()
                 server.pool = None
         self.start(loop)
+        return removed
 
     def pick(self, client_ip: str, exclude: Server | None = None) -> Server | None:
         """Choose a server for a client, skipping `exclude` (the one that just failed).

@@ -1,0 +1,162 @@
+"""Reload in one process: what a valid new config changes, and what it must keep."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from collections import Counter
+
+import pytest
+import yaml
+
+from .test_distribution import who_answers
+from .test_observability import admin_port, http, with_metrics
+from .test_resilience import attempts_on
+from .utils import free_port, make_config, read_backend_line
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def reload(balancer, config: dict) -> None:
+    """Write the new config and SIGHUP; return once the balancer says it applied it."""
+    before = sum("configuration reloaded" in line for line in balancer.lines)
+    balancer.config_path.write_text(yaml.safe_dump(config))
+    balancer.send_signal(signal.SIGHUP)
+    balancer.wait_for_log(
+        lambda: sum("configuration reloaded" in line for line in balancer.lines) > before, 10)
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
+    writer.write(data)
+    return await asyncio.wait_for(reader.readexactly(len(data)), 5)
+
+
+async def test_reload_changes_strategy_and_weights(start_backend, start_balancer):
+    a, b = start_backend("name", "a"), start_backend("name", "b")
+    config = make_config([a.address, b.address], "round_robin")
+    balancer = start_balancer(config)
+    assert Counter([await who_answers(balancer.port) for _ in range(4)]) == {"a": 2, "b": 2}
+    config["upstreams"]["app"]["strategy"] = "weighted"
+    config["upstreams"]["app"]["servers"] = [{"address": a.address, "weight": 3}, b.address]
+    reload(balancer, config)
+    assert Counter([await who_answers(balancer.port) for _ in range(8)]) == {"a": 6, "b": 2}
+
+
+async def test_reload_keeps_a_down_server_down_and_the_pools(start_backend, start_balancer):
+    """Servers that stay keep their passive-health record and their idle pool connections."""
+    a = start_backend("echo", "a", "--report")
+    dead = f"127.0.0.1:{free_port()}"
+    config = with_metrics(make_config([dead, a.address], "round_robin", pool={"size": 2},
+                                      health={"max_fails": 1, "fail_timeout": "30s"}))
+    balancer = start_balancer(config, "-v", "debug")
+    port = admin_port(balancer)
+    assert [await read_backend_line(a) for _ in range(2)] == ["open", "open"]
+    balancer.wait_for_line(rf"server app/{re.escape(dead)} down")  # its pool's connect failed
+    failed_before = attempts_on(balancer, dead)
+
+    config["upstreams"]["app"]["servers"] = [dead, {"address": a.address, "weight": 2}]
+    reload(balancer, config)
+    status = json.loads((await http(port, path="/status"))[1])
+    servers = {s["address"]: s for s in status["upstreams"]["app"]["servers"]}
+    assert servers[dead]["state"] == "down" and servers[a.address]["weight"] == 2
+    assert servers[a.address]["pool_idle"] == 2
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    assert await echo(reader, writer, b"through a pooled connection") == \
+        b"through a pooled connection"
+    writer.close()
+    await writer.wait_closed()
+    assert attempts_on(balancer, dead) == failed_before  # still out: no connect attempted
+
+    # Stop the balancer and balance the backend's books: every connection it ever saw is
+    # reported open, then closed. A pool rebuilt by the reload would have opened 2 more.
+    balancer.send_signal(signal.SIGTERM)
+    assert balancer.proc.wait(10) == 0
+    lines: list[str] = []
+    while not lines or lines.count("open") != lines.count("closed"):
+        lines.append(await read_backend_line(a))
+        assert len(lines) < 20
+    assert lines.count("open") == 1  # the refill after the client took one; no new pool
+
+
+async def test_reload_swaps_a_listener_and_bounds_its_old_connections(
+    start_backend, start_balancer
+):
+    e = start_backend("echo", "e")
+    config = make_config([e.address])
+    config["shutdown_timeout"] = "1s"
+    balancer = start_balancer(config)
+    old_port = balancer.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", old_port)
+    assert await echo(reader, writer, b"before") == b"before"
+
+    config["listeners"] = [{"name": "new", "bind": "127.0.0.1:0", "upstream": "app"}]
+    reload(balancer, config)
+    reloaded_at = time.monotonic()
+    line = balancer.wait_for_line(r"listening on .*\(new -> upstream app\)")
+    new_port = int(re.search(r":(\d+) \(new", line).group(1))
+    new_reader, new_writer = await asyncio.open_connection("127.0.0.1", new_port)
+    assert await echo(new_reader, new_writer, b"new") == b"new"
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", old_port)
+    # The connection through the removed listener still works, until shutdown_timeout.
+    assert await echo(reader, writer, b"after") == b"after"
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    assert time.monotonic() - reloaded_at >= 0.9
+    balancer.wait_for_line(r"closing 1 connection\(s\) left from before the reload")
+    assert await echo(new_reader, new_writer, b"still") == b"still"  # not a leftover
+    for w in (writer, new_writer):
+        w.close()
+
+
+async def test_reload_removing_a_server_bounds_its_connections(start_backend, start_balancer):
+    a, b = start_backend("name", "a"), start_backend("name", "b")
+    config = make_config([a.address, b.address], "round_robin")
+    config["shutdown_timeout"] = "1s"
+    balancer = start_balancer(config)
+    held = {}
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+        name = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+        held[name] = (reader, writer)
+    assert set(held) == {"a", "b"}
+
+    config["upstreams"]["app"]["servers"] = [a.address]
+    reload(balancer, config)
+    reloaded_at = time.monotonic()
+    assert {await who_answers(balancer.port) for _ in range(4)} == {"a"}
+    assert await echo(*held["b"], b"b still serves") == b"b still serves"
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(held["b"][0].readexactly(1), 5)
+    assert time.monotonic() - reloaded_at >= 0.9
+    assert await echo(*held["a"], b"a is kept") == b"a is kept"
+    for _, writer in held.values():
+        writer.close()
+
+
+
+def test_reload_turning_slow_start_off_ends_a_ramp_in_progress():
+    """A server mid-ramp when a reload sets `slow_start: 0` gets its full weight at once
+    (the ramp divided by slow_start, so this used to raise ZeroDivisionError on every pick)."""
+    from balancer.config import Address, HealthConfig, ServerConfig, UpstreamConfig
+    from balancer.upstream import Upstream
+
+    def config(slow_start: float) -> UpstreamConfig:
+        servers = tuple(ServerConfig(Address("127.0.0.1", 3001 + i), weight=4)
+                        for i in range(2))
+        return UpstreamConfig("app", servers, strategy="least_conn",
+                              health=HealthConfig(max_fails=1), slow_start=slow_start)
+
+    upstream = Upstream(config(30.0))
+    first = upstream.servers[0]
+    first.health.connect_failed("refused")  # down, then back: ramping from the floor
+    first.health.down_until = 0.0
+    first.health.connect_started()
+    first.health.connect_succeeded()
+    assert first.weight < 4
+    upstream.reconfigure(config(0.0), loop=None)  # type: ignore[arg-type]
+    assert first.weight == 4
+    assert upstream.pick("10.0.0.1") is not None
