@@ -497,6 +497,10 @@ class ClientConnection(asyncio.Protocol):
         if self.client_eof:  # both directions have ended: close() sends our FIN
             self.close()
         else:
+            self.route.loop.call_soon(self._pass_upstream_eof)
+
+    def _pass_upstream_eof(self) -> None:
+        if not self.closed:
             self.transport.write_eof()
 
     # The client's receive side is slow: stop reading the server until it drains.
@@ -548,3 +552,6 @@ class ClientConnection(asyncio.Protocol):
             self.server.release()
         route.connections.discard(self)
         route.events.closed(self)
+        # Unlink the pair: with no cycle left, both halves are freed by reference counting
+        # as soon as uvloop lets go of them, rather than by the garbage collector.
+        self.upstream = None
