@@ -582,3 +582,28 @@ def test_every_shipped_config_loads(path: Path) -> None:
 def test_each_example_uses_its_strategy(strategy: str) -> None:
     config = load_config(CONFIGS / "examples" / f"{strategy}.yaml")
     assert {up.strategy for up in config.upstreams.values()} == {strategy}
+
+
+def test_reference_config_documents_every_key() -> None:
+    """configs/upstream.yaml is the reference: every key the loader accepts appears in it,
+    at its place, so a new key cannot ship undocumented."""
+    from balancer import config as schema
+
+    doc = yaml.safe_load((CONFIGS / "upstream.yaml").read_text())
+    upstream = doc["upstreams"]["app"]
+    server_keys = set().union(*(s.keys() for s in upstream["servers"]))
+    places = [
+        (set(doc), schema.TOP_KEYS),
+        (set(doc["listeners"][0]), schema.LISTENER_KEYS),
+        (set(upstream), schema.UPSTREAM_KEYS),
+        (server_keys, schema.SERVER_KEYS),
+        (set(upstream["health"]), schema.HEALTH_KEYS),
+        (set(upstream["health"]["check"]), schema.CHECK_KEYS),
+        (set(upstream["retries"]), schema.RETRIES_KEYS),
+        (set(upstream["pool"]), schema.POOL_KEYS),
+        (set(upstream["timeouts"]), schema.TIMEOUTS_KEYS),
+        (set(doc["metrics"]), schema.METRICS_KEYS),
+        (set(doc["log"]), schema.LOG_KEYS),
+    ]
+    for documented, accepted in places:
+        assert documented == set(accepted)

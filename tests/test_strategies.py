@@ -492,3 +492,26 @@ def test_random_two_draws_only_usable_servers():
     for i in (0, 2, 3, 5, 7):
         servers[i].up = False
     assert set(picks(strategy, servers, 300)) == {"b", "e", "g"}
+
+
+@pytest.mark.parametrize("strategy", list(config.STRATEGIES))
+def test_every_strategy_uses_backups_only_when_no_primary_is_usable(strategy: str) -> None:
+    from balancer.config import UpstreamConfig
+    from balancer.upstream import Upstream
+
+    servers = tuple(ServerConfig(Address("127.0.0.1", 3001 + i), backup=i >= 2, max_conns=1)
+                    for i in range(4))
+    upstream = Upstream(UpstreamConfig("app", servers, strategy=strategy))
+    primaries, backups = upstream.servers[:2], upstream.servers[2:]
+    ips = [f"10.0.{i}.{j}" for i in range(4) for j in range(1, 50)]
+    assert {upstream.pick(ip) for ip in ips} <= set(primaries)
+    primaries[0].up = False  # one primary down: the other takes everyone
+    assert {upstream.pick(ip) for ip in ips} == {primaries[1]}
+    primaries[1].acquire()  # ...until it is full (max_conns 1): now the backups
+    assert {upstream.pick(ip) for ip in ips} <= set(backups)
+    backups[0].acquire()
+    assert {upstream.pick(ip) for ip in ips} == {backups[1]}
+    backups[1].acquire()
+    assert upstream.pick(ips[0]) is None
+    primaries[1].release()  # a primary has room again: backups are left alone
+    assert {upstream.pick(ip) for ip in ips} == {primaries[1]}
