@@ -34,6 +34,32 @@ class Strategy(ABC):
         """Return a server for which `usable(server)` is true, or None if there is none."""
 
 
+def smooth_pick(servers: list[Server], current: list[float], usable: Usable,
+                share: bool) -> int:
+    """One step of smooth weighted round robin (nginx): every usable server gains its weight
+    in credit, the richest wins and pays the total. Returns its index, or -1 if none is
+    usable. With `share`, a server's weight is its slow-start share (0..1) instead."""
+    best = -1
+    best_current = 0.0
+    total = 0.0
+    for index in range(len(servers)):
+        server = servers[index]
+        if not usable(server):
+            continue
+        weight = server.weight
+        if share:
+            weight /= server.config.weight
+        value = current[index] + weight
+        current[index] = value
+        total += weight
+        if best < 0 or value > best_current:
+            best = index
+            best_current = value
+    if best >= 0:
+        current[best] = best_current - total
+    return best
+
+
 class RoundRobin(Strategy):
     """Each usable server in turn. The cursor restarts after the server chosen, not after
     the one it pointed at, so an unusable server's turn goes to whoever comes next rather
@@ -83,23 +109,9 @@ class RoundRobin(Strategy):
             for index in range(len(current)):
                 current[index] = 0.0
             self.smooth = True
-        best = -1
-        best_current = 0.0
-        total = 0.0
-        for index in range(len(servers)):
-            server = servers[index]
-            if not usable(server):
-                continue
-            share = server.weight / server.config.weight
-            value = current[index] + share
-            current[index] = value
-            total += share
-            if best < 0 or value > best_current:
-                best = index
-                best_current = value
+        best = smooth_pick(servers, current, usable, share=True)
         if best < 0:
             return None
-        current[best] = best_current - total
         self.cursor = best + 1  # once the ramp ends, the rotation goes on after this one
         return servers[best]
 
@@ -114,24 +126,8 @@ class Weighted(Strategy):
         self.current: list[float] = [0.0] * len(self.servers)
 
     def pick(self, client_ip: str, usable: Usable) -> Server | None:
-        current = self.current
-        best = -1
-        best_current = 0.0
-        total = 0.0
-        for index, server in enumerate(self.servers):
-            if not usable(server):
-                continue
-            weight = server.weight
-            value = current[index] + weight
-            current[index] = value
-            total += weight
-            if best < 0 or value > best_current:
-                best = index
-                best_current = value
-        if best < 0:
-            return None
-        current[best] = best_current - total
-        return self.servers[best]
+        best = smooth_pick(self.servers, self.current, usable, share=False)
+        return self.servers[best] if best >= 0 else None
 
 
 class LeastConn(Strategy):
