@@ -40,8 +40,9 @@ class Metrics:
             "balancer_active_connections", "Client connections open now.",
             ["listener", "upstream", "server"], multiprocess_mode="livesum", **kw)
         self.errors = Counter(
-            "balancer_connection_errors", "Failed upstream connects, and clients no server "
-            "could take (reason no_server).", ["upstream", "server", "reason"], **kw)
+            "balancer_connection_errors", "Failed upstream connects (clients' and keepalive "
+            "pools'), and clients no server could take (reason no_server).",
+            ["upstream", "server", "reason"], **kw)
         self.retries = Counter(
             "balancer_retries", "Connects retried on another server.", ["upstream"], **kw)
         self.bytes = Counter(
@@ -118,8 +119,14 @@ class MetricsEvents(ConnectionEvents):
         self.metrics.retries.labels(upstream.name)
 
     def watch_pool(self, pool: ServerPool) -> None:
+        """Export a pool's idle count, and count its failed connects with the clients': a
+        server that refuses only pool connects still shows in the errors (as in /status
+        `failures`, which counts both)."""
         gauge = self.metrics.pool_idle.labels(pool.server.upstream_name, pool.server.key)
+        errors = self.metrics.errors
         pool.on_change = lambda p: gauge.set(len(p.idle))
+        pool.on_connect_failed = lambda p, reason: errors.labels(
+            p.server.upstream_name, p.server.key, reason).inc()
 
     def start(self) -> None:
         """Begin the once-a-second byte-counter update for open connections."""

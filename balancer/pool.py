@@ -3,7 +3,8 @@
 A pool hit takes the upstream connect off the client's critical path. The rules:
 
 - Each usable server keeps `pool.size` idle connections; a taken one is replaced in the
-  background. No pool connects to a server that is down, draining or full.
+  background, and an empty pool is refilled as soon as its server comes back up. No pool
+  connects to a server that is down, draining or full.
 - An idle connection the server closes or resets is dropped at once, so a dead one is never
   handed out. One older than `pool.idle_timeout` is closed and replaced.
 - Bytes a server sends before any client is attached (a banner) are kept and delivered first.
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from .health import failure_reason
 
 if TYPE_CHECKING:
+    from .health import ServerHealth
     from .upstream import Server
 
 log = logging.getLogger("balancer.pool")
@@ -82,14 +84,23 @@ class ServerPool:
         self._sweep_timer: asyncio.TimerHandle | None = None
         # Told whenever the number of idle connections changes (the metrics gauge).
         self.on_change: Callable[[ServerPool], None] | None = None
+        # Told of each failed pool connect and its reason (the metrics' error counter).
+        self.on_connect_failed: Callable[[ServerPool, str], None] | None = None
 
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change(self)
 
     def start(self) -> None:
+        self.server.health.listeners.append(self._health_changed)
         self.refill()
         self._schedule_sweep()
+
+    def _health_changed(self, health: ServerHealth) -> None:
+        """A server back up (trial or active checks passed) gets its pool now: waiting for the
+        next sweep would leave the first clients after a recovery without one."""
+        if health.ok:
+            self.refill()
 
     def take(self) -> IdleConnection | None:
         """Hand out the freshest live idle connection, or None (a miss)."""
@@ -139,7 +150,10 @@ class ServerPool:
                 )
         except (OSError, TimeoutError) as exc:
             self.connecting -= 1
-            self.server.connect_failed(failure_reason(exc))
+            reason = failure_reason(exc)
+            self.server.connect_failed(reason)
+            if self.on_connect_failed is not None:
+                self.on_connect_failed(self, reason)
             if not self.closed and self._retry_timer is None:
                 self._retry_timer = self.loop.call_later(REFILL_RETRY_DELAY, self._retry)
             return
@@ -148,12 +162,15 @@ class ServerPool:
             health.connect_abandoned(trial)
             raise
         self.connecting -= 1
-        health.connect_succeeded()
         if self.closed:
+            health.connect_succeeded()
             conn.transport.close()
             return
+        # Pooled before the health news: a server this brings back up refills its pool
+        # (`_health_changed`) from the true count, not one short.
         self.idle.append(conn)  # type: ignore[arg-type]
         self._changed()
+        health.connect_succeeded()
 
     def _wanted(self) -> bool:
         """Keep connections only to servers that are fully up (a half-open server's one
@@ -184,6 +201,9 @@ class ServerPool:
     def close(self) -> None:
         """Stop upkeep and close every idle connection (shutdown or reload)."""
         self.closed = True
+        listeners = self.server.health.listeners
+        if self._health_changed in listeners:
+            listeners.remove(self._health_changed)
         for timer in (self._retry_timer, self._sweep_timer):
             if timer is not None:
                 timer.cancel()
