@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .utils import eventually, free_port, make_config
+from .utils import blackhole, eventually, free_port, make_config, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -278,14 +279,17 @@ async def test_scrape_during_bulk_transfer_is_fast(start_backend, start_balancer
 async def test_status_page_in_headless_chromium(start_backend, start_balancer, tmp_path):
     a = start_backend("name", "a")
     dead = f"127.0.0.1:{free_port()}"
-    config = with_metrics(make_config([a.address, dead], health={"max_fails": 1}))
+    servers = [{"address": a.address, "max_conns": 50}, dead]
+    config = with_metrics(make_config(servers, health={"max_fails": 1}, pool={"size": 2}))
     balancer = start_balancer(config)
     port = admin_port(balancer)
     from .test_distribution import who_answers
 
-    for _ in range(2):  # one of these hits the dead server: it goes down
+    for _ in range(2):  # the dead one is down by its pool's failed connects, if not by these
         await who_answers(balancer.port)
     balancer.wait_for_line(rf"server app/{re.escape(dead)} down")
+    expected = await wait_until(lambda: status_servers(port),
+                                lambda s: s[a.address]["pool_idle"] == 2)
     ARTIFACTS.mkdir(exist_ok=True)
     common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
               "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -298,8 +302,292 @@ async def test_status_page_in_headless_chromium(start_backend, start_balancer, t
     rendered = dom.stdout.split('<main id="upstreams">', 1)[-1].split("</main>", 1)[0]
     rows = dict(re.findall(r'<tr data-server="([^"]+)" data-state="([^"]+)"', rendered))
     assert rows == {a.address: "up", dead: "down"}, dom.stdout[-2000:]
+    # The counters per server: active (of max_conns), failures and idle pooled connections.
+    cells = {}
+    for address, row in re.findall(r'<tr data-server="([^"]+)"[^>]*>(.*?)</tr>', rendered, re.S):
+        cells[address] = [re.sub(r"<[^>]+>", "", cell).strip()
+                          for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    assert cells[a.address][2] == "0 / 50" and cells[dead][2] == "0", cells
+    for address in (a.address, dead):
+        assert cells[address][5] == str(expected[address]["failures"]), cells
+        assert cells[address][6] == str(expected[address]["pool_idle"]), cells
+    assert int(cells[dead][5]) >= 1 and cells[a.address][6] == "2", cells
     shot = ARTIFACTS / "status.png"
     await asyncio.to_thread(
         subprocess.run, [*common, f"--screenshot={shot}", url], capture_output=True,
         timeout=60)
     assert shot.exists() and shot.stat().st_size > 5000
+
+
+async def status_servers(port: int) -> dict[str, dict]:
+    """/status servers of every upstream, by address."""
+    status, body = await http(port, path="/status")
+    assert status == 200
+    upstreams = json.loads(body)["upstreams"].values()
+    return {server["address"]: server for up in upstreams for server in up["servers"]}
+
+
+async def test_pool_hits_and_misses_are_counted(start_backend, start_balancer):
+    echo = start_backend("echo", "e")
+    size = 3
+    balancer = start_balancer(with_metrics(make_config([echo.address], pool={"size": size})))
+    port = admin_port(balancer)
+    requests = "balancer_pool_requests_total"
+
+    async def pool_idle() -> int:
+        return (await status_servers(port))[echo.address]["pool_idle"]
+
+    await wait_until(pool_idle, lambda n: n == size)
+    for i in range(size):  # one by one, through the warm pool
+        assert await echo_once(balancer.port, b"x%d" % i) == b"x%d" % i
+    samples = await scrape(port)
+    assert total(samples, requests, upstream="app", server=echo.address, result="hit") == size
+    assert total(samples, requests, result="miss") == 0
+    assert total(samples, "balancer_upstream_connect_seconds_count") == 0  # all pooled
+    await wait_until(pool_idle, lambda n: n == size)
+    # More clients than idle connections at once: stopped, the balancer cannot accept, so
+    # they are all accepted in one loop pass after SIGCONT, before any refill can land. The
+    # first `size` take the idle connections; the others find the pool empty.
+    extra = 2
+    balancer.proc.send_signal(signal.SIGSTOP)
+    try:
+        burst = [socket.create_connection(("127.0.0.1", balancer.port))
+                 for _ in range(size + extra)]
+    finally:
+        balancer.proc.send_signal(signal.SIGCONT)
+
+    def exchange(sock: socket.socket) -> bytes:
+        sock.settimeout(10)
+        sock.sendall(b"burst")
+        sock.shutdown(socket.SHUT_WR)
+        return sock.makefile("rb").read()
+
+    try:
+        answers = await asyncio.gather(*(asyncio.to_thread(exchange, s) for s in burst))
+    finally:
+        for sock in burst:
+            sock.close()
+    assert answers == [b"burst"] * (size + extra)
+    samples = await scrape(port)
+    assert total(samples, requests, result="hit") == 2 * size
+    assert total(samples, requests, server=echo.address, result="miss") == extra
+    assert total(samples, "balancer_upstream_connect_seconds_count") == extra
+    await wait_until(pool_idle, lambda n: n == size)
+
+
+async def test_pool_connect_failures_are_counted_as_errors(start_backend, start_balancer):
+    """/status `failures` counts every failed connect to a server, the pool's included; the
+    error counter agrees, so a server refusing before any client arrives shows in both."""
+    good = start_backend("echo", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = with_metrics(make_config([dead, good.address], pool={"size": 2},
+                                      health={"max_fails": 1, "fail_timeout": "30s"}))
+    balancer = start_balancer(config)
+    port = admin_port(balancer)
+
+    async def failures() -> int:
+        return (await status_servers(port))[dead]["failures"]
+
+    assert await wait_until(failures, lambda n: n >= 2) == 2  # the pool's two connects
+    samples = await scrape(port)
+    errors = "balancer_connection_errors_total"
+    assert total(samples, errors, upstream="app", server=dead, reason="refused") == 2
+    assert total(samples, errors) == 2
+    assert total(samples, "balancer_connections_total") == 0  # no client was involved
+    assert total(samples, "balancer_server_up", server=dead) == 0
+
+
+async def test_pool_idle_gauge_drops_and_refills(start_backend, start_balancer):
+    backend = start_backend("echo", "e")
+    config = with_metrics(make_config([backend.address], pool={"size": 3},
+                                      health={"max_fails": 1, "fail_timeout": "1s"}))
+    balancer = start_balancer(config)
+    port = admin_port(balancer)
+    address = backend.address
+
+    async def gauge() -> float:
+        return total(await scrape(port), "balancer_pool_idle_connections", upstream="app",
+                     server=address)
+
+    assert await wait_until(gauge, lambda n: n == 3) == 3
+    backend_port = backend.port
+    backend.stop()  # the idle connections are closed, and refills are refused
+    balancer.wait_for_line(rf"server app/{re.escape(address)} down")
+    assert await wait_until(gauge, lambda n: n == 0) == 0
+    start_backend("echo", "e", port=backend_port)
+    # The ejection (fail_timeout, 1 s) must elapse before the server is tried again.
+    await asyncio.sleep(1.1)
+    assert await echo_once(balancer.port, b"trial") == b"trial"  # the half-open trial
+    balancer.wait_for_line(rf"server app/{re.escape(address)} up: trial connection succeeded")
+    # Refilled as the server comes back, not at the next sweep (5 s away at most).
+    assert await wait_until(gauge, lambda n: n == 3, timeout=2.5) == 3
+    assert (await status_servers(port))[address]["pool_idle"] == 3
+
+
+# Every balancer_* family and its exact label names (issue 4: names are the interface).
+FAMILY_LABELS = {
+    "balancer_connections": {"listener", "upstream", "server"},
+    "balancer_active_connections": {"listener", "upstream", "server"},
+    "balancer_connection_errors": {"upstream", "server", "reason"},
+    "balancer_retries": {"upstream"},
+    "balancer_bytes": {"upstream", "server", "direction"},
+    "balancer_upstream_connect_seconds": {"upstream", "server"},
+    "balancer_connection_duration_seconds": {"upstream"},
+    "balancer_server_up": {"upstream", "server"},
+    "balancer_pool_idle_connections": {"upstream", "server"},
+    "balancer_pool_requests": {"upstream", "server", "result"},
+    "balancer_config_reloads": {"result"},
+}
+LABEL_VALUES = {"reason": {"refused", "timeout", "reset", "no_server"},
+                "direction": {"upstream", "downstream"}}
+
+
+async def test_metric_families_have_exactly_their_label_sets(start_backend, start_balancer):
+    echo = start_backend("echo", "e")
+    dead = f"127.0.0.1:{free_port()}"
+    config = with_metrics(make_config([dead, echo.address], "round_robin", pool={"size": 1},
+                                      health={"max_fails": 0}))
+    balancer = start_balancer(config)
+    port = admin_port(balancer)
+    for i in range(4):  # through the pool, a direct connect, and a retry off the dead one
+        assert await echo_once(balancer.port, b"%d" % i) == b"%d" % i
+    status, body = await http(port, path="/metrics")
+    assert status == 200
+    seen: dict[str, int] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        if not family.name.startswith("balancer_"):
+            continue
+        base = family.name.removesuffix("_created")
+        assert base in FAMILY_LABELS, f"unexpected family {family.name}"
+        for sample in family.samples:
+            labels = set(sample.labels)
+            if sample.name.endswith("_bucket"):
+                assert labels == FAMILY_LABELS[base] | {"le"}, sample
+            else:
+                assert labels == FAMILY_LABELS[base], sample
+            for label, allowed in LABEL_VALUES.items():
+                if label in sample.labels:
+                    assert sample.labels[label] in allowed, sample
+            if base == "balancer_pool_requests":
+                assert sample.labels["result"] in {"hit", "miss"}, sample
+            if base == "balancer_config_reloads":
+                assert sample.labels["result"] in {"success", "failure"}, sample
+            if sample.name == "balancer_server_up":
+                assert sample.value in (0, 1), sample
+            if sample.labels.get("reason") == "no_server":
+                assert sample.labels["server"] == "", sample
+            seen[base] = seen.get(base, 0) + 1
+    assert set(seen) == set(FAMILY_LABELS), set(FAMILY_LABELS) - set(seen)
+    assert "process_resident_memory_bytes" in body.decode()
+
+
+async def test_access_log_text_lines_to_a_file(start_backend, start_balancer, tmp_path):
+    echo = start_backend("echo")
+    log_path = tmp_path / "access.log"
+    config = make_config([echo.address])
+    config["log"] = {"access": str(log_path), "format": "text"}
+    balancer = start_balancer(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    client_port = writer.get_extra_info("sockname")[1]
+    writer.write(b"hello")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b"hello"
+    writer.close()
+
+    def lines() -> list[str]:
+        return log_path.read_text().splitlines() if log_path.exists() else []
+
+    await eventually(lambda: len(lines()) == 1)
+    match = re.fullmatch(
+        r"(\S+) test 127\.0\.0\.1:(\d+) -> app/(\S+) up=5 down=5 (\d+(?:\.\d+)?)ms ok",
+        lines()[0])
+    assert match, lines()
+    stamp, port, server, duration = match.groups()
+    time.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z")
+    assert int(port) == client_port and server == echo.address
+    assert 0 <= float(duration) < 10_000
+    assert not any(" -> app/" in line for line in balancer.lines)  # the file only
+
+
+@pytest.mark.parametrize("off", ["off", False])  # False: a bare `off` in YAML 1.1
+async def test_access_log_off_writes_nothing(start_backend, start_balancer, tmp_path,
+                                             monkeypatch, off):
+    echo = start_backend("echo")
+    monkeypatch.chdir(tmp_path)  # the balancer's cwd: an `off` taken as a path lands here
+    config = with_metrics(make_config([echo.address]))
+    dead = f"127.0.0.1:{free_port()}"
+    config["listeners"].append({"name": "nowhere", "bind": "127.0.0.1:0", "upstream": "dead"})
+    config["upstreams"]["dead"] = {"servers": [dead], "retries": {"tries": 1},
+                                   "health": {"max_fails": 0}}
+    config["log"] = {"access": off, "format": "text"}
+    balancer = start_balancer(config, "-v", "debug")
+    port = admin_port(balancer)
+    assert await echo_once(balancer.ports["test"], b"hello") == b"hello"
+
+    async def closed() -> float:
+        samples = await scrape(port)
+        return total(samples, "balancer_connection_duration_seconds_count", upstream="app")
+
+    await wait_until(closed, lambda n: n == 1)  # the access log would have had its line
+    # Two failed clients: each logs a debug line before it closes, so once the second
+    # line is in, every line an access log could have written before it is in too.
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.ports["nowhere"])
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    balancer.wait_for_log(
+        lambda: sum(f"connect to dead/{dead} failed" in x for x in balancer.lines) == 2, 10)
+    assert not [line for line in balancer.lines if re.search(r" -> (app|dead)/", line)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [balancer.config_path.name]
+
+
+async def test_status_shows_half_open_during_a_trial_and_slow_start_weight(
+    start_backend, start_balancer
+):
+    good = start_backend("name", "good")
+    flaky_port = free_port()
+    flaky = f"127.0.0.1:{flaky_port}"
+    servers = [{"address": flaky, "weight": 4}, {"address": good.address, "weight": 4}]
+    config = with_metrics(make_config(
+        servers, "round_robin", slow_start="20s", health={"max_fails": 1, "fail_timeout": "1s"},
+        timeouts={"connect": "30s"}, retries={"timeout": "60s"}))
+    balancer = start_balancer(config)
+    port = admin_port(balancer)
+    from .test_distribution import who_answers
+
+    assert (await status_servers(port))[flaky]["effective_weight"] == 4  # no ramp at start
+    assert await who_answers(balancer.port) == "good"  # refused, retried on the other
+    balancer.wait_for_line(rf"server app/{re.escape(flaky)} down")
+    hole = blackhole(flaky_port)  # from now on a connect to it hangs (timeout 30 s)
+    clients: list[socket.socket] = []
+    try:
+        # The ejection (fail_timeout, 1 s) must elapse before a trial.
+        await asyncio.sleep(1.1)
+        for _ in range(3):  # round robin: one of the next clients is the trial
+            clients.append(socket.create_connection(("127.0.0.1", balancer.port)))
+            state = await wait_until(lambda: status_servers(port),
+                                     lambda s: s[flaky]["active"] + s[good.address]["active"]
+                                     == len(clients))
+            if state[flaky]["active"]:
+                break
+        # The trial connect hangs: the server is half-open for as long as it does.
+        assert state[flaky]["state"] == "half_open" and state[flaky]["active"] == 1, state
+        await asyncio.sleep(0.3)  # still hanging a moment later (the connect timeout is 30 s)
+        assert (await status_servers(port))[flaky]["state"] == "half_open"
+        for client in clients:  # the trial's client leaves: the trial is free again
+            client.close()
+        clients = []
+    finally:
+        for sock in [*clients, *hole]:
+            sock.close()
+    start_backend("name", "back", port=flaky_port)
+
+    async def served() -> dict[str, dict]:
+        await who_answers(balancer.port)
+        return await status_servers(port)
+
+    state = await wait_until(served, lambda s: s[flaky]["state"] == "up", timeout=10)
+    assert state[flaky]["reason"] == "trial connection succeeded"
+    # Slow start: the weight ramps from 5% to full over 20 s; well under half just after.
+    assert 0 < state[flaky]["effective_weight"] < 2, state[flaky]
+    assert state[good.address]["effective_weight"] == 4

@@ -218,3 +218,21 @@ async def wait_until(probe: Any, accept: Any, timeout: float = 5.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s; last: {result!r}")
         await asyncio.sleep(interval)
+
+
+def blackhole(port: int = 0) -> list[Any]:
+    """A listener (on `port`, or any) whose accept queue is full, so a connect to it hangs
+    until the connecting side gives up. Returns the listener and its fillers: close them all."""
+    import socket
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    return [listener, *fillers]
