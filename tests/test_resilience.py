@@ -13,7 +13,14 @@ import time
 import pytest
 
 from .test_distribution import who_answers
-from .utils import NodeBackend, eventually, free_port, make_config, read_backend_line
+from .utils import (
+    NodeBackend,
+    eventually,
+    free_port,
+    make_config,
+    read_backend_line,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -334,3 +341,205 @@ async def test_half_open_server_gets_exactly_one_trial_from_a_burst(
     assert answers == ["good"] * 16
     balancer.wait_for_line(rf"server app/{re.escape(dead)} down: trial connection failed")
     assert attempts_on(balancer, dead) == 2
+
+
+def log_time(line: str) -> float:
+    """Seconds since the epoch from a log line's `asctime` (millisecond precision)."""
+    from datetime import datetime
+
+    stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
+@pytest.mark.parametrize(("connect_ms", "attempts"), [(400, 3), (800, 2)])
+async def test_retry_budget_caps_each_attempts_timeout(start_balancer, connect_ms, attempts):
+    """Each attempt waits min(timeouts.connect, what is left of retries.timeout), so with
+    three blackhole servers and a 1 s budget the client is closed at ~1.0 s: 400+400+200 ms,
+    or 800+200 ms (the budget, not `tries`, ends it; an uncapped last attempt would take
+    1.6 s). Every failure is a timeout."""
+    from .test_observability import admin_port, scrape, total, with_metrics
+    from .test_proxy import full_accept_queue
+
+    holes = [full_accept_queue() for _ in range(3)]
+    servers = [f"127.0.0.1:{hole[0].getsockname()[1]}" for hole in holes]
+    try:
+        config = with_metrics(make_config(
+            servers, health={"max_fails": 0}, timeouts={"connect": f"{connect_ms}ms"},
+            retries={"tries": 3, "timeout": "1s"}))
+        balancer = start_balancer(config)
+        port = admin_port(balancer)
+        clients = 2
+        for _ in range(clients):
+            started = time.monotonic()
+            reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            elapsed = time.monotonic() - started
+            writer.close()
+            assert 0.9 <= elapsed < 1.35, f"closed after {elapsed:.3f}s, budget 1s"
+        samples = await scrape(port)
+        errors = "balancer_connection_errors_total"
+        assert total(samples, errors, upstream="app", reason="timeout") == clients * attempts
+        assert total(samples, errors, reason="refused") == 0
+        assert total(samples, errors, reason="reset") == 0
+        assert total(samples, errors, server="", reason="no_server") == clients
+        assert total(samples, "balancer_retries_total") == clients * (attempts - 1)
+    finally:
+        for hole in holes:
+            for sock in hole:
+                sock.close()
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_conn", "ip_hash"])
+async def test_retry_never_tries_the_same_server_twice_in_a_row(
+    start_backend, start_balancer, strategy
+):
+    """With passive checks off the refusing server stays in rotation (round_robin offers it
+    first to every client; ip_hash would offer it again to the same client address); the
+    retry must go to the other one, so each client costs at most one failed connect and is
+    always served."""
+    good = start_backend("name", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = make_config([dead, good.address], strategy, health={"max_fails": 0},
+                         retries={"tries": 3})
+    config["log"] = {"access": "stderr", "format": "text"}
+    balancer = start_balancer(config, "-v", "debug")
+
+    def access_lines() -> int:
+        return sum(" -> app/" in line for line in balancer.lines)
+
+    costs = []
+    before = 0
+    for client in range(1, 13):  # from 127.0.0.1 .. 127.0.0.12: ip_hash spreads them
+        assert await who_answers(balancer.port, f"127.0.0.{client}") == "good"
+        # A client's access line is written after its connect-failure lines: once it is
+        # in, this client's failures are all counted, and none of the next one's.
+        balancer.wait_for_log(lambda n=client: access_lines() >= n, 10)
+        now = attempts_on(balancer, dead)
+        costs.append(now - before)
+        before = now
+    assert max(costs) <= 1, costs
+    assert sum(costs) >= (6 if strategy == "round_robin" else 1), costs  # it was offered
+
+
+async def test_idle_pool_connections_are_replaced_after_idle_timeout(
+    start_backend, start_balancer
+):
+    from .test_observability import admin_port, http, with_metrics
+
+    backend = start_backend("echo", "e", "--report")
+    config = with_metrics(make_config([backend.address],
+                                      pool={"size": 2, "idle_timeout": "300ms"}))
+    launched = time.monotonic()
+    balancer = start_balancer(config, "-v", "debug")
+    port = admin_port(balancer)
+
+    async def pool_idle() -> int:
+        body = json.loads((await http(port, path="/status"))[1])
+        return body["upstreams"]["app"]["servers"][0]["pool_idle"]
+
+    opened = closed = 0
+    first_close = 0.0
+    samples = []
+    for _ in range(60):  # bounded: 4 replacements are 8 lines, after the first 2 opens
+        line = await read_backend_line(backend, timeout=5)
+        opened += line == "open"
+        if line == "closed":
+            closed += 1
+            first_close = first_close or time.monotonic()
+        # Replacements may reach the backend before the closes they replace, never more.
+        assert opened - closed <= 4, (opened, closed)
+        samples.append(await pool_idle())
+        if closed >= 4 and opened == closed + 2:
+            break
+    assert closed >= 4 and opened == closed + 2, (opened, closed)
+    # No idle connection was closed before it was idle_timeout old.
+    assert first_close - launched >= 0.3
+    # The pool is refilled at once: only a replacement's local connect can be caught.
+    assert max(samples) == 2 and samples.count(2) >= len(samples) / 2, samples
+    balancer.wait_for_line("dropping idle connection: idle timeout")
+    assert await wait_until(pool_idle, lambda n: n == 2) == 2
+
+
+async def test_no_pool_connects_to_a_server_while_it_is_down(start_backend, start_balancer):
+    from balancer.pool import REFILL_RETRY_DELAY
+
+    from .test_observability import admin_port, http, with_metrics
+
+    good = start_backend("echo", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = with_metrics(make_config([dead, good.address], pool={"size": 2},
+                                      health={"max_fails": 1, "fail_timeout": "30s"}))
+    balancer = start_balancer(config)
+    port = admin_port(balancer)
+    balancer.wait_for_line(rf"server app/{re.escape(dead)} down")
+
+    async def dead_failures() -> int:
+        body = json.loads((await http(port, path="/status"))[1])
+        state = {s["address"]: s for s in body["upstreams"]["app"]["servers"]}[dead]
+        assert state["state"] == "down" and state["pool_idle"] == 0
+        return state["failures"]
+
+    # Both first pool connects fail (one ejects, one lands while down): let them settle.
+    before = await wait_until(dead_failures, lambda n: n >= 2)
+    # A configured period must elapse: several refill retry periods, with no client traffic.
+    await asyncio.sleep(3 * REFILL_RETRY_DELAY + 0.5)
+    assert await dead_failures() == before
+
+
+async def test_half_open_trial_comes_only_after_the_ejection_time(start_backend, start_balancer):
+    """The trial follows `fail_timeout` after the ejection, and a failed trial ejects for
+    twice as long: measured between the balancer's own log lines (their timestamps)."""
+    good = start_backend("name", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = make_config([dead, good.address], "round_robin",
+                         health={"max_fails": 1, "fail_timeout": "1s"})
+    balancer = start_balancer(config, "-v", "debug")
+    # Clients every 50 ms: each ejection ends while they are arriving.
+    answers = await serve_until(balancer.port, lambda: attempts_on(balancer, dead) >= 3,
+                                timeout=15)
+    assert set(answers) == {"good"}
+    balancer.wait_for_line(rf"server app/{re.escape(dead)} down: trial connection failed "
+                           r"\(refused\); out for 4s")
+    name = f"server app/{dead} "
+    downs = [line for line in balancer.lines if name + "down: " in line]
+    trials = [line for line in balancer.lines if name + "half-open: " in line]
+    fails = [line for line in balancer.lines if f"connect to app/{dead} failed" in line]
+    assert len(downs) == 3 and len(trials) == 2 and len(fails) == 3, balancer.lines[-20:]
+    assert "out for 1s" in downs[0] and "out for 2s" in downs[1]
+    for down, trial, fail, out_for in zip(downs[:2], trials, fails[1:], (1.0, 2.0), strict=True):
+        waited = log_time(trial) - log_time(down)
+        # Timestamps are truncated to the millisecond; a trial comes within a second of its
+        # time, given clients every 50 ms.
+        assert out_for - 0.002 <= waited < out_for + 1.0, (down, trial)
+        assert log_time(fail) - log_time(down) >= out_for - 0.002, (down, fail)
+
+
+async def test_a_pool_connect_that_brings_its_server_back_does_not_overfill_the_pool():
+    """In process, with a real listener: the server is ejected while the pool's first
+    connects are in flight; the first to land brings it back up, and the refill that recovery
+    starts must count that connection, or the pool ends one over its size."""
+    from balancer.config import Address, HealthConfig, ServerConfig
+    from balancer.pool import ServerPool
+    from balancer.upstream import Server
+
+    accepted: list[asyncio.StreamWriter] = []
+    listener = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    server = Server(ServerConfig(Address("127.0.0.1", port)), "app",
+                    HealthConfig(max_fails=1, fail_timeout=30.0))
+    pool = ServerPool(server, 2, 60.0, 5.0, asyncio.get_running_loop())
+    settled = asyncio.Event()
+    pool.on_change = lambda p: p.connecting == 0 and p.idle and settled.set()
+    try:
+        pool.start()  # two connects in flight ...
+        server.connect_failed("refused")  # ... when a client's connect ejects the server
+        assert server.health.state == "down" and pool.connecting == 2
+        await asyncio.wait_for(settled.wait(), 5)
+        assert server.health.state == "up"
+        assert len(pool.idle) == 2 and pool.connecting == 0
+    finally:
+        pool.close()
+        for writer in accepted:
+            writer.close()
+        listener.close()
+        await listener.wait_closed()
