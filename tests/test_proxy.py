@@ -302,3 +302,16 @@ async def test_churn_keeps_process_alive_and_fds_at_baseline(
     for balancer, baseline in zip((up_first, client_first), baselines, strict=True):
         await eventually(lambda b=balancer, n=baseline: b.fd_count() == n, timeout=10)
         assert balancer.alive()
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+async def test_server_given_by_hostname_is_resolved_and_reached(
+    start_backend, start_balancer, loop_name
+):
+    """A server named by host name (as in docker-compose) goes through the resolver on the
+    connect path, not only the numeric fast path."""
+    from .test_distribution import who_answers
+
+    backend = start_backend("name", "byname")
+    balancer = start_balancer(make_config([f"localhost:{backend.port}"]), loop=loop_name)
+    assert [await who_answers(balancer.port) for _ in range(3)] == ["byname"] * 3
