@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -33,7 +34,8 @@ def _read_listening_line(proc: subprocess.Popen[str], what: str) -> int:
     return int(result[0].split()[1])
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0,
+                 close_pipes: bool = True) -> int:
     """SIGTERM, wait, then SIGKILL: no test leaves a process behind."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -42,9 +44,10 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
+    if close_pipes:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     return proc.returncode
 
 
@@ -119,7 +122,8 @@ class BalancerProcess:
             text=True,
             start_new_session=True,
         )
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        self._pump = threading.Thread(target=self._pump_stderr, daemon=True)
+        self._pump.start()
         self.ports: dict[str, int] = {}
         expected = len(config["listeners"])
         self.wait_for_log(lambda: len(self._listening()) >= expected, START_TIMEOUT)
@@ -181,7 +185,17 @@ class BalancerProcess:
         self.proc.send_signal(signum)
 
     def stop(self) -> int:
-        return stop_process(self.proc)
+        """Stop the balancer, and let the log reader reach the end of stderr before the pipe
+        is closed: closing it under the reader raised an error in the reader's thread."""
+        code = stop_process(self.proc, close_pipes=False)
+        self._pump.join(5)
+        if self._pump.is_alive():  # something of its session still holds stderr: end it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._pump.join(5)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return code
 
 
 async def eventually(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
