@@ -118,14 +118,22 @@ class Route:
 
     def start_idle_sweep(self) -> None:
         """Close connections idle for `idle_timeout`: one timer per listener sweeping every
-        connection, rather than a timer per connection (cheaper on the accept path).
-        A connection is closed between `idle_timeout` and `idle_timeout` + one sweep period."""
+        connection, rather than a timer per connection (cheaper on the accept path), and a
+        flag per chunk rather than a clock read (cheaper on the byte path). A connection is
+        closed between `idle_timeout` and `idle_timeout` + one sweep period."""
         period = max(0.02, min(1.0, self.idle_timeout / 8))
         self.idle_sweep = self.loop.call_later(period, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
-        cutoff = self.loop.time() - self.idle_timeout
-        idle = [c for c in self.connections if c.last_io <= cutoff and c.upstream is not None]
+        now = self.loop.time()
+        cutoff = now - self.idle_timeout
+        idle = []
+        for conn in self.connections:
+            if conn.moved:  # bytes since the last sweep: quiet from now on, if at all
+                conn.moved = False
+                conn.quiet_since = now
+            elif conn.quiet_since <= cutoff and conn.upstream is not None:
+                idle.append(conn)
         for conn in idle:
             conn.outcome = "idle_timeout"
             conn.close(abort=True)
@@ -161,7 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         client.bytes_down += len(data)
-        client.last_io = client.clock()
+        client.moved = True
         client.transport.write(data)
 
     def eof_received(self) -> bool:
@@ -215,9 +223,10 @@ class ClientConnection(asyncio.Protocol):
         "connect_timer",
         "connecting",
         "early",
-        "last_io",
+        "moved",
         "outcome",
         "paired",
+        "quiet_since",
         "route",
         "server",
         "started",
@@ -241,7 +250,8 @@ class ClientConnection(asyncio.Protocol):
         self.server: Server | None = None
         self.client_ip = ""
         self.started = 0.0
-        self.last_io = 0.0
+        self.quiet_since = 0.0  # for the idle sweep: no bytes moved since then...
+        self.moved = False  # ...unless bytes moved since the last sweep
         self.bytes_up = 0  # client -> server
         self.bytes_down = 0  # server -> client
         self.client_eof = False
@@ -265,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
         if route.upstream.needs_client_ip:  # a getpeername() only where it is used
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0] if peer else ""
-        self.started = self.last_io = self.clock()
+        self.started = self.quiet_since = self.clock()
         self.tries_left = route.tries
         server = route.upstream.pick(self.client_ip)
         if server is None:
@@ -457,7 +467,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_write = transport.write
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.last_io = self.clock()
+        self.moved = True
         if self.early:
             # Resume first: writing the held bytes may itself fill the buffer and pause us.
             self.transport.resume_reading()
@@ -480,7 +490,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_up += len(data)
-        self.last_io = self.clock()
+        self.moved = True
         self.upstream_write(data)
 
     def eof_received(self) -> bool:

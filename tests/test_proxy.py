@@ -210,6 +210,25 @@ async def test_idle_timeout_closes_both_sides(start_backend, start_balancer):
     await eventually(lambda: balancer.fd_count() == baseline)
 
 
+async def test_traffic_keeps_a_connection_past_the_idle_timeout(start_backend, start_balancer):
+    """Idle means no bytes either way: a connection that talks more often than the idle
+    timeout lives for many times that timeout."""
+    echo = start_backend("echo")
+    balancer = start_balancer(make_config([echo.address], timeouts={"idle": "300ms"}))
+    reader, writer = await connect(balancer.port)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for i in range(12):  # 1.2 s of a ping every 100 ms: four idle timeouts' worth
+        writer.write(b"%02d" % i)
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"%02d" % i
+        quiet_since = loop.time()
+        await asyncio.sleep(0.1)  # the pacing under test, not a synchronisation
+    assert loop.time() - began > 1.2
+    assert await read_to_eof(reader, timeout=5) == b""  # quiet now: closed by the balancer
+    assert 0.25 <= loop.time() - quiet_since < 2
+    writer.close()
+
+
 def full_accept_queue() -> list[socket.socket]:
     """A listener whose accept queue is full: a connect to it hangs until it times out."""
     blackhole = socket.socket()
