@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,16 @@ log = logging.getLogger("balancer.proxy")
 # up to 256 KiB) while bounding what one stalled connection can hold.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+
+
+# A connect being timed: [deadline, the connection, or None once the connect settled].
+ConnectWatch = list
+
+
+def _expire_one(entry: ConnectWatch) -> None:
+    conn = entry[1]
+    if conn is not None:
+        conn.connect_timed_out()
 
 
 class ConnectionEvents:
@@ -90,7 +101,9 @@ class Route:
     """
 
     __slots__ = (
+        "connect_expiry",
         "connect_timeout",
+        "connect_watch",
         "connections",
         "events",
         "idle_sweep",
@@ -114,7 +127,44 @@ class Route:
         self.connections: set[ClientConnection] = set()
         self.events = events or ConnectionEvents()
         self.idle_sweep: asyncio.TimerHandle | None = None
+        # Connects in flight, oldest first, as [deadline, connection or None once settled].
+        self.connect_watch: deque[ConnectWatch] = deque()
+        self.connect_expiry: asyncio.TimerHandle | None = None
         self.use(upstream)
+
+    def watch_connect(self, conn: ClientConnection, timeout: float) -> ConnectWatch:
+        """Time a connect out after `timeout`, cheaper than a timer of its own.
+
+        Every connect of a route gets the same timeout, so deadlines arrive in order: a FIFO
+        and one timer for its head replace a TimerHandle made and cancelled per connect.
+        Settling a connect is `entry[1] = None`. A retry limited by the remaining budget has
+        an earlier deadline than the tail, so it gets a timer of its own.
+        """
+        loop = self.loop
+        deadline = loop.time() + timeout
+        entry: ConnectWatch = [deadline, conn]
+        watch = self.connect_watch
+        if watch and watch[-1][0] > deadline:
+            loop.call_at(deadline, _expire_one, entry)
+            return entry
+        watch.append(entry)
+        if self.connect_expiry is None:
+            self.connect_expiry = loop.call_at(deadline, self._expire_connects)
+        return entry
+
+    def _expire_connects(self) -> None:
+        now = self.loop.time()
+        watch = self.connect_watch
+        while watch and watch[0][0] <= now:
+            conn = watch.popleft()[1]
+            if conn is not None:
+                conn.connect_timed_out()
+        # The next deadline, but at most a hundred wake-ups a second under a stream of
+        # connects: a timeout may fire up to 10 ms late.
+        self.connect_expiry = (
+            self.loop.call_at(max(watch[0][0], now + 0.01), self._expire_connects)
+            if watch else None
+        )
 
     def start_idle_sweep(self) -> None:
         """Close connections idle for `idle_timeout`: one timer per listener sweeping every
@@ -263,7 +313,7 @@ class ClientConnection(asyncio.Protocol):
         self.trial = False  # this connect is a half-open server's one trial
         self.connecting: Coroutine[object, None, tuple[object, UpstreamConnection]] | None = None
         self.waiting: asyncio.Future[object] | None = None  # what `connecting` waits on
-        self.connect_timer: asyncio.TimerHandle | None = None
+        self.connect_timer: ConnectWatch | None = None
         self.connect_began = 0.0
 
     # -- accept and connect -------------------------------------------------------------
@@ -307,7 +357,7 @@ class ClientConnection(asyncio.Protocol):
         self.tries_left -= 1
         now = self.connect_began = self.clock()
         timeout = min(route.connect_timeout, self.started + route.retry_budget - now)
-        self.connect_timer = route.loop.call_later(timeout, self._connect_timed_out)
+        self.connect_timer = route.watch_connect(self, timeout)
         address = server.config.address
         self.waiting = None
         self.connecting = route.loop.create_connection(
@@ -349,20 +399,24 @@ class ClientConnection(asyncio.Protocol):
         if self.waiting is not None:
             self.waiting.remove_done_callback(self._connect_step)
             self.waiting = None
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
+        self._settle_connect_timer()
         connecting.close()
 
-    def _connect_timed_out(self) -> None:
+    def _settle_connect_timer(self) -> None:
+        """The connect ended (or was abandoned): its deadline no longer applies."""
+        entry = self.connect_timer
+        if entry is not None:
+            entry[1] = None
+            self.connect_timer = None
+
+    def connect_timed_out(self) -> None:
+        """The route's connect timer: this connect took longer than allowed."""
         self.connect_timer = None
         self._abandon_connect()
         self._connect_failed("timeout")
 
     def _connected(self, upstream: UpstreamConnection) -> None:
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
+        self._settle_connect_timer()
         server = self.server
         assert server is not None
         server.health.connect_succeeded()
@@ -371,9 +425,7 @@ class ClientConnection(asyncio.Protocol):
     def _connect_failed(self, reason: str) -> None:
         """Count the failure against the server, then try the next one while the tries and
         the budget last. Only connects are retried: once paired, a connection is committed."""
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
+        self._settle_connect_timer()
         server = self.server
         assert server is not None
         route = self.route

@@ -334,3 +334,39 @@ async def test_server_given_by_hostname_is_resolved_and_reached(
     backend = start_backend("name", "byname")
     balancer = start_balancer(make_config([f"localhost:{backend.port}"]), loop=loop_name)
     assert [await who_answers(balancer.port) for _ in range(3)] == ["byname"] * 3
+
+
+async def test_connect_deadlines_fire_on_time_in_and_out_of_order():
+    """Connect timeouts share one FIFO per listener; a deadline earlier than the queue's tail
+    (a retry cut short by the budget) must still fire on time, and a settled connect never."""
+    from balancer.config import Address, ServerConfig, TimeoutsConfig, UpstreamConfig
+    from balancer.proxy import Route
+    from balancer.upstream import Upstream
+
+    loop = asyncio.get_running_loop()
+    upstream = Upstream(UpstreamConfig("app", (ServerConfig(Address("127.0.0.1", 9)),),
+                                       timeouts=TimeoutsConfig(connect=0.3)))
+    route = Route("test", upstream, loop)
+    fired: dict[str, float] = {}
+    done = asyncio.Event()
+    began = loop.time()
+
+    class Connect:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def connect_timed_out(self) -> None:
+            fired[self.name] = loop.time() - began
+            if len(fired) == 3:
+                done.set()
+
+    route.watch_connect(Connect("first"), 0.3)
+    route.watch_connect(Connect("second"), 0.3)
+    settled = route.watch_connect(Connect("settled"), 0.3)
+    settled[1] = None  # its connect finished in time
+    route.watch_connect(Connect("short"), 0.1)  # earlier than the tail: out of order
+    await asyncio.wait_for(done.wait(), 2)
+    assert set(fired) == {"first", "second", "short"}
+    assert 0.1 <= fired["short"] < 0.25
+    assert 0.3 <= fired["first"] < 0.45 and 0.3 <= fired["second"] < 0.45
+    assert route.connect_expiry is None and not route.connect_watch  # nothing left armed
