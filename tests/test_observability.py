@@ -114,14 +114,8 @@ async def test_active_gauge_rises_and_returns_to_zero(start_backend, start_balan
 
 async def test_errors_by_reason(start_balancer):
     refused = f"127.0.0.1:{free_port()}"
-    blackhole = socket.socket()  # accept queue full: connects to it time out
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = [socket.socket() for _ in range(4)]
-    for filler in fillers:
-        filler.setblocking(False)
-        filler.connect_ex(blackhole.getsockname())
-    timeout = f"127.0.0.1:{blackhole.getsockname()[1]}"
+    hole = blackhole()  # accept queue full: connects to it time out
+    timeout = f"127.0.0.1:{hole[0].getsockname()[1]}"
     try:
         config = with_metrics(make_config(
             [refused, timeout], "round_robin", health={"max_fails": 0},
@@ -139,7 +133,7 @@ async def test_errors_by_reason(start_balancer):
         assert total(samples, errors, server="", reason="no_server") == 2
         assert total(samples, "balancer_retries_total", upstream="app") == 2
     finally:
-        for sock in [blackhole, *fillers]:
+        for sock in hole:
             sock.close()
 
 

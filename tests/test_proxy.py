@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from .utils import eventually, make_config, read_backend_line
+from .utils import blackhole, eventually, make_config, read_backend_line
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -229,27 +229,13 @@ async def test_traffic_keeps_a_connection_past_the_idle_timeout(start_backend, s
     writer.close()
 
 
-def full_accept_queue() -> list[socket.socket]:
-    """A listener whose accept queue is full: a connect to it hangs until it times out."""
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(blackhole.getsockname())
-        fillers.append(filler)
-    return [blackhole, *fillers]
-
-
 def reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
 
 async def test_client_resetting_during_connect_leaks_nothing(start_balancer):
-    sockets = full_accept_queue()
+    sockets = blackhole()
     address = f"127.0.0.1:{sockets[0].getsockname()[1]}"
     try:
         balancer = start_balancer(make_config([address], timeouts={"connect": "30s"},
@@ -270,7 +256,7 @@ async def test_client_resetting_during_connect_leaks_nothing(start_balancer):
 async def test_silent_client_closing_during_connect_leaks_nothing(start_balancer):
     """A FIN during the connect is a half-close (the request may be complete), so it waits
     for the connect, as nginx and HAProxy do; when that times out, everything is released."""
-    sockets = full_accept_queue()
+    sockets = blackhole()
     address = f"127.0.0.1:{sockets[0].getsockname()[1]}"
     try:
         balancer = start_balancer(make_config([address], timeouts={"connect": "300ms"},

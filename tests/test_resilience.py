@@ -15,6 +15,7 @@ import pytest
 from .test_distribution import who_answers
 from .utils import (
     NodeBackend,
+    blackhole,
     eventually,
     free_port,
     make_config,
@@ -268,9 +269,9 @@ async def test_client_leaving_during_connect_is_no_failure_and_leaks_no_slot(
     """A client that resets while its upstream connect is pending is neither a connect
     failure nor a reason to retry: the server's slot is freed and its record stays clean."""
     from .test_observability import admin_port, http, scrape, total, with_metrics
-    from .test_proxy import full_accept_queue, reset
+    from .test_proxy import reset
 
-    sockets = full_accept_queue()
+    sockets = blackhole()
     slow = f"127.0.0.1:{sockets[0].getsockname()[1]}"
     good = start_backend("echo", "good")
     try:
@@ -358,9 +359,8 @@ async def test_retry_budget_caps_each_attempts_timeout(start_balancer, connect_m
     or 800+200 ms (the budget, not `tries`, ends it; an uncapped last attempt would take
     1.6 s). Every failure is a timeout."""
     from .test_observability import admin_port, scrape, total, with_metrics
-    from .test_proxy import full_accept_queue
 
-    holes = [full_accept_queue() for _ in range(3)]
+    holes = [blackhole() for _ in range(3)]
     servers = [f"127.0.0.1:{hole[0].getsockname()[1]}" for hole in holes]
     try:
         config = with_metrics(make_config(
