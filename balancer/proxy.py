@@ -277,6 +277,7 @@ class ClientConnection(asyncio.Protocol):
         "outcome",
         "paired",
         "quiet_since",
+        "retry_deadline",
         "route",
         "server",
         "started",
@@ -310,6 +311,7 @@ class ClientConnection(asyncio.Protocol):
         self.outcome = "ok"
         self.paired = False  # reported as connected (once, even if a pooled one is replaced)
         self.tries_left = 0
+        self.retry_deadline = 0.0  # connects (retries included) must be done by then
         self.trial = False  # this connect is a half-open server's one trial
         self.connecting: Coroutine[object, None, tuple[object, UpstreamConnection]] | None = None
         self.waiting: asyncio.Future[object] | None = None  # what `connecting` waits on
@@ -327,6 +329,7 @@ class ClientConnection(asyncio.Protocol):
             self.client_ip = peer[0] if peer else ""
         self.started = self.quiet_since = self.clock()
         self.tries_left = route.tries
+        self.retry_deadline = self.started + route.retry_budget
         server = route.upstream.pick(self.client_ip)
         if server is None:
             self._no_server()
@@ -356,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
         self.trial = server.health.connect_started()
         self.tries_left -= 1
         now = self.connect_began = self.clock()
-        timeout = min(route.connect_timeout, self.started + route.retry_budget - now)
+        timeout = min(route.connect_timeout, self.retry_deadline - now)
         self.connect_timer = route.watch_connect(self, timeout)
         address = server.config.address
         self.waiting = None
@@ -436,7 +439,7 @@ class ClientConnection(asyncio.Protocol):
         log.debug("connect to %s/%s failed: %s", route.upstream.name, server.key, reason)
         if self.closed:
             return
-        if self.tries_left > 0 and self.clock() < self.started + route.retry_budget:
+        if self.tries_left > 0 and self.clock() < self.retry_deadline:
             next_server = route.upstream.pick(self.client_ip, server)
             if next_server is not None:
                 route.events.retried(self)
@@ -498,6 +501,10 @@ class ClientConnection(asyncio.Protocol):
         log.debug("pooled connection to %s died unused; reconnecting", server.key)
         server.release()  # _connect_to takes the slot again, wherever it goes
         self.server = None
+        # A replay is a fresh start, however long the client talked to the dead connection:
+        # it gets the full tries and budget, not what was left from the accept.
+        self.tries_left = self.route.tries
+        self.retry_deadline = self.clock() + self.route.retry_budget
         if not server.usable():  # it went down or filled up meanwhile: go elsewhere
             other = self.route.upstream.pick(self.client_ip, server)
             if other is None:

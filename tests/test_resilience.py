@@ -543,3 +543,24 @@ async def test_a_pool_connect_that_brings_its_server_back_does_not_overfill_the_
             writer.close()
         listener.close()
         await listener.wait_closed()
+
+
+async def test_pooled_connection_dying_after_the_retry_budget_is_still_replayed(
+    start_backend, start_balancer
+):
+    """A client takes a pooled connection and stays quiet longer than `retries.timeout`; the
+    server then closes that connection unused. The replay is a fresh start with the full
+    budget, not an instant timeout on what was left of the accept's budget."""
+    backend = start_backend("idleclose", "ic", "--idle-close", "1.0", "--report")
+    config = make_config([backend.address], pool={"size": 1},
+                         retries={"tries": 2, "timeout": "300ms"})
+    balancer = start_balancer(config, "-v", "debug")
+    assert await read_backend_line(backend) == "open"  # the pool's connection is ready
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    # Quiet past the budget, until the server's idle close kills the pooled connection.
+    balancer.wait_for_line("died unused; reconnecting", timeout=10)
+    writer.write(b"still here")
+    assert await asyncio.wait_for(reader.readexactly(10), 5) == b"still here"
+    writer.close()
+    await writer.wait_closed()
+    assert not any("no server available" in line for line in balancer.lines)
