@@ -369,15 +369,22 @@ async def test_pool_hits_and_misses_are_counted(start_backend, start_balancer):
     await wait_until(pool_idle, lambda n: n == size)
 
 
-async def test_pool_connect_failures_are_counted_as_errors(start_backend, start_balancer):
-    """/status `failures` counts every failed connect to a server, the pool's included; the
-    error counter agrees, so a server refusing before any client arrives shows in both."""
+def start_with_a_refusing_pooled_server(start_backend, start_balancer):
+    """A balancer (metrics on) whose upstream has a good server and a refusing one, each
+    with a pool of 2; one failure ejects for 30 s. Returns the balancer, the refusing
+    address and the admin port."""
     good = start_backend("echo", "good")
     dead = f"127.0.0.1:{free_port()}"
     config = with_metrics(make_config([dead, good.address], pool={"size": 2},
                                       health={"max_fails": 1, "fail_timeout": "30s"}))
     balancer = start_balancer(config)
-    port = admin_port(balancer)
+    return balancer, dead, admin_port(balancer)
+
+
+async def test_pool_connect_failures_are_counted_as_errors(start_backend, start_balancer):
+    """/status `failures` counts every failed connect to a server, the pool's included; the
+    error counter agrees, so a server refusing before any client arrives shows in both."""
+    _, dead, port = start_with_a_refusing_pooled_server(start_backend, start_balancer)
 
     async def failures() -> int:
         return (await status_servers(port))[dead]["failures"]

@@ -463,14 +463,9 @@ async def test_idle_pool_connections_are_replaced_after_idle_timeout(
 async def test_no_pool_connects_to_a_server_while_it_is_down(start_backend, start_balancer):
     from balancer.pool import REFILL_RETRY_DELAY
 
-    from .test_observability import admin_port, http, with_metrics
+    from .test_observability import http, start_with_a_refusing_pooled_server
 
-    good = start_backend("echo", "good")
-    dead = f"127.0.0.1:{free_port()}"
-    config = with_metrics(make_config([dead, good.address], pool={"size": 2},
-                                      health={"max_fails": 1, "fail_timeout": "30s"}))
-    balancer = start_balancer(config)
-    port = admin_port(balancer)
+    balancer, dead, port = start_with_a_refusing_pooled_server(start_backend, start_balancer)
     balancer.wait_for_line(rf"server app/{re.escape(dead)} down")
 
     async def dead_failures() -> int:
