@@ -10,9 +10,13 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .config import LogConfig
-from .proxy import ClientConnection, ConnectionEvents
+from .events import ConnectionEvents
+
+if TYPE_CHECKING:
+    from .proxy import ClientConnection
 
 ACCESS_LOGGER = "balancer.access"
 

@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     command = args.command or "run"
     if command == "demo":
-        from .demo import run_demo
+        from .demo.command import run_demo
 
         return run_demo(loop=args.loop or "auto", requests=args.requests)
     if not args.config:
@@ -134,7 +134,7 @@ def _serve(config: Config, config_path: str, pid_file: str | None) -> int:
     workers = config.workers if config.workers is not None else _usable_cpus()
     try:
         if workers > 1:
-            from .supervisor import run_supervisor
+            from .proc.supervisor import run_supervisor
 
             return run_supervisor(config, config_path, workers, pid_file)
         from .server import run

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .proxy import ClientConnection, ConnectionEvents
+from .events import ConnectionEvents
 
 if TYPE_CHECKING:
     from .health import ServerHealth
     from .pool import ServerPool
+    from .proxy import ClientConnection
     from .upstream import Server, Upstream
 
 FLUSH_INTERVAL = 1.0  # seconds between byte-counter updates for open connections

@@ -24,10 +24,11 @@ from pathlib import Path
 from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, ConfigError, ListenerConfig, load_config
+from .events import ConnectionEvents, FanOutEvents
 from .loops import new_event_loop, resolve_loop_name
 from .metrics import Metrics, MetricsEvents
-from .proxy import ClientConnection, ConnectionEvents, FanOutEvents, Route
-from .shared import SYNC_INTERVAL
+from .proc.shared import SYNC_INTERVAL
+from .proxy import ClientConnection, Route
 from .sockets import LISTEN_BACKLOG, bind_group
 from .upstream import CellFor, Server, Upstream, _no_cell
 

@@ -16,7 +16,7 @@ from .checks import ActiveChecker
 from .config import HealthConfig, ServerConfig, UpstreamConfig
 from .health import DOWN, UP, ServerHealth
 from .pool import ServerPool
-from .shared import SharedCell
+from .proc.shared import SharedCell
 from .strategies import Strategy, make_strategy
 
 log = logging.getLogger("balancer.upstream")

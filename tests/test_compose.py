@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from balancer.config import Config, load_config
-from balancer.demo import read_listening_port
+from balancer.demo.command import read_listening_port
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -84,7 +84,7 @@ def test_services_are_three_node_apps_and_the_balancer() -> None:
         assert env["PORT"].isdigit()
         names.add(env["APP_NAME"])
         # The command runs the very file that is mounted.
-        app_js = next(t for s, t, _m in mounts(service) if s.endswith("demo_app/app.js"))
+        app_js = next(t for s, t, _m in mounts(service) if s.endswith("demo/app.js"))
         assert app_js in service["command"]
     assert names == {"app-1", "app-2", "app-3"}
     assert found["balancer"]["image"] == "python:3.11-slim"
@@ -142,7 +142,7 @@ def test_published_ports_match_the_listeners_and_metrics() -> None:
 def test_app_js_takes_its_settings_from_the_compose_environment() -> None:
     """The app containers pass no arguments: APP_NAME, HOST and PORT must be honoured."""
     env = {**os.environ, "APP_NAME": "from-env", "HOST": "127.0.0.1", "PORT": "0"}
-    proc = subprocess.Popen(["node", str(REPO / "balancer" / "demo_app" / "app.js")],
+    proc = subprocess.Popen(["node", str(REPO / "balancer" / "demo" / "app.js")],
                             stdout=subprocess.PIPE, env=env)
     try:
         port = read_listening_port(proc, "app.js", time.monotonic() + 10)

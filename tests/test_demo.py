@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from balancer.demo import read_listening_port
+from balancer.demo.command import read_listening_port
 
 REPO = Path(__file__).resolve().parent.parent
-APP_JS = REPO / "balancer" / "demo_app" / "app.js"
+APP_JS = REPO / "balancer" / "demo" / "app.js"
 HAS_NODE = shutil.which("node") is not None
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -32,7 +32,7 @@ CURL_LINE = re.compile(r"curl http://([\d.]+):(\d+)/")
 SAMPLE_APPS = [
     pytest.param(["node", str(APP_JS)], id="app.js",
                  marks=pytest.mark.skipif(not HAS_NODE, reason="node is not installed")),
-    pytest.param([sys.executable, "-m", "balancer.demo_backend"], id="demo_backend.py"),
+    pytest.param([sys.executable, "-m", "balancer.demo.backend"], id="demo_backend.py"),
 ]
 
 

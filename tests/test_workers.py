@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from balancer.admin import health_problems, server_status
-from balancer.cluster import ClusterView
 from balancer.config import parse_config
-from balancer.shared import REASON_BYTES, SharedTable
+from balancer.proc.cluster import ClusterView
+from balancer.proc.shared import REASON_BYTES, SharedTable
 from balancer.upstream import Upstream
 
 from .test_distribution import who_answers

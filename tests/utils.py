@@ -74,10 +74,10 @@ class Backend:
 
 
 class NodeBackend(Backend):
-    """The demo's Node.js HTTP app (balancer/demo_app/app.js) as a backend."""
+    """The demo's Node.js HTTP app (balancer/demo/app.js) as a backend."""
 
     def __init__(self, name: str, port: int = 0) -> None:
-        app = HERE.parent / "balancer" / "demo_app" / "app.js"
+        app = HERE.parent / "balancer" / "demo" / "app.js"
         self.mode = "node"
         self.name = name
         self.proc = subprocess.Popen(

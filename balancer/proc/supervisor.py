@@ -7,7 +7,7 @@ gunicorn's arbiter is the model: signal handlers only queue; one loop does the w
   slots; a worker that dies or is replaced leaves its queue intact for its successor, so no
   queued connection is ever reset by a restart or a reload. A stop closes them at once (the
   workers close their copies as they stop accepting), so new clients are refused.
-- Workers are fresh interpreters (`python -m balancer.worker`): each creates its own loop and
+- Workers are fresh interpreters (`python -m balancer.proc.worker`): each creates its own loop and
   inherits no event loop, thread or lock from the primary. They get their config (the exact
   `Config` the primary validated) and sockets over a SOCK_SEQPACKET pair.
 - A worker that exits unexpectedly is logged with its status and replaced at once; after
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, ListenerConfig, load_config
-from .sockets import bind_group
-from .worker import EXIT_BOOT_ERROR, receive_message, send_message
+from ..config import Config, ConfigError, ListenerConfig, load_config
+from ..sockets import bind_group
+from .control import EXIT_BOOT_ERROR, receive_message, send_message
 
 log = logging.getLogger("balancer.supervisor")
 
@@ -148,7 +148,7 @@ class Supervisor:
         self.table.clear_column(column)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "balancer.worker", "--control-fd", str(theirs.fileno()),
+            sys.executable, "-m", "balancer.proc.worker", "--control-fd", str(theirs.fileno()),
             "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
             pass_fds=[theirs.fileno()], start_new_session=True,
         )
@@ -282,7 +282,7 @@ class Supervisor:
 
     async def reload(self) -> bool:
         """Re-read the config file; apply it in every worker, or change nothing."""
-        from .server import count_reload
+        from ..server import count_reload
 
         if self.stopping:
             log.warning("reload ignored: stopping")
@@ -438,7 +438,7 @@ class Supervisor:
                 await self._kill(worker)
 
     async def _start_admin(self) -> None:
-        from .admin import AdminServer
+        from ..admin import AdminServer
         from .cluster import ClusterView, render_cluster_metrics
 
         self.view = ClusterView(self.config, self.table, self.rows, self.sockets)

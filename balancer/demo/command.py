@@ -1,8 +1,8 @@
 """`balancer demo`: three sample backends and a balancer in front of them, in one command.
 
 The point is to show the balancer working before anyone writes a config: it starts three
-small HTTP apps (Node.js ``demo_app/app.js`` when ``node`` is on PATH, else the pure-Python
-``demo_backend``), puts a round-robin balancer on an ephemeral port in front of them, sends
+small HTTP apps (Node.js ``app.js`` when ``node`` is on PATH, else the pure-Python
+``backend``), puts a round-robin balancer on an ephemeral port in front of them, sends
 a few requests to show who answered, and keeps serving until Ctrl-C. Every process it starts
 is stopped on the way out, whatever happened.
 """
@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Address, Config, ListenerConfig, ServerConfig, UpstreamConfig
-from .loops import new_event_loop
+from ..config import Address, Config, ListenerConfig, ServerConfig, UpstreamConfig
+from ..loops import new_event_loop
 
-APP_JS = Path(__file__).parent / "demo_app" / "app.js"
+APP_JS = Path(__file__).parent / "app.js"
 BACKEND_NAMES = ("app-1", "app-2", "app-3")
 START_TIMEOUT = 10.0  # for a backend to print `listening <port>`
 STOP_TIMEOUT = 5.0  # for backends to exit after SIGTERM, before SIGKILL
@@ -56,7 +56,7 @@ def backend_command(name: str, node: str | None) -> list[str]:
     """The command for one sample backend: Node.js if available, else the Python twin."""
     if node is not None:
         return [node, str(APP_JS), "--port", "0", "--name", name]
-    return [sys.executable, "-m", "balancer.demo_backend", "--port", "0", "--name", name]
+    return [sys.executable, "-m", "balancer.demo.backend", "--port", "0", "--name", name]
 
 
 def start_backends(started: list[DemoBackend], names: tuple[str, ...] = BACKEND_NAMES) -> str:
@@ -149,7 +149,7 @@ async def fetch(host: str, port: int) -> str:
 
 async def serve_demo(config: Config, requests: int) -> int:
     """Run the balancer, show a few requests, then serve until SIGINT/SIGTERM."""
-    from .server import Balancer  # imported late: `balancer --help` need not load the core
+    from ..server import Balancer  # imported late: `balancer --help` need not load the core
 
     loop = asyncio.get_running_loop()
     balancer = Balancer(config)
@@ -203,7 +203,7 @@ def run_demo(loop: str = "auto", requests: int = 6) -> int:
     backends: list[DemoBackend] = []
     try:
         kind = start_backends(backends)
-        what = "Node.js app.js" if kind == "node" else "Python demo_backend, node not found"
+        what = "Node.js app.js" if kind == "node" else "Python demo backend, node not found"
         say(f"started {len(backends)} sample backends ({what}):")
         for backend in backends:
             say(f"backend {backend.name} pid {backend.pid} port {backend.port}")

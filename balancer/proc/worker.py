@@ -1,4 +1,4 @@
-"""A worker process of a multi-worker balancer: `python -m balancer.worker --control-fd N`.
+"""A worker process of a multi-worker balancer: `python -m balancer.proc.worker --control-fd N`.
 
 The primary (supervisor.py) starts it with one end of a SOCK_SEQPACKET socket pair. Over it
 the worker receives, as pickled dicts with file descriptors attached:
@@ -20,30 +20,12 @@ import argparse
 import asyncio
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
 from typing import Any
 
-EXIT_BOOT_ERROR = 3
-MAX_MESSAGE = 1 << 20
-MAX_FDS = 256
-
-log = logging.getLogger("balancer.worker")
-
-
-def send_message(sock: socket.socket, message: dict[str, Any],
-                 fds: list[int] | None = None) -> None:
-    socket.send_fds(sock, [pickle.dumps(message)], fds or [])
-
-
-def receive_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """One message and its fds; (None, []) when the other side has gone."""
-    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
-    if not data:
-        return None, fds
-    return pickle.loads(data), fds
+from .control import EXIT_BOOT_ERROR, receive_message, send_message
 
 
 def listener_sockets(layout: list[tuple[str, int]], fds: list[int]
@@ -55,6 +37,9 @@ def listener_sockets(layout: list[tuple[str, int]], fds: list[int]
         sockets[name] = [socket.socket(fileno=fd) for fd in fds[position : position + count]]
         position += count
     return sockets
+
+
+log = logging.getLogger("balancer.worker")
 
 
 class Worker:
@@ -82,7 +67,7 @@ class Worker:
         return cell
 
     async def run(self) -> int:
-        from .server import Balancer
+        from ..server import Balancer
 
         loop = asyncio.get_running_loop()
         self.balancer = Balancer(self.config, sockets=self.sockets, cell_for=self.cell_for,
@@ -142,7 +127,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="balancer.worker")
+    parser = argparse.ArgumentParser(prog="balancer.proc.worker")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -155,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if start is None or start.get("kind") != "start":
         log.error("no start message from the primary")
         return EXIT_BOOT_ERROR
-    from .loops import new_event_loop
+    from ..loops import new_event_loop
 
     worker = Worker(control, start, fds)
     loop = new_event_loop(worker.config.loop)

@@ -19,9 +19,9 @@ import time
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, multiprocess
 
-from .config import Config, ListenerConfig
+from ..config import Config, ListenerConfig
+from ..upstream import Server, Upstream
 from .shared import SYNC_INTERVAL, SharedCell, SharedTable
-from .upstream import Server, Upstream
 
 
 class ListenerView:

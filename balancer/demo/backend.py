@@ -1,10 +1,10 @@
 """The demo's sample HTTP app in pure Python, for machines without Node.js.
 
-Behaves like ``demo_app/app.js``: every request gets 200 and a line naming the app and its
+Behaves like ``app.js``: every request gets 200 and a line naming the app and its
 pid, ``GET /health`` gets ``ok``, connections stay open (HTTP/1.1 keep-alive) until the
 client closes or asks ``Connection: close``. Run it as::
 
-    python -m balancer.demo_backend --port 0 --name app-1
+    python -m balancer.demo.backend --port 0 --name app-1
 
 It prints exactly one line ``listening <port>`` once bound (so a parent learns an ephemeral
 port) and exits 0 on SIGTERM or SIGINT.

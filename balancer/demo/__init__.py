@@ -1,0 +1,1 @@
+"""`balancer demo`: the demo command, its pure-Python backend and the Node.js demo app."""
