@@ -41,12 +41,18 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
 
-# A connect being timed: [deadline, the connection, or None once the connect settled].
-ConnectWatch = list
+class ConnectWatch:
+    """A connect being timed: its deadline, and the connection until the connect settles."""
+
+    __slots__ = ("conn", "deadline")
+
+    def __init__(self, deadline: float, conn: ClientConnection) -> None:
+        self.deadline = deadline
+        self.conn: ClientConnection | None = conn
 
 
 def _expire_one(entry: ConnectWatch) -> None:
-    conn = entry[1]
+    conn = entry.conn
     if conn is not None:
         conn.connect_timed_out()
 
@@ -85,7 +91,7 @@ class Route:
         self.connections: set[ClientConnection] = set()
         self.events = events or ConnectionEvents()
         self.idle_sweep: asyncio.TimerHandle | None = None
-        # Connects in flight, oldest first, as [deadline, connection or None once settled].
+        # Connects in flight, oldest first.
         self.connect_watch: deque[ConnectWatch] = deque()
         self.connect_expiry: asyncio.TimerHandle | None = None
         self.use(upstream)
@@ -95,14 +101,14 @@ class Route:
 
         Every connect of a route gets the same timeout, so deadlines arrive in order: a FIFO
         and one timer for its head replace a TimerHandle made and cancelled per connect.
-        Settling a connect is `entry[1] = None`. A retry limited by the remaining budget has
+        Settling a connect is `entry.conn = None`. A retry limited by the remaining budget has
         an earlier deadline than the tail, so it gets a timer of its own.
         """
         loop = self.loop
         deadline = loop.time() + timeout
-        entry: ConnectWatch = [deadline, conn]
+        entry = ConnectWatch(deadline, conn)
         watch = self.connect_watch
-        if watch and watch[-1][0] > deadline:
+        if watch and watch[-1].deadline > deadline:
             loop.call_at(deadline, _expire_one, entry)
             return entry
         watch.append(entry)
@@ -113,14 +119,14 @@ class Route:
     def _expire_connects(self) -> None:
         now = self.loop.time()
         watch = self.connect_watch
-        while watch and watch[0][0] <= now:
-            conn = watch.popleft()[1]
+        while watch and watch[0].deadline <= now:
+            conn = watch.popleft().conn
             if conn is not None:
                 conn.connect_timed_out()
         # The next deadline, but at most a hundred wake-ups a second under a stream of
         # connects: a timeout may fire up to 10 ms late.
         self.connect_expiry = (
-            self.loop.call_at(max(watch[0][0], now + 0.01), self._expire_connects)
+            self.loop.call_at(max(watch[0].deadline, now + 0.01), self._expire_connects)
             if watch else None
         )
 
@@ -367,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
         """The connect ended (or was abandoned): its deadline no longer applies."""
         entry = self.connect_timer
         if entry is not None:
-            entry[1] = None
+            entry.conn = None
             self.connect_timer = None
 
     def connect_timed_out(self) -> None:

@@ -349,7 +349,7 @@ async def test_connect_deadlines_fire_on_time_in_and_out_of_order():
     route.watch_connect(Connect("first"), 0.3)
     route.watch_connect(Connect("second"), 0.3)
     settled = route.watch_connect(Connect("settled"), 0.3)
-    settled[1] = None  # its connect finished in time
+    settled.conn = None  # its connect finished in time
     route.watch_connect(Connect("short"), 0.1)  # earlier than the tail: out of order
     await asyncio.wait_for(done.wait(), 2)
     assert set(fired) == {"first", "second", "short"}
