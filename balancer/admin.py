@@ -95,7 +95,7 @@ class AdminServer:
         self.balancer = balancer
         self.token = token
         self.render_metrics = render_metrics or generate_latest
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._handle, host, port)

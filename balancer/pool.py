@@ -168,7 +168,7 @@ class ServerPool:
             return
         # Pooled before the health news: a server this brings back up refills its pool
         # (`_health_changed`) from the true count, not one short.
-        self.idle.append(conn)  # type: ignore[arg-type]
+        self.idle.append(conn)
         self._changed()
         health.connect_succeeded()
 

@@ -277,7 +277,9 @@ class ClientConnection(asyncio.Protocol):
         self.tries_left = 0
         self.retry_deadline = 0.0  # connects (retries included) must be done by then
         self.trial = False  # this connect is a half-open server's one trial
-        self.connecting: Coroutine[object, None, tuple[object, UpstreamConnection]] | None = None
+        self.connecting: (
+            Coroutine[asyncio.Future[object], None, tuple[object, UpstreamConnection]] | None
+        ) = None
         self.waiting: asyncio.Future[object] | None = None  # what `connecting` waits on
         self.connect_timer: ConnectWatch | None = None
         self.connect_began = 0.0

@@ -59,7 +59,7 @@ class Listener:
         self.name = config.name
         self.route = Route(config.name, upstream, loop, events)
         self.loop = loop
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.Server] = []
 
     async def start(self, socks: list[socket.socket] | None = None) -> None:
         """Bind the configured address as a group of sockets (see sockets.py), or serve
@@ -257,12 +257,12 @@ class Balancer:
                 listener.stop_accepting()
             raise
         gone: set[Server] = set()  # servers no longer in the config
-        for name, cfg in config.upstreams.items():
+        for name, upstream_config in config.upstreams.items():
             if name in added:
                 self.upstreams[name] = added[name]
                 added[name].start(loop)
             else:
-                gone.update(self.upstreams[name].reconfigure(cfg, loop))
+                gone.update(self.upstreams[name].reconfigure(upstream_config, loop))
             if self.metrics_events is not None:
                 self.metrics_events.watch_upstream(self.upstreams[name])
         for cfg in config.listeners:
