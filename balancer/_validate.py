@@ -14,8 +14,11 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
+
+Choice = TypeVar("Choice", bound=str)  # one of a closed set of names
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -229,13 +232,15 @@ class Section:
             return default
         return seconds
 
-    def choice(self, key: str, default: str, options: Iterable[str]) -> str:
-        options = tuple(options)
+    def choice(self, key: str, default: Choice, options: tuple[Choice, ...]) -> Choice:
+        """One of `options` (a Literal type's values), so the result keeps that type."""
         value = self.get(key)
         if value is None:
             return default
-        if isinstance(value, str) and value in options:
-            return value
+        if isinstance(value, str):
+            for option in options:
+                if value == option:
+                    return option
         self.fail(key, f"must be one of {', '.join(options)}, got {describe(value)}")
         return default
 

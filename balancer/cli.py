@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import LOOPS, Config, ConfigError, load_config
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level: debug, info, warning or error (default: info)",
     )
     common.add_argument(
-        "--loop", choices=("auto", "uvloop", "asyncio"),
+        "--loop", choices=LOOPS,
         help="event loop, overriding the config's `loop` (default: from config, auto)",
     )
     common.add_argument(

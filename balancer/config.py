@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from ._validate import (
     Problems,
@@ -24,10 +25,16 @@ from ._validate import (
 )
 from ._validate import parse_duration as parse_duration  # re-exported: part of the public API
 
-STRATEGIES = ("round_robin", "weighted", "least_conn", "ip_hash", "random_two")
-LOOPS = ("auto", "uvloop", "asyncio")
-CHECK_TYPES = ("tcp", "http")
-LOG_FORMATS = ("text", "json")
+# The closed sets of names a config may choose from, each spelled once: the Literal types the
+# rest of the package uses, and the tuples the loader checks against.
+StrategyName = Literal["round_robin", "weighted", "least_conn", "ip_hash", "random_two"]
+LoopName = Literal["auto", "uvloop", "asyncio"]
+CheckType = Literal["tcp", "http"]
+LogFormat = Literal["text", "json"]
+STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
+LOOPS: tuple[LoopName, ...] = get_args(LoopName)
+CHECK_TYPES: tuple[CheckType, ...] = get_args(CheckType)
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 METRICS_HOST = "127.0.0.1"  # where `metrics.bind: PORT` listens: loopback only
 
 
@@ -71,7 +78,7 @@ class CheckConfig:
     timeout: float = 1.0
     rise: int = 2
     fall: int = 3
-    type: str = "tcp"  # tcp | http
+    type: CheckType = "tcp"
     path: str = "/health"
 
 
@@ -104,7 +111,7 @@ class TimeoutsConfig:
 class UpstreamConfig:
     name: str
     servers: tuple[ServerConfig, ...]
-    strategy: str = "round_robin"
+    strategy: StrategyName = "round_robin"
     health: HealthConfig = field(default_factory=HealthConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -128,7 +135,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LogConfig:
     access: str | None = None  # None = off, "stderr", or a file path
-    format: str = "text"  # text | json
+    format: LogFormat = "text"
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ class Config:
     upstreams: dict[str, UpstreamConfig]
     metrics: MetricsConfig | None = None
     workers: int | None = 1  # None means "auto": one per usable CPU
-    loop: str = "auto"
+    loop: LoopName = "auto"
     shutdown_timeout: float = 30.0
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -456,7 +463,8 @@ def _workers(top: Section) -> int | None:
 
 def _log(top: Section) -> LogConfig:
     section = top.sub("log", LOG_KEYS)
-    return LogConfig(access=_access(section), format=section.choice("format", "text", LOG_FORMATS))
+    log_format = section.choice("format", _CONFIG.log.format, LOG_FORMATS)
+    return LogConfig(access=_access(section), format=log_format)
 
 
 def _access(section: Section) -> str | None:

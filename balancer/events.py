@@ -6,11 +6,24 @@ the hot-path module.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from .health import FailureReason
     from .proxy import ClientConnection
     from .upstream import Server
+
+# How a client connection ended, as the access log writes it. `no_server` is also the
+# reason the metrics count a client no server could take.
+Outcome = Literal[
+    "ok",  # still open, or both sides finished normally
+    "no_server",  # no server could take it (none usable, or every try failed)
+    "idle_timeout",  # nothing moved for `timeouts.idle`
+    "client_abort",  # the client's connection was lost
+    "upstream_reset",  # the server's connection was lost with an error
+    "upstream_closed",  # the server closed its connection
+    "shutdown",  # closed by a stop or after a reload, past the drain deadline
+]
 
 
 class ConnectionEvents:
@@ -23,8 +36,9 @@ class ConnectionEvents:
     def connected(self, conn: ClientConnection, connect_seconds: float, pooled: bool) -> None:
         """`conn` is now paired with an upstream connection to `conn.server`."""
 
-    def connect_failed(self, conn: ClientConnection, server: Server, reason: str) -> None:
-        """A connect to `server` failed (`refused`, `timeout` or `reset`)."""
+    def connect_failed(self, conn: ClientConnection, server: Server,
+                       reason: FailureReason) -> None:
+        """A connect to `server` failed."""
 
     def retried(self, conn: ClientConnection) -> None:
         """Another server is being tried after a failed connect."""
@@ -43,7 +57,8 @@ class FanOutEvents(ConnectionEvents):
         for sink in self.sinks:
             sink.connected(conn, connect_seconds, pooled)
 
-    def connect_failed(self, conn: ClientConnection, server: Server, reason: str) -> None:
+    def connect_failed(self, conn: ClientConnection, server: Server,
+                       reason: FailureReason) -> None:
         for sink in self.sinks:
             sink.connect_failed(conn, server, reason)
 

@@ -16,19 +16,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Final, Literal, get_args
 
 from .config import HealthConfig
 
 log = logging.getLogger("balancer.health")
 
-UP = "up"
-DOWN = "down"
-HALF_OPEN = "half_open"
+# The states of the state machine, as /status, the logs and the metrics name them.
+HealthState = Literal["up", "down", "half_open"]
+UP: Final = "up"
+DOWN: Final = "down"
+HALF_OPEN: Final = "half_open"
+
+# Why a connect failed, as the metrics' `reason` label and the logs name it.
+FailureReason = Literal["refused", "timeout", "reset"]
+FAILURE_REASONS: tuple[FailureReason, ...] = get_args(FailureReason)
 
 MAX_BACKOFF = 10  # the longest ejection, as a multiple of fail_timeout
 
 
-def failure_reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> FailureReason:
     """Classify a failed connect the way metrics and logs name it."""
     if isinstance(exc, TimeoutError):
         return "timeout"
@@ -50,7 +57,7 @@ class ServerHealth:
         self.max_fails = config.max_fails
         self.fail_timeout = config.fail_timeout
         self.clock = clock
-        self.state = UP
+        self.state: HealthState = UP
         # `ok` is the hot-path summary: True means "usable, no questions asked".
         self.ok = True
         self.active_up = True
@@ -77,7 +84,7 @@ class ServerHealth:
         return self.state == HALF_OPEN and not self.trial_in_flight
 
     @property
-    def display_state(self) -> str:
+    def display_state(self) -> HealthState:
         """What /status shows: an active-check failure reads as down."""
         return self.state if self.active_up else DOWN
 
@@ -104,7 +111,7 @@ class ServerHealth:
             self.ejections = 0
             self._set_state(UP, "trial connection succeeded")
 
-    def connect_failed(self, reason: str) -> None:
+    def connect_failed(self, reason: FailureReason) -> None:
         self.total_failures += 1
         if self.max_fails == 0:
             return
@@ -173,7 +180,8 @@ class ServerHealth:
 
     # -- the one place state changes ------------------------------------------------------
 
-    def _set_state(self, state: str, reason: str, before: str | None = None) -> None:
+    def _set_state(self, state: HealthState, reason: str,
+                   before: HealthState | None = None) -> None:
         """Change state, log the change once with its reason, and tell listeners."""
         if before is None:
             before = self.display_state

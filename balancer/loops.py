@@ -7,9 +7,12 @@ loop is always created by the process that runs it (after any fork), never inher
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
+
+from .config import LoopName
 
 
-def resolve_loop_name(name: str) -> str:
+def resolve_loop_name(name: LoopName) -> Literal["uvloop", "asyncio"]:
     """Map `auto` to the best loop available here; raise if `uvloop` is asked for but missing."""
     if name == "asyncio":
         return "asyncio"
@@ -25,7 +28,7 @@ def resolve_loop_name(name: str) -> str:
     return "uvloop"
 
 
-def new_event_loop(name: str = "auto") -> asyncio.AbstractEventLoop:
+def new_event_loop(name: LoopName = "auto") -> asyncio.AbstractEventLoop:
     """Create (but do not install) a fresh event loop of the named kind."""
     if resolve_loop_name(name) == "uvloop":
         import uvloop

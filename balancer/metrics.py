@@ -11,17 +11,21 @@ without any work on the byte path. Works unchanged in prometheus-client's multip
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .events import ConnectionEvents
+from .health import FAILURE_REASONS
 
 if TYPE_CHECKING:
-    from .health import ServerHealth
+    from .health import FailureReason, ServerHealth
     from .pool import ServerPool
     from .proxy import ClientConnection
     from .upstream import Server, Upstream
+
+# The errors' reason for a client no server could take: the connection's outcome too.
+NO_SERVER: Final = "no_server"
 
 FLUSH_INTERVAL = 1.0  # seconds between byte-counter updates for open connections
 
@@ -114,9 +118,9 @@ class MetricsEvents(ConnectionEvents):
 
             on_health(server.health)
             server.health.listeners.append(on_health)
-            for reason in ("refused", "timeout", "reset"):
+            for reason in FAILURE_REASONS:
                 self.metrics.errors.labels(upstream.name, server.key, reason)
-        self.metrics.errors.labels(upstream.name, "", "no_server")
+        self.metrics.errors.labels(upstream.name, "", NO_SERVER)
         self.metrics.retries.labels(upstream.name)
 
     def watch_pool(self, pool: ServerPool) -> None:
@@ -181,7 +185,8 @@ class MetricsEvents(ConnectionEvents):
                 children.pool_miss.inc()
         self._counted[conn] = (0, 0, children)
 
-    def connect_failed(self, conn: ClientConnection, server: Server, reason: str) -> None:
+    def connect_failed(self, conn: ClientConnection, server: Server,
+                       reason: FailureReason) -> None:
         self.metrics.errors.labels(server.upstream_name, server.key, reason).inc()
 
     def retried(self, conn: ClientConnection) -> None:
@@ -195,5 +200,5 @@ class MetricsEvents(ConnectionEvents):
             del self._counted[conn]
             children.active.dec()
             children.duration.observe(conn.clock() - conn.started)
-        elif conn.outcome == "no_server":
-            self.metrics.errors.labels(conn.route.upstream.name, "", "no_server").inc()
+        elif conn.outcome == NO_SERVER:
+            self.metrics.errors.labels(conn.route.upstream.name, "", NO_SERVER).inc()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .health import failure_reason
 
 if TYPE_CHECKING:
-    from .health import ServerHealth
+    from .health import FailureReason, ServerHealth
     from .upstream import Server
 
 log = logging.getLogger("balancer.pool")
@@ -85,7 +85,7 @@ class ServerPool:
         # Told whenever the number of idle connections changes (the metrics gauge).
         self.on_change: Callable[[ServerPool], None] | None = None
         # Told of each failed pool connect and its reason (the metrics' error counter).
-        self.on_connect_failed: Callable[[ServerPool, str], None] | None = None
+        self.on_connect_failed: Callable[[ServerPool, FailureReason], None] | None = None
 
     def _changed(self) -> None:
         if self.on_change is not None:

@@ -26,8 +26,8 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING
 
-from .events import ConnectionEvents
-from .health import failure_reason
+from .events import ConnectionEvents, Outcome
+from .health import FailureReason, failure_reason
 
 if TYPE_CHECKING:
     from .pool import IdleConnection
@@ -272,7 +272,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
-        self.outcome = "ok"
+        self.outcome: Outcome = "ok"
         self.paired = False  # reported as connected (once, even if a pooled one is replaced)
         self.tries_left = 0
         self.retry_deadline = 0.0  # connects (retries included) must be done by then
@@ -391,7 +391,7 @@ class ClientConnection(asyncio.Protocol):
         server.health.connect_succeeded()
         self._attach(upstream, self.clock() - self.connect_began, False)
 
-    def _connect_failed(self, reason: str) -> None:
+    def _connect_failed(self, reason: FailureReason) -> None:
         """Count the failure against the server, then try the next one while the tries and
         the budget last. Only connects are retried: once paired, a connection is committed."""
         self._settle_connect_timer()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .accesslog import AccessLog
 from .admin import AdminServer
-from .config import Config, ConfigError, ListenerConfig, load_config
+from .config import Config, ConfigError, ListenerConfig, LoopName, load_config
 from .events import ConnectionEvents, FanOutEvents
 from .loops import new_event_loop, resolve_loop_name
 from .metrics import Metrics, MetricsEvents
@@ -447,7 +447,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     return 0
 
 
-def run(config: Config, loop_name: str | None = None, config_path: str | None = None,
+def run(config: Config, loop_name: LoopName | None = None, config_path: str | None = None,
         pid_file: str | None = None) -> int:
     """Create the event loop (after any fork) and serve `config` until stopped."""
     name = resolve_loop_name(loop_name or config.loop)

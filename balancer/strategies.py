@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .config import StrategyName
     from .upstream import Server
 
 Usable = Callable[["Server"], bool]
@@ -263,7 +264,7 @@ class RandomTwo(Strategy):
         return first
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
+STRATEGIES: dict[StrategyName, type[Strategy]] = {
     "round_robin": RoundRobin,
     "weighted": Weighted,
     "least_conn": LeastConn,
@@ -272,7 +273,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, servers: Sequence[Server]) -> Strategy:
+def make_strategy(name: StrategyName, servers: Sequence[Server]) -> Strategy:
     """Build the strategy called `name` (validated by the config loader) for `servers`."""
     return STRATEGIES[name](servers)
 

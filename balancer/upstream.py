@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from .checks import ActiveChecker
 from .config import HealthConfig, ServerConfig, UpstreamConfig
-from .health import DOWN, UP, ServerHealth
+from .health import DOWN, UP, FailureReason, ServerHealth
 from .pool import ServerPool
 from .proc.shared import SharedCell
 from .strategies import Strategy, make_strategy
@@ -82,7 +82,7 @@ class Server:
         if self.cell is not None:
             self.cell.add_active(-1)
 
-    def connect_failed(self, reason: str) -> None:
+    def connect_failed(self, reason: FailureReason) -> None:
         self.health.connect_failed(reason)
         if self.cell is not None:
             self.cell.add_failure()

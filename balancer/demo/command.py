@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Address, Config, ListenerConfig, ServerConfig, UpstreamConfig
+from ..config import Address, Config, ListenerConfig, LoopName, ServerConfig, UpstreamConfig
 from ..loops import new_event_loop
 
 APP_JS = Path(__file__).parent / "app.js"
@@ -117,7 +117,7 @@ def stop_backends(backends: list[DemoBackend]) -> None:
             backend.proc.stdout.close()
 
 
-def demo_config(ports: list[int], loop: str = "auto") -> Config:
+def demo_config(ports: list[int], loop: LoopName = "auto") -> Config:
     """One listener on an ephemeral local port, round robin over the sample backends."""
     servers = tuple(ServerConfig(Address("127.0.0.1", port)) for port in ports)
     upstream = UpstreamConfig(name="app", servers=servers, strategy="round_robin")
@@ -190,7 +190,7 @@ async def serve_demo(config: Config, requests: int) -> int:
     return 0
 
 
-def run_demo(loop: str = "auto", requests: int = 6) -> int:
+def run_demo(loop: LoopName = "auto", requests: int = 6) -> int:
     """Start the sample backends and a balancer; serve until Ctrl-C; stop everything.
 
     Returns 0 after a signal-driven stop, 1 when something could not start.
