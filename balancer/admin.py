@@ -19,12 +19,15 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .config import MetricsConfig
 
 if TYPE_CHECKING:
     from .server import Balancer
@@ -83,24 +86,56 @@ def health_problems(balancer: Balancer) -> list[str]:
     return problems
 
 
+class AdminBindError(OSError):
+    """The admin endpoint cannot listen on `metrics.bind` (at start, or for a reload)."""
+
+
 class AdminServer:
     """Serves the admin endpoints for one balancer (or, with workers, for the primary)."""
 
     def __init__(
         self,
         balancer: Balancer,
-        token: str | None = None,
+        settings: MetricsConfig,
         render_metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.balancer = balancer
-        self.token = token
+        self.settings = settings
+        self.token = settings.admin_token
         self.render_metrics = render_metrics or generate_latest
         self.server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._handle, host, port)
+    async def start(self) -> None:
+        bind = self.settings.bind
+        try:
+            self.server = await asyncio.start_server(self._handle, bind.host, bind.port)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise AdminBindError(f"metrics.bind: cannot listen on {bind}: {reason}") from None
         bound = self.server.sockets[0].getsockname()
         log.info("admin endpoint on http://%s:%d/ (metrics, status)", bound[0], bound[1])
+
+    def configure(self, settings: MetricsConfig) -> None:
+        """Apply reloaded settings that need no new socket (the token: at once)."""
+        self.settings = settings
+        self.token = settings.admin_token
+
+    async def rebound(self, settings: MetricsConfig) -> AdminServer:
+        """The admin server a reload to `settings` needs: this one when the bind stays, else
+        a new one, already listening (AdminBindError: this one keeps serving, untouched)."""
+        if settings.bind == self.settings.bind:
+            return self
+        new = AdminServer(self.balancer, settings, self.render_metrics)
+        await new.start()
+        return new
+
+    async def replace_by(self, new: AdminServer, settings: MetricsConfig) -> None:
+        """Commit a reload: `new` (from `rebound`) takes over and this one closes if it is
+        not the same."""
+        new.configure(settings)
+        if new is not self:
+            await self.stop()
+            log.info("admin endpoint moved from %s to %s", self.settings.bind, settings.bind)
 
     def address(self) -> tuple[str, int]:
         assert self.server is not None

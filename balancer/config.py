@@ -212,6 +212,16 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     return Config(listeners, upstreams, metrics, workers, loop, shutdown_timeout, log)
 
 
+def reload_problems(running: Config, new: Config) -> list[str]:
+    """What a reload from `running` to `new` cannot apply in place, as ``key: reason``: a
+    reload that would skip a key is rejected instead of reported as done."""
+    if (running.metrics is None) != (new.metrics is None):
+        change = "adding" if new.metrics is not None else "removing"
+        return [f"metrics: {change} the metrics section needs a restart "
+                "(its keys, metrics.bind included, can change on reload)"]
+    return []
+
+
 # --- Listeners -----------------------------------------------------------------------------
 
 

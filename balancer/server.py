@@ -22,8 +22,8 @@ from functools import partial
 from pathlib import Path
 
 from .accesslog import AccessLog
-from .admin import AdminServer
-from .config import Config, ConfigError, ListenerConfig, LoopName, load_config
+from .admin import AdminBindError, AdminServer
+from .config import Config, ConfigError, ListenerConfig, LoopName, load_config, reload_problems
 from .events import ConnectionEvents, FanOutEvents
 from .loops import new_event_loop, resolve_loop_name
 from .metrics import Metrics, MetricsEvents
@@ -162,9 +162,8 @@ class Balancer:
             for cfg in self.config.listeners:
                 await self._open_listener(cfg)
             if self.config.metrics is not None and self.serve_admin:
-                self.admin = AdminServer(self, self.config.metrics.admin_token)
-                bind = self.config.metrics.bind
-                await self.admin.start(bind.host, bind.port)
+                self.admin = AdminServer(self, self.config.metrics)
+                await self.admin.start()
         except OSError:
             for listener in self.listeners:
                 listener.stop_accepting()
@@ -224,7 +223,9 @@ class Balancer:
                      sockets: dict[str, list[socket.socket]] | None = None) -> None:
         """Apply a new (already valid) config without dropping a connection.
 
-        New listeners are bound first: if one cannot be, nothing changes and OSError is raised.
+        What cannot change in place (see `reload_problems`) raises ConfigError. A moved admin
+        endpoint and new listeners are bound first: if one cannot be, nothing changes and
+        OSError (AdminBindError for the admin endpoint) is raised.
         Then upstreams are reconfigured in place (servers that stay keep health and pools) and
         removed listeners stop accepting. Connections through a removed listener or to a
         removed server may finish for up to `shutdown_timeout`, then they are closed.
@@ -237,6 +238,12 @@ class Balancer:
                       sockets: dict[str, list[socket.socket]] | None) -> None:
         loop = self._loop
         assert loop is not None
+        problems = reload_problems(self.config, config)
+        if problems:
+            raise ConfigError(problems)
+        admin = None
+        if self.admin is not None and config.metrics is not None:
+            admin = await self.admin.rebound(config.metrics)
         if sockets is not None:
             self.sockets = sockets
         added = {name: Upstream(cfg, self.cell_for)
@@ -255,7 +262,12 @@ class Balancer:
         except OSError:
             for listener in opened:
                 listener.stop_accepting()
+            if admin is not None and admin is not self.admin:
+                await admin.stop()
             raise
+        if self.admin is not None and admin is not None and config.metrics is not None:
+            await self.admin.replace_by(admin, config.metrics)
+            self.admin = admin
         gone: set[Server] = set()  # servers no longer in the config
         for name, upstream_config in config.upstreams.items():
             if name in added:
@@ -396,6 +408,15 @@ async def reload_from(balancer: Balancer, path: str) -> bool:
         return False
     try:
         await balancer.reload(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload rejected: %s", problem)
+        count_reload("failure")
+        return False
+    except AdminBindError as exc:
+        log.error("reload rejected: %s (the admin endpoint stays where it was)", exc)
+        count_reload("failure")
+        return False
     except OSError as exc:
         log.error("reload rejected: cannot open a new listener: %s", exc)
         count_reload("failure")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import time
 from collections import Counter
 
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from .test_distribution import who_answers
-from .test_observability import admin_port, http, with_metrics
+from .test_observability import admin_port, http, scrape, total, with_metrics
 from .test_resilience import attempts_on
 from .utils import free_port, make_config, read_backend_line
 
@@ -160,3 +161,100 @@ def test_reload_turning_slow_start_off_ends_a_ramp_in_progress():
     upstream.reconfigure(config(0.0), loop=None)  # type: ignore[arg-type]
     assert first.weight == 4
     assert upstream.pick("10.0.0.1") is not None
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def start(start_balancer, config: dict, workers: int):
+    """One process, or a primary and `workers` workers (the primary serves admin then)."""
+    from .test_workers import start_workers
+
+    return start_workers(start_balancer, config, workers) if workers > 1 else \
+        start_balancer(config)
+
+
+def rejected(balancer, pattern: str) -> None:
+    """Wait for the balancer to log that a reload was rejected for `pattern`."""
+    balancer.wait_for_line(rf"reload rejected: {pattern}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_reload_rotates_the_admin_token(start_backend, start_balancer, workers):
+    """A leaked token is rotated by SIGHUP: the old one stops working at once."""
+    a = start_backend("name", "a")
+    config = with_metrics(make_config([a.address]), admin_token="old")
+    balancer = start(start_balancer, config, workers)
+    port = admin_port(balancer)
+    drain, enable = (f"/servers/app/{a.address}/{action}" for action in ("drain", "enable"))
+    assert (await http(port, "POST", drain, bearer("old")))[0] == 200
+
+    config["metrics"]["admin_token"] = "new"
+    reload(balancer, config)
+    assert (await http(port, "POST", enable, bearer("old")))[0] == 401
+    status, body = await http(port, "POST", enable, bearer("new"))
+    assert status == 200 and json.loads(body)["state"] == "up"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_reload_moves_the_admin_endpoint(start_backend, start_balancer, workers):
+    a = start_backend("name", "a")
+    balancer = start(start_balancer, with_metrics(make_config([a.address])), workers)
+    old_port = admin_port(balancer)
+    new_port = free_port()
+    config = with_metrics(make_config([a.address]))
+    config["metrics"]["bind"] = f"127.0.0.1:{new_port}"
+    config["workers"] = workers
+    config["listeners"][0]["bind"] = f"127.0.0.1:{balancer.port}"  # the same listener
+    reload(balancer, config)
+    balancer.wait_for_line(rf"admin endpoint on http://127\.0\.0\.1:{new_port}/")
+    assert await http(new_port, path="/healthz") == (200, b"ok\n")
+    with pytest.raises(ConnectionRefusedError):
+        await http(old_port, path="/healthz")
+    assert await who_answers(balancer.port) == "a"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_reload_to_a_taken_admin_port_changes_nothing(start_backend, start_balancer,
+                                                            workers):
+    """The new bind fails: the reload is rejected as a whole, so the old endpoint and the old
+    token stay (a half-applied reload would rotate the token on a port about to go away)."""
+    a = start_backend("name", "a")
+    config = with_metrics(make_config([a.address]), admin_token="old")
+    balancer = start(start_balancer, config, workers)
+    port = admin_port(balancer)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config["metrics"] = {"bind": f"127.0.0.1:{taken.getsockname()[1]}",
+                             "admin_token": "new"}
+        config["workers"] = workers
+        balancer.config_path.write_text(yaml.safe_dump(config))
+        balancer.send_signal(signal.SIGHUP)
+        rejected(balancer, r"metrics\.bind: cannot listen on 127\.0\.0\.1:\d+: "
+                           r"Address already in use \(the admin endpoint stays where it was\)")
+    drain = f"/servers/app/{a.address}/drain"
+    assert (await http(port, "POST", drain, bearer("new")))[0] == 401
+    assert (await http(port, "POST", drain, bearer("old")))[0] == 200
+    samples = await scrape(port)
+    assert total(samples, "balancer_config_reloads_total", result="failure") == 1
+    assert total(samples, "balancer_config_reloads_total", result="success") == 0
+    assert not any("configuration reloaded" in line for line in balancer.lines)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_reload_removing_the_metrics_section_is_rejected(start_backend, start_balancer,
+                                                               workers):
+    a = start_backend("name", "a")
+    config = with_metrics(make_config([a.address]))
+    balancer = start(start_balancer, config, workers)
+    port = admin_port(balancer)
+    del config["metrics"]
+    config["workers"] = workers
+    balancer.config_path.write_text(yaml.safe_dump(config))
+    balancer.send_signal(signal.SIGHUP)
+    rejected(balancer, r"metrics: removing the metrics section needs a restart")
+    samples = await scrape(port)
+    assert total(samples, "balancer_config_reloads_total", result="failure") == 1
+    assert not any("configuration reloaded" in line for line in balancer.lines)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, ListenerConfig, load_config
+from ..config import Config, ConfigError, ListenerConfig, load_config, reload_problems
 from ..sockets import bind_group
 from .control import EXIT_BOOT_ERROR, receive_message, send_message
 
@@ -282,6 +282,7 @@ class Supervisor:
 
     async def reload(self) -> bool:
         """Re-read the config file; apply it in every worker, or change nothing."""
+        from ..admin import AdminBindError
         from ..server import count_reload
 
         if self.stopping:
@@ -289,9 +290,16 @@ class Supervisor:
             return False
         try:
             config = load_config(self.config_path)
+            problems = reload_problems(self.config, config)
+            if problems:
+                raise ConfigError(problems)
             if (config.workers or self.count) != self.count:
                 log.warning("reload: changing the number of workers needs a restart; "
                             "keeping %d", self.count)
+            # The admin endpoint first: if it cannot move, nothing has changed yet.
+            admin = self.admin
+            if admin is not None and config.metrics is not None:
+                admin = await admin.rebound(config.metrics)
             self.assign_rows(config)
             added = [cfg for cfg in config.listeners if cfg.name not in self.sockets or
                      self._bind_of(cfg.name) != cfg.bind]
@@ -301,10 +309,19 @@ class Supervisor:
                 log.error("reload rejected: %s", problem)
             count_reload("failure")
             return False
+        except AdminBindError as exc:
+            log.error("reload rejected: %s (the admin endpoint stays where it was)", exc)
+            count_reload("failure")
+            return False
         except OSError as exc:
+            if admin is not self.admin:
+                await admin.stop()
             log.error("reload rejected: cannot open a new listener: %s", exc)
             count_reload("failure")
             return False
+        if self.admin is not None and config.metrics is not None:
+            await self.admin.replace_by(admin, config.metrics)
+            self.admin = admin
         self.config = config
         removed = {name: socks for name, socks in self.sockets.items()
                    if name not in {cfg.name for cfg in config.listeners} or name in new_sockets}
@@ -334,7 +351,10 @@ class Supervisor:
             return False
         self.view.apply(config)
         count_reload("success" if ok else "failure")
-        log.info("configuration reloaded from %s", self.config_path)
+        if ok:
+            log.info("configuration reloaded from %s", self.config_path)
+        else:  # never "reloaded" for what was not
+            log.error("configuration from %s applied in some workers only", self.config_path)
         return ok
 
     def _bind_of(self, name: str) -> Any:
@@ -444,10 +464,9 @@ class Supervisor:
         self.view = ClusterView(self.config, self.table, self.rows, self.sockets)
         self.view.start()
         if self.config.metrics is not None:
-            self.admin = AdminServer(self.view, self.config.metrics.admin_token,
+            self.admin = AdminServer(self.view, self.config.metrics,
                                      render_metrics=render_cluster_metrics)
-            bind = self.config.metrics.bind
-            await self.admin.start(bind.host, bind.port)
+            await self.admin.start()
 
 
 def describe_exit(code: int) -> str:
