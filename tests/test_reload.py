@@ -200,13 +200,11 @@ async def test_reload_rotates_the_admin_token(start_backend, start_balancer, wor
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_reload_moves_the_admin_endpoint(start_backend, start_balancer, workers):
     a = start_backend("name", "a")
-    balancer = start(start_balancer, with_metrics(make_config([a.address])), workers)
+    config = with_metrics(make_config([a.address]))
+    balancer = start(start_balancer, config, workers)
     old_port = admin_port(balancer)
     new_port = free_port()
-    config = with_metrics(make_config([a.address]))
     config["metrics"]["bind"] = f"127.0.0.1:{new_port}"
-    config["workers"] = workers
-    config["listeners"][0]["bind"] = f"127.0.0.1:{balancer.port}"  # the same listener
     reload(balancer, config)
     balancer.wait_for_line(rf"admin endpoint on http://127\.0\.0\.1:{new_port}/")
     assert await http(new_port, path="/healthz") == (200, b"ok\n")
