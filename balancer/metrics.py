@@ -11,7 +11,7 @@ without any work on the byte path. Works unchanged in prometheus-client's multip
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 # The errors' reason for a client no server could take: the connection's outcome too.
 NO_SERVER: Final = "no_server"
+
+# What became of a reload, the `result` label of balancer_config_reloads_total.
+ReloadResult = Literal["success", "failure"]
 
 FLUSH_INTERVAL = 1.0  # seconds between byte-counter updates for open connections
 
@@ -70,8 +73,24 @@ class Metrics:
             ["upstream", "server", "result"], **kw)
         self.config_reloads = Counter(
             "balancer_config_reloads", "Configuration reloads by result.", ["result"], **kw)
-        for result in ("success", "failure"):
+        for result in get_args(ReloadResult):
             self.config_reloads.labels(result)
+
+
+_process_metrics: Metrics | None = None
+
+
+def process_metrics() -> Metrics:
+    """The metric families of this process, registered once on the default registry."""
+    global _process_metrics
+    if _process_metrics is None:
+        _process_metrics = Metrics()
+    return _process_metrics
+
+
+def count_reload(result: ReloadResult) -> None:
+    """Count a reload of this process's configuration (the primary's, with workers)."""
+    process_metrics().config_reloads.labels(result).inc()
 
 
 class _Children:

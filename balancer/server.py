@@ -26,24 +26,13 @@ from .admin import AdminBindError, AdminServer
 from .config import Config, ConfigError, ListenerConfig, LoopName, load_config, reload_problems
 from .events import ConnectionEvents, FanOutEvents
 from .loops import new_event_loop, resolve_loop_name
-from .metrics import Metrics, MetricsEvents
+from .metrics import MetricsEvents, count_reload, process_metrics
 from .proc.shared import SYNC_INTERVAL
 from .proxy import ClientConnection, Route
 from .sockets import LISTEN_BACKLOG, bind_group
 from .upstream import CellFor, Server, Upstream, _no_cell
 
 log = logging.getLogger("balancer.server")
-
-_metrics: Metrics | None = None
-
-
-def process_metrics() -> Metrics:
-    """The metric families of this process, registered once on the default registry."""
-    global _metrics
-    if _metrics is None:
-        _metrics = Metrics()
-    return _metrics
-
 
 class Listener:
     """One bound address feeding client connections into one upstream."""
@@ -391,10 +380,6 @@ class _DrainWatch(ConnectionEvents):
 
     def closed(self, conn: ClientConnection) -> None:
         self.balancer._connection_closed()
-
-
-def count_reload(result: str) -> None:
-    process_metrics().config_reloads.labels(result).inc()
 
 
 async def reload_from(balancer: Balancer, path: str) -> bool:

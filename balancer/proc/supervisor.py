@@ -283,7 +283,7 @@ class Supervisor:
     async def reload(self) -> bool:
         """Re-read the config file; apply it in every worker, or change nothing."""
         from ..admin import AdminBindError
-        from ..server import count_reload
+        from ..metrics import count_reload
 
         if self.stopping:
             log.warning("reload ignored: stopping")
