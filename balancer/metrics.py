@@ -11,6 +11,8 @@ without any work on the byte path. Works unchanged in prometheus-client's multip
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -91,6 +93,15 @@ def process_metrics() -> Metrics:
 def count_reload(result: ReloadResult) -> None:
     """Count a reload of this process's configuration (the primary's, with workers)."""
     process_metrics().config_reloads.labels(result).inc()
+
+
+def reject_reload(log: logging.Logger, problems: Iterable[str]) -> bool:
+    """A reload changed nothing (the running config stays): log each reason and count the
+    failure. Returns False, what a rejected reload reports."""
+    for problem in problems:
+        log.error("reload rejected: %s", problem)
+    count_reload("failure")
+    return False
 
 
 class _Children:

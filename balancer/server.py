@@ -26,7 +26,7 @@ from .admin import AdminBindError, AdminServer
 from .config import Config, ConfigError, ListenerConfig, LoopName, load_config, reload_problems
 from .events import ConnectionEvents, FanOutEvents
 from .loops import new_event_loop, resolve_loop_name
-from .metrics import MetricsEvents, count_reload, process_metrics
+from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
 from .proc.shared import SYNC_INTERVAL
 from .proxy import ClientConnection, Route
 from .sockets import LISTEN_BACKLOG, bind_group
@@ -387,25 +387,15 @@ async def reload_from(balancer: Balancer, path: str) -> bool:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("reload rejected: %s", problem)
-        count_reload("failure")
-        return False
+        return reject_reload(log, exc.problems)
     try:
         await balancer.reload(config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("reload rejected: %s", problem)
-        count_reload("failure")
-        return False
+        return reject_reload(log, exc.problems)
     except AdminBindError as exc:
-        log.error("reload rejected: %s (the admin endpoint stays where it was)", exc)
-        count_reload("failure")
-        return False
+        return reject_reload(log, [f"{exc} (the admin endpoint stays where it was)"])
     except OSError as exc:
-        log.error("reload rejected: cannot open a new listener: %s", exc)
-        count_reload("failure")
-        return False
+        return reject_reload(log, [f"cannot open a new listener: {exc}"])
     count_reload("success")
     return True
 

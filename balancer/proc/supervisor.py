@@ -283,7 +283,7 @@ class Supervisor:
     async def reload(self) -> bool:
         """Re-read the config file; apply it in every worker, or change nothing."""
         from ..admin import AdminBindError
-        from ..metrics import count_reload
+        from ..metrics import count_reload, reject_reload
 
         if self.stopping:
             log.warning("reload ignored: stopping")
@@ -305,20 +305,13 @@ class Supervisor:
                      self._bind_of(cfg.name) != cfg.bind]
             new_sockets = {cfg.name: self.bind_listener(cfg) for cfg in added}
         except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload rejected: %s", problem)
-            count_reload("failure")
-            return False
+            return reject_reload(log, exc.problems)
         except AdminBindError as exc:
-            log.error("reload rejected: %s (the admin endpoint stays where it was)", exc)
-            count_reload("failure")
-            return False
+            return reject_reload(log, [f"{exc} (the admin endpoint stays where it was)"])
         except OSError as exc:
             if admin is not self.admin:
                 await admin.stop()
-            log.error("reload rejected: cannot open a new listener: %s", exc)
-            count_reload("failure")
-            return False
+            return reject_reload(log, [f"cannot open a new listener: {exc}"])
         if self.admin is not None and config.metrics is not None:
             await self.admin.replace_by(admin, config.metrics)
             self.admin = admin
