@@ -124,6 +124,7 @@ class ListenerConfig:
     name: str
     bind: Address
     upstream: str
+    reuse_port: bool = False  # share the address with other processes (SO_REUSEPORT) on purpose
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class Config:
 # --- Parsing -------------------------------------------------------------------------------
 
 TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log")
-LISTENER_KEYS = ("name", "bind", "upstream")
+LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port")
 UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts")
 SERVER_KEYS = ("address", "weight", "max_conns", "backup")
 HEALTH_KEYS = ("max_fails", "fail_timeout", "check")
@@ -168,6 +169,7 @@ _UPSTREAM = UpstreamConfig(name="", servers=())
 _SERVER = ServerConfig(Address("", 0))
 _CHECK = CheckConfig()
 _CONFIG = Config(listeners=(), upstreams={})
+_LISTENER = ListenerConfig(name="", bind=Address("", 0), upstream="")
 
 
 def parse_address(text: object, *, allow_port_zero: bool = True) -> Address:
@@ -262,6 +264,7 @@ def _listeners(top: Section, known: set[str] | None) -> tuple[ListenerConfig, ..
 def _listener(section: Section, known: set[str] | None) -> ListenerConfig | None:
     bind = _address(section.host_port("bind"))
     name = section.string("name")
+    reuse_port = section.boolean("reuse_port", _LISTENER.reuse_port)
     upstream = section.required("upstream")
     if upstream is not None and not isinstance(upstream, str):
         section.fail("upstream", f"must be a string, got {describe(upstream)}")
@@ -271,7 +274,8 @@ def _listener(section: Section, known: set[str] | None) -> ListenerConfig | None
         section.fail("upstream", f"unknown upstream {upstream!r} (known: {listed})")
     if bind is None or not isinstance(upstream, str):
         return None
-    return ListenerConfig(name=name or str(bind), bind=bind, upstream=upstream)
+    return ListenerConfig(name=name or str(bind), bind=bind, upstream=upstream,
+                          reuse_port=reuse_port)
 
 
 def _unique(

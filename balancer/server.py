@@ -29,7 +29,7 @@ from .loops import new_event_loop, resolve_loop_name
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
 from .proc.shared import SYNC_INTERVAL
 from .proxy import ClientConnection, Route
-from .sockets import LISTEN_BACKLOG, bind_group
+from .sockets import LISTEN_BACKLOG, BindError, bind_group
 from .upstream import CellFor, Server, Upstream, _no_cell
 
 log = logging.getLogger("balancer.server")
@@ -50,14 +50,21 @@ class Listener:
         self.loop = loop
         self.servers: list[asyncio.Server] = []
 
-    async def start(self, socks: list[socket.socket] | None = None) -> None:
+    async def start(self, socks: list[socket.socket] | None = None, *,
+                    ours: bool = False) -> None:
         """Bind the configured address as a group of sockets (see sockets.py), or serve
-        `socks` (a worker's share of a listener the primary bound)."""
+        `socks` (a worker's share of a listener the primary bound). The address must be
+        free, unless `reuse_port` says to share it or it is `ours` (a reload renaming a
+        listener binds next to the old one)."""
         factory = partial(ClientConnection, self.route)
         announce = socks is None
         if socks is None:
             bind = self.config.bind
-            socks = bind_group(bind.host, bind.port)
+            try:
+                socks = bind_group(bind.host, bind.port,
+                                   exclusive=not (ours or self.config.reuse_port))
+            except BindError as exc:
+                raise BindError(f"listener {self.name}: {exc}") from exc
         try:
             for sock in socks:
                 self.servers.append(
@@ -240,13 +247,15 @@ class Balancer:
         current = {listener.name: listener for listener in self.listeners}
         kept = {cfg.name for cfg in config.listeners
                 if cfg.name in current and current[cfg.name].config.bind == cfg.bind}
+        held = {listener.address()[1] for listener in self.listeners}  # ports we listen on
         opened: list[Listener] = []
         try:
             for cfg in config.listeners:
                 if cfg.name not in kept:
                     upstream = added.get(cfg.upstream) or self.upstreams[cfg.upstream]
                     listener = Listener(cfg, upstream, loop, self.events)
-                    await listener.start(self.sockets.get(cfg.name) if self.sockets else None)
+                    await listener.start(self.sockets.get(cfg.name) if self.sockets else None,
+                                         ours=cfg.bind.port in held)
                     opened.append(listener)
         except OSError:
             for listener in opened:

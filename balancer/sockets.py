@@ -8,21 +8,40 @@ balancer were accepted over 4 s; p99 latency 840 ms). With `ACCEPT_SOCKETS` sock
 spreads new connections over the group and every iteration accepts up to that many, as
 HAProxy's `tune.maxaccept` does; nothing is added per connection.
 
-SO_REUSEPORT admits only sockets of the same user into the group.
+SO_REUSEPORT admits only sockets of the same user into the group, but it admits *any* of
+them: a second balancer started on the same port would silently join the group and take half
+of the traffic. So a group is exclusive unless asked otherwise: before binding it, a probe
+socket without SO_REUSEPORT is bound to the address, which fails while anything listens there
+(a listener's `reuse_port: true` skips the probe, to share the port on purpose).
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 
 ACCEPT_SOCKETS = 16
 LISTEN_BACKLOG = 1024
 
 
-def bind_group(host: str, port: int, count: int = ACCEPT_SOCKETS) -> list[socket.socket]:
-    """Bind `count` listening sockets to one address (port 0: the first one picks it)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+class BindError(OSError):
+    """An address cannot be listened on; the message names it and says why."""
+
+
+def bind_group(host: str, port: int, count: int = ACCEPT_SOCKETS, *,
+               exclusive: bool = True) -> list[socket.socket]:
+    """Bind `count` listening sockets to one address (port 0: the first one picks it).
+
+    `exclusive`: fail if another socket already listens there (see the module docstring);
+    False to join a group on purpose (our own, or one the operator wants to share)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise BindError(f"{where}: {exc}") from exc
     family, _, _, _, address = infos[0]
+    if exclusive and port != 0:
+        _check_unused(family, address, where)
     group: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -39,8 +58,27 @@ def bind_group(host: str, port: int, count: int = ACCEPT_SOCKETS) -> list[socket
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
             address = sock.getsockname()  # port 0: the rest join the port just chosen
-    except OSError:
+    except OSError as exc:
         for sock in group:
             sock.close()
-        raise
+        raise BindError(f"{where}: {exc.strerror or exc}") from exc
     return group
+
+
+def _check_unused(family: socket.AddressFamily, address: tuple[str, int], where: str) -> None:
+    """Raise BindError if a socket listens on `address` (a bind without SO_REUSEPORT fails)."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR, so that connections in TIME_WAIT (a balancer just restarted) do not
+        # count: only a listening socket makes the probe fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"{where}: address already in use by another process (set "
+                            "`reuse_port: true` on the listener to share it)") from None
+        raise BindError(f"{where}: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()

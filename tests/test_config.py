@@ -312,6 +312,7 @@ MISTAKES = [
     ("listeners.0.upstream", 7, "listeners[0].upstream: must be a string, got 7"),
     ("listeners.0.name", 7, "listeners[0].name: must be a string, got 7"),
     ("listeners.0.name", "", "listeners[0].name: must not be empty"),
+    ("listeners.0.reuse_port", "yes", "listeners[0].reuse_port: must be a boolean, got 'yes'"),
     ("listeners", [], "listeners: must not be empty"),
     ("listeners", None, "listeners: required"),
     ("listeners", {"bind": "x:1"}, "listeners: must be a list, got a mapping"),

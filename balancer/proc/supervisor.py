@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, ListenerConfig, load_config, reload_problems
-from ..sockets import bind_group
+from ..sockets import BindError, bind_group
 from .control import EXIT_BOOT_ERROR, receive_message, send_message
 
 log = logging.getLogger("balancer.supervisor")
@@ -105,13 +105,19 @@ class Supervisor:
 
     # -- sockets and rows -----------------------------------------------------------------------
 
-    def bind_listener(self, cfg: ListenerConfig) -> list[list[socket.socket]]:
-        """For each worker slot, a group of SO_REUSEPORT sockets, all on the same address."""
+    def bind_listener(self, cfg: ListenerConfig, ours: bool = False) -> list[list[socket.socket]]:
+        """For each worker slot, a group of SO_REUSEPORT sockets, all on the same address.
+        The first group checks that nobody else listens there, unless `reuse_port` says to
+        share the address or it is `ours` (a reload renaming a listener); the others join it."""
         slots: list[list[socket.socket]] = []
         port = cfg.bind.port
+        exclusive = not (ours or cfg.reuse_port)
         try:
             for _ in range(self.count):
-                group = bind_group(cfg.bind.host, port)
+                try:
+                    group = bind_group(cfg.bind.host, port, exclusive=exclusive and not slots)
+                except BindError as exc:
+                    raise BindError(f"listener {cfg.name}: {exc}") from exc
                 for sock in group:
                     sock.set_inheritable(False)
                 slots.append(group)
@@ -124,6 +130,23 @@ class Supervisor:
         log.info("listening on %s:%d (%s -> upstream %s, %d workers)", cfg.bind.host, port,
                  cfg.name, cfg.upstream, self.count)
         return slots
+
+    def bind_new_listeners(self, added: list[ListenerConfig]
+                           ) -> dict[str, list[list[socket.socket]]]:
+        """Bind the listeners a reload adds: all of them, or none (OSError)."""
+        held = {sock.getsockname()[1] for slots in self.sockets.values() for group in slots
+                for sock in group[:1] if sock.fileno() != -1}  # ports we listen on
+        bound: dict[str, list[list[socket.socket]]] = {}
+        try:
+            for cfg in added:
+                bound[cfg.name] = self.bind_listener(cfg, ours=cfg.bind.port in held)
+        except OSError:
+            for slots in bound.values():
+                for group in slots:
+                    for sock in group:
+                        sock.close()
+            raise
+        return bound
 
     def share(self, names: list[str], slot: int) -> tuple[list[tuple[str, int]], list[int]]:
         """What one worker gets of some listeners: their layout and its sockets' fds."""
@@ -303,7 +326,7 @@ class Supervisor:
             self.assign_rows(config)
             added = [cfg for cfg in config.listeners if cfg.name not in self.sockets or
                      self._bind_of(cfg.name) != cfg.bind]
-            new_sockets = {cfg.name: self.bind_listener(cfg) for cfg in added}
+            new_sockets = self.bind_new_listeners(added)
         except ConfigError as exc:
             return reject_reload(log, exc.problems)
         except AdminBindError as exc:
@@ -318,8 +341,9 @@ class Supervisor:
         self.config = config
         removed = {name: socks for name, socks in self.sockets.items()
                    if name not in {cfg.name for cfg in config.listeners} or name in new_sockets}
-        self.sockets = {**{k: v for k, v in self.sockets.items() if k not in removed},
-                        **new_sockets}
+        for name in removed:  # in place: the cluster view reads the same dict
+            del self.sockets[name]
+        self.sockets.update(new_sockets)
         names = list(new_sockets)
         ok = True
         for slot, worker in list(self.workers.items()):
