@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import Any
 
 ACCEPT_SOCKETS = 16
 LISTEN_BACKLOG = 1024
@@ -65,7 +66,7 @@ def bind_group(host: str, port: int, count: int = ACCEPT_SOCKETS, *,
     return group
 
 
-def _check_unused(family: socket.AddressFamily, address: tuple[str, int], where: str) -> None:
+def _check_unused(family: socket.AddressFamily, address: Any, where: str) -> None:
     """Raise BindError if a socket listens on `address` (a bind without SO_REUSEPORT fails)."""
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
