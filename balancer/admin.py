@@ -61,7 +61,7 @@ def server_status(server: Server) -> dict[str, Any]:
 
 def balancer_status(balancer: Balancer) -> dict[str, Any]:
     """Everything an operator looks at first, as plain JSON-able data."""
-    return {
+    status = {
         "time": time.time(),
         "listeners": [
             {"name": lst.name, "bind": lst.bound(), "upstream": lst.config.upstream,
@@ -74,6 +74,11 @@ def balancer_status(balancer: Balancer) -> dict[str, Any]:
             for name, up in balancer.upstreams.items()
         },
     }
+    # With workers: the current config generation and the one each worker runs.
+    cluster = getattr(balancer, "cluster_status", None)
+    if cluster is not None:
+        status.update(cluster())
+    return status
 
 
 def health_problems(balancer: Balancer) -> list[str]:

@@ -240,13 +240,16 @@ class Balancer:
         admin = None
         if self.admin is not None and config.metrics is not None:
             admin = await self.admin.rebound(config.metrics)
+        given = self.sockets or {}  # the sockets the primary gave us before this reload
         if sockets is not None:
             self.sockets = sockets
         added = {name: Upstream(cfg, self.cell_for)
                  for name, cfg in config.upstreams.items() if name not in self.upstreams}
         current = {listener.name: listener for listener in self.listeners}
+        # A listener given new sockets (the primary bound it anew) is reopened on them.
         kept = {cfg.name for cfg in config.listeners
-                if cfg.name in current and current[cfg.name].config.bind == cfg.bind}
+                if cfg.name in current and current[cfg.name].config.bind == cfg.bind
+                and (sockets is None or sockets.get(cfg.name) is given.get(cfg.name))}
         held = {listener.address()[1] for listener in self.listeners}  # ports we listen on
         opened: list[Listener] = []
         try:

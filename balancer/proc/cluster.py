@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, multiprocess
 
@@ -49,14 +51,20 @@ class ClusterView:
     """What admin.py needs (`listeners`, `upstreams`, `set_draining`), built from shared state."""
 
     def __init__(self, config: Config, table: SharedTable, rows: dict[str, int],
-                 sockets: dict[str, list[list[socket.socket]]]) -> None:
+                 sockets: dict[str, list[list[socket.socket]]],
+                 workers: Callable[[], dict[str, Any]] | None = None) -> None:
         self.table = table
+        self.workers = workers
         self.rows = rows
         self.sockets = sockets
         self.upstreams: dict[str, Upstream] = {}
         self.listeners: list[ListenerView] = []
         self._timer: asyncio.TimerHandle | None = None
         self.apply(config)
+
+    def cluster_status(self) -> dict[str, Any]:
+        """The primary's generation and each worker's, for /status."""
+        return self.workers() if self.workers is not None else {}
 
     def cell_for(self, key: str) -> SharedCell | None:
         row = self.rows.get(key)

@@ -9,11 +9,17 @@ gunicorn's arbiter is the model: signal handlers only queue; one loop does the w
   workers close their copies as they stop accepting), so new clients are refused.
 - Workers are fresh interpreters (`python -m balancer.proc.worker`): each creates its own loop and
   inherits no event loop, thread or lock from the primary. They get their config (the exact
-  `Config` the primary validated) and sockets over a SOCK_SEQPACKET pair.
+  `Config` the primary validated) and sockets over a stream socket pair (control.py).
 - A worker that exits unexpectedly is logged with its status and replaced at once; after
   `CRASH_LIMIT` crashes within `CRASH_WINDOW` seconds, or a boot error, the primary gives up.
 - SIGHUP (or `balancer reload`) reloads: a bad config is logged and counted and changes
-  nothing; a good one is sent to every worker, which applies it in place.
+  nothing; a good one becomes the next *generation* and is sent to every worker, which
+  applies it in place. Generations keep the workers on one config: every worker knows the
+  generation it runs, a worker that becomes ready on an older one (it was starting during a
+  reload) is sent the current one, answers name the generation they are about (a late answer
+  is never taken for a later one), and a worker that fails to apply a generation (it says so,
+  or does not answer within `REPLY_TIMEOUT`) is replaced by one started on it: the primary
+  starts the replacement, then lets the old worker drain, as a restart does.
 - Metrics: prometheus-client multiprocess mode in a clean directory; the primary serves one
   `/metrics` for all workers and calls `mark_process_dead` for every worker it reaps.
 - Shared state (shared.py): active connections per server across workers, and health and
@@ -38,14 +44,15 @@ from typing import Any
 
 from ..config import Config, ConfigError, ListenerConfig, load_config, reload_problems
 from ..sockets import BindError, bind_group
-from .control import EXIT_BOOT_ERROR, receive_message, send_message
+from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_pair
 
 log = logging.getLogger("balancer.supervisor")
 
 CRASH_LIMIT = 5
 CRASH_WINDOW = 30.0
 READY_TIMEOUT = 15.0
-SHARED_ROWS = 4096  # servers the shared table can hold (pages never touched cost nothing)
+REPLY_TIMEOUT = 15.0  # for a worker to apply a reload; past it, the worker is replaced
+SHARED_ROWS = 16384  # servers the shared table can hold (pages never touched cost nothing)
 COLUMNS_PER_WORKER = 4  # worker slots in the table: room for replacements while old ones drain
 
 
@@ -67,9 +74,14 @@ class WorkerProcess:
     slot: int
     column: int
     process: asyncio.subprocess.Process
-    control: socket.socket
-    replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
-    retiring: bool = False
+    control: Channel
+    replies: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    # The generation it was started on, then the last one it confirmed; and the socket
+    # groups (self.sockets' values) it holds, so that a reload sends only new ones.
+    generation: int = 0
+    held: dict[str, list[list[socket.socket]]] = field(default_factory=dict)
+    talking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one exchange at a time
+    retiring: bool = False  # replaced: it drains and exits, and is not restarted
     stop_sent: bool = False  # a second SIGTERM would close its connections at once
 
     def stop(self) -> None:
@@ -91,6 +103,10 @@ class Supervisor:
         self.free_columns = list(range(workers * COLUMNS_PER_WORKER))
         self.workers: dict[int, WorkerProcess] = {}  # slot -> live worker
         self.starting: set[WorkerProcess] = set()  # spawned, not ready yet
+        self.retired: set[WorkerProcess] = set()  # replaced, draining
+        self.generation = 1  # of self.config: every applied config gets the next number
+        self.leaving: list[socket.socket] = []  # of listeners a reload in progress removes
+        self._reload_lock = asyncio.Lock()
         self.crashes: list[float] = []
         self.failure: str | None = None
         self.stopping = False
@@ -169,14 +185,14 @@ class Supervisor:
         """Start the worker for `slot` and wait until it serves (None: a stop came first)."""
         column = self.free_columns.pop(0)
         self.table.clear_column(column)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = channel_pair()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "balancer.proc.worker", "--control-fd", str(theirs.fileno()),
             "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
             pass_fds=[theirs.fileno()], start_new_session=True,
         )
         theirs.close()
-        worker = WorkerProcess(slot, column, process, ours)
+        worker = WorkerProcess(slot, column, process, Channel(ours))
         # A stop waits for the workers being started too, or they would outlive the primary.
         self.starting.add(worker)
         try:
@@ -190,39 +206,64 @@ class Supervisor:
             self._check_done()
 
     async def _start(self, worker: WorkerProcess) -> WorkerProcess | None:
-        """Hand a new worker its config and sockets and wait for its "ready"."""
-        slot, process, ours = worker.slot, worker.process, worker.control
+        """Hand a new worker the current config and its sockets and wait for its "ready"."""
+        slot, process = worker.slot, worker.process
         if self.stopping:  # a stop came while it was starting: the sockets are closed
             await self._kill(worker)
             return None
-        layout, fds = self.share([cfg.name for cfg in self.config.listeners], slot)
-        send_message(ours, {
-            "kind": "start", "config": self.config, "listeners": layout, "rows": self.rows,
-            "column": worker.column, "columns": self.table.columns, "capacity": SHARED_ROWS,
+        names = [cfg.name for cfg in self.config.listeners]
+        layout, fds = self.share(names, slot)
+        worker.generation = self.generation
+        worker.held = {name: self.sockets[name] for name in names}
+        start = {
+            "kind": "start", "generation": self.generation, "config": self.config,
+            "listeners": layout, "rows": self.rows, "column": worker.column,
+            "columns": self.table.columns, "capacity": SHARED_ROWS,
             "shm": str(self.table.path),
-        }, fds)
-        ours.setblocking(False)
+        }
+        worker.control.sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        loop.add_reader(ours.fileno(), self._on_reply, worker)
-        reply = loop.create_task(worker.replies.get())
+        loop.add_reader(worker.control.fileno(), self._on_reply, worker)
+        hello = loop.create_task(self._hello(worker, start, fds))
         exited = loop.create_task(process.wait())
-        done, _ = await asyncio.wait({reply, exited}, timeout=READY_TIMEOUT,
+        done, _ = await asyncio.wait({hello, exited}, timeout=READY_TIMEOUT,
                                      return_when=asyncio.FIRST_COMPLETED)
-        reply.cancel()
-        if reply not in done or reply.result().get("kind") != "ready":
-            exited.cancel()
+        hello.cancel()
+        exited.cancel()
+        ready = hello in done and not hello.cancelled() and hello.exception() is None
+        if not ready:
+            if hello in done and not hello.cancelled():
+                log.error("worker %d (pid %d): %s", slot, process.pid, hello.exception())
             code = await self._kill(worker)
             if self.stopping:  # told to stop before it was ready: not a crash
                 log.info("worker %d (pid %d) stopped before it was ready", slot, process.pid)
                 return None
             raise WorkerDied(slot, code)
-        exited.cancel()
         self.workers[slot] = worker
-        log.info("worker %d started (pid %d)", slot, process.pid)
+        log.info("worker %d started (pid %d) on generation %d", slot, process.pid,
+                 worker.generation)
         self._spawn_task(self._watch(worker))
         if self.stopping:  # a stop came while it was starting
             worker.stop()
+        elif worker.generation < self.generation:  # a reload came while it was starting
+            self._spawn_task(self._converge(worker))
         return worker
+
+    async def _hello(self, worker: WorkerProcess, start: Message, fds: list[int]) -> Message:
+        await worker.control.send(start, fds)
+        return await self._reply(worker, "ready", start["generation"])
+
+    async def _reply(self, worker: WorkerProcess, kind: str, generation: int) -> Message:
+        """The worker's answer of `kind` about `generation`; older answers are dropped."""
+        while True:
+            message = await worker.replies.get()
+            if message["kind"] == "closed":
+                worker.replies.put_nowait(message)  # for whoever waits next
+                raise ChannelClosed("the worker closed its channel")
+            if message["kind"] == kind and message.get("generation") == generation:
+                return message
+            log.info("worker %d: dropped a late %r answer (generation %s)", worker.slot,
+                     message["kind"], message.get("generation"))
 
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -241,17 +282,15 @@ class Supervisor:
 
     def _on_reply(self, worker: WorkerProcess) -> None:
         try:
-            message, fds = receive_message(worker.control)
-        except BlockingIOError:
-            return
-        except OSError:
-            message, fds = None, []
-        for fd in fds:
-            os.close(fd)
-        if message is None:
+            frames = worker.control.read()
+        except ChannelClosed:
             asyncio.get_running_loop().remove_reader(worker.control.fileno())
+            worker.replies.put_nowait({"kind": "closed"})
             return
-        worker.replies.put_nowait(message)
+        for message, fds in frames:
+            for fd in fds:
+                os.close(fd)
+            worker.replies.put_nowait(message)
 
     async def _kill(self, worker: WorkerProcess) -> int:
         with contextlib.suppress(ProcessLookupError):
@@ -270,6 +309,7 @@ class Supervisor:
         multiprocess.mark_process_dead(worker.process.pid)
         self.table.clear_column(worker.column)
         self.free_columns.append(worker.column)
+        self.retired.discard(worker)
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
 
@@ -304,7 +344,12 @@ class Supervisor:
     # -- reload -------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the config file; apply it in every worker, or change nothing."""
+        """Re-read the config file; make it the next generation and apply it in every
+        worker, or change nothing. Reloads run one at a time, in the order they came."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         from ..admin import AdminBindError
         from ..metrics import count_reload, reject_reload
 
@@ -339,40 +384,104 @@ class Supervisor:
             await self.admin.replace_by(admin, config.metrics)
             self.admin = admin
         self.config = config
+        self.generation += 1
+        generation = self.generation
         removed = {name: socks for name, socks in self.sockets.items()
                    if name not in {cfg.name for cfg in config.listeners} or name in new_sockets}
         for name in removed:  # in place: the cluster view reads the same dict
             del self.sockets[name]
         self.sockets.update(new_sockets)
-        names = list(new_sockets)
-        ok = True
-        for slot, worker in list(self.workers.items()):
-            if self.stopping:  # the sockets are closed; the workers are leaving anyway
-                return False
-            layout, fds = self.share(names, slot)
-            send_message(worker.control, {"kind": "reload", "config": config,
-                                          "listeners": layout, "rows": self.rows}, fds)
-            try:
-                async with asyncio.timeout(READY_TIMEOUT):
-                    reply = await worker.replies.get()
-            except TimeoutError:
-                reply = {"ok": False, "error": "no answer"}
-            if not reply.get("ok"):
-                ok = False
-                log.error("worker %d could not apply the reload: %s", slot, reply.get("error"))
-        for slots in removed.values():
-            for group in slots:
-                for sock in group:
-                    sock.close()
+        # Closed when every worker has answered, or at once if a stop comes first.
+        self.leaving = [sock for slots in removed.values() for group in slots for sock in group]
+        workers = list(self.workers.values())
+        log.info("applying generation %d in %d worker(s)", generation, len(workers))
+        try:
+            results = await asyncio.gather(*(self._converge(w) for w in workers))
+        finally:
+            for sock in self.leaving:
+                sock.close()
+            self.leaving = []
         if self.stopping:
             return False
         self.view.apply(config)
-        count_reload("success" if ok else "failure")
-        if ok:
-            log.info("configuration reloaded from %s", self.config_path)
-        else:  # never "reloaded" for what was not
-            log.error("configuration from %s applied in some workers only", self.config_path)
-        return ok
+        failed = results.count(False)
+        count_reload("failure" if failed else "success")
+        if failed:
+            log.error("reload: generation %d from %s is current, but %d worker(s) could not "
+                      "apply it (replaced by workers started on it)", generation,
+                      self.config_path, failed)
+        else:
+            log.info("configuration reloaded from %s (generation %d)", self.config_path,
+                     generation)
+        return not failed
+
+    async def _converge(self, worker: WorkerProcess) -> bool:
+        """Bring one worker to the current generation. False if it could not: then it is
+        replaced (or, if its channel closed, it is exiting and `_watch` replaces it)."""
+        async with worker.talking:
+            while worker.generation < self.generation:
+                if self.stopping or worker.retiring:
+                    return False
+                generation, config = self.generation, self.config
+                held = {cfg.name: self.sockets[cfg.name] for cfg in config.listeners}
+                names = [name for name, group in held.items()
+                         if worker.held.get(name) is not group]
+                layout, fds = self.share(names, worker.slot)
+                message = {"kind": "reload", "generation": generation, "config": config,
+                           "listeners": layout, "rows": self.rows}
+                try:
+                    async with asyncio.timeout(REPLY_TIMEOUT):
+                        await worker.control.send(message, fds)
+                        reply = await self._reply(worker, "reloaded", generation)
+                except ChannelClosed as exc:
+                    log.error("worker %d (pid %d) could not apply generation %d: %s",
+                              worker.slot, worker.process.pid, generation, exc)
+                    return False
+                except TimeoutError:
+                    error = f"no answer within {REPLY_TIMEOUT:g}s"
+                else:
+                    error = "" if reply["ok"] else reply["error"]
+                if error:
+                    log.error("worker %d (pid %d) could not apply generation %d: %s; "
+                              "replacing it", worker.slot, worker.process.pid, generation, error)
+                    self._replace(worker)
+                    return False
+                worker.generation = generation
+                worker.held = held
+        return True
+
+    def _replace(self, worker: WorkerProcess) -> None:
+        """Start a worker on the current generation in `worker`'s slot, then retire it."""
+        if worker.retiring or self.stopping:
+            return
+        worker.retiring = True
+        self.retired.add(worker)
+        self._spawn_task(self._replace_slot(worker))
+
+    async def _replace_slot(self, old: WorkerProcess) -> None:
+        try:
+            await self.start_slot(old.slot)
+        except GiveUp as exc:
+            self.failure = str(exc)
+            log.error("giving up: %s", exc)
+            self.request_stop()
+        finally:
+            old.stop()
+
+    def cluster_status(self) -> dict[str, Any]:
+        """For /status: the current generation, and each worker's ("starting": not ready,
+        "retiring": replaced, draining)."""
+        workers = [(w, "serving") for w in self.workers.values()]
+        workers += [(w, "starting") for w in self.starting]
+        workers += [(w, "retiring") for w in self.retired]
+        return {
+            "generation": self.generation,
+            "workers": [
+                {"slot": w.slot, "pid": w.process.pid, "generation": w.generation,
+                 "state": state}
+                for w, state in sorted(workers, key=lambda item: item[0].slot)
+            ],
+        }
 
     def _bind_of(self, name: str) -> Any:
         return next((cfg.bind for cfg in self.config.listeners if cfg.name == name), None)
@@ -390,12 +499,12 @@ class Supervisor:
             return
         self.stopping = True
         self._close_sockets()
-        for worker in [*self.workers.values(), *self.starting]:
+        for worker in [*self.workers.values(), *self.starting, *self.retired]:
             worker.stop()
         self._check_done()
 
     def _check_done(self) -> None:
-        if self.stopping and not self.workers and not self.starting:
+        if self.stopping and not self.workers and not self.starting and not self.retired:
             self._done.set()
 
     def _close_sockets(self) -> None:
@@ -403,10 +512,12 @@ class Supervisor:
             for group in slots:
                 for sock in group:
                     sock.close()
+        for sock in self.leaving:
+            sock.close()
 
     def force_stop(self) -> None:
         """Second signal: workers close their connections at once."""
-        for worker in [*self.workers.values(), *self.starting]:
+        for worker in [*self.workers.values(), *self.starting, *self.retired]:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signal.SIGTERM)
 
@@ -438,7 +549,11 @@ class Supervisor:
             loop.add_signal_handler(signum, on_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
-            self.assign_rows(self.config)
+            try:
+                self.assign_rows(self.config)
+            except ConfigError as exc:
+                log.error("cannot start: %s", "; ".join(exc.problems))
+                return 1
             for cfg in self.config.listeners:
                 self.sockets[cfg.name] = self.bind_listener(cfg)
             await self._start_admin()
@@ -467,7 +582,7 @@ class Supervisor:
 
     async def _wait_workers(self) -> None:
         deadline = self.config.shutdown_timeout + 5
-        for worker in list(self.workers.values()):
+        for worker in [*self.workers.values(), *self.retired]:
             try:
                 async with asyncio.timeout(deadline):
                     await worker.process.wait()
@@ -478,7 +593,8 @@ class Supervisor:
         from ..admin import AdminServer
         from .cluster import ClusterView, render_cluster_metrics
 
-        self.view = ClusterView(self.config, self.table, self.rows, self.sockets)
+        self.view = ClusterView(self.config, self.table, self.rows, self.sockets,
+                                self.cluster_status)
         self.view.start()
         if self.config.metrics is not None:
             self.admin = AdminServer(self.view, self.config.metrics,

@@ -1,14 +1,19 @@
 """A worker process of a multi-worker balancer: `python -m balancer.proc.worker --control-fd N`.
 
-The primary (supervisor.py) starts it with one end of a SOCK_SEQPACKET socket pair. Over it
-the worker receives, as pickled dicts with file descriptors attached:
+The primary (supervisor.py) starts it with one end of a stream socket pair (control.py frames
+it). Over it the worker receives pickled dicts, with file descriptors attached:
 
-    {"kind": "start",  "config": Config, "listeners": [(name, n)], "rows": {key: row}, ...}
-    {"kind": "reload", "config": Config, "listeners": [(name, n)], "rows": {key: row}}
+    {"kind": "start",  "generation": n, "config": Config, "listeners": [(name, k)],
+     "rows": {key: row}, ...}
+    {"kind": "reload", "generation": n, "config": Config, "listeners": [(name, k)],
+     "rows": {key: row}}
 
-with its share of each listener's sockets (SO_REUSEPORT, bound by the primary), and answers
-`{"kind": "ready"}` / `{"kind": "reloaded", "ok": bool, "error": str}`. The worker creates its
-own event loop: nothing of the primary's is inherited (it is a fresh interpreter).
+with its share of the sockets of the listeners named (SO_REUSEPORT, bound by the primary: for
+a reload, those it does not hold yet), and answers `{"kind": "ready", "generation": n}` /
+`{"kind": "reloaded", "generation": n, "ok": bool, "error": str}`. The generation numbers the
+primary's configs: an answer says which one it is about, so a late answer is never taken for
+the answer to a later reload. The worker creates its own event loop: nothing of the primary's
+is inherited (it is a fresh interpreter).
 
 Exit codes: 0 after a stop, 3 when it could not boot (the primary then gives up instead of
 restarting it for ever).
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,12 +31,17 @@ import socket
 import sys
 from typing import Any
 
-from .control import EXIT_BOOT_ERROR, receive_message, send_message
+from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message
 
 
 def listener_sockets(layout: list[tuple[str, int]], fds: list[int]
                      ) -> dict[str, list[socket.socket]]:
     """Rebuild {listener: its sockets} from [(name, how many fds)] and the fds received."""
+    expected = sum(count for _, count in layout)
+    if len(fds) != expected:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"received {len(fds)} of {expected} listening sockets")
     sockets: dict[str, list[socket.socket]] = {}
     position = 0
     for name, count in layout:
@@ -45,17 +56,18 @@ log = logging.getLogger("balancer.worker")
 class Worker:
     """Runs one Balancer on the primary's sockets and answers the primary's messages."""
 
-    def __init__(self, control: socket.socket, start: dict[str, Any],
-                 fds: list[int]) -> None:
+    def __init__(self, control: Channel, start: Message, fds: list[int]) -> None:
         from .shared import SharedTable
 
         self.control = control
         self.config = start["config"]
+        self.generation: int = start["generation"]
         self.rows: dict[str, int] = dict(start["rows"])
         self.column: int = start["column"]
         self.table = SharedTable(start["shm"], start["capacity"], start["columns"])
         self.sockets = listener_sockets(start["listeners"], fds)
         self.stops = 0
+        self._reloads: asyncio.Queue[tuple[Message, list[int]]] = asyncio.Queue()
 
     def cell_for(self, key: str) -> Any:
         row = self.rows.get(key)
@@ -79,11 +91,18 @@ class Worker:
             return EXIT_BOOT_ERROR
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop)
-        self.control.setblocking(False)
+        self.control.sock.setblocking(False)
         loop.add_reader(self.control.fileno(), self._on_control)
-        send_message(self.control, {"kind": "ready", "pid": os.getpid()})
+        applier = loop.create_task(self._apply_reloads())
+        try:
+            await self.control.send({"kind": "ready", "pid": os.getpid(),
+                                     "generation": self.generation})
+        except ChannelClosed as exc:
+            self._primary_gone(exc)
         await self.balancer.wait_stopped()
-        loop.remove_reader(self.control.fileno())
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(self.control.fileno())
+        applier.cancel()
         await self.balancer.shutdown()
         self.table.close()
         return 0
@@ -97,33 +116,62 @@ class Worker:
 
     def _on_control(self) -> None:
         try:
-            message, fds = receive_message(self.control)
-        except BlockingIOError:
+            frames = self.control.read()
+        except ChannelClosed as exc:
+            self._primary_gone(exc)
             return
-        except OSError:
-            message, fds = None, []
-        if message is None:  # the primary is gone: finish what we have and leave
-            log.warning("primary went away; stopping")
-            asyncio.get_running_loop().remove_reader(self.control.fileno())
-            self.balancer.request_stop()
-            return
-        if message["kind"] == "reload":
-            asyncio.get_running_loop().create_task(self._reload(message, fds))
+        for message, fds in frames:
+            if message["kind"] == "reload":
+                self._reloads.put_nowait((message, fds))
+            else:
+                for fd in fds:
+                    os.close(fd)
 
-    async def _reload(self, message: dict[str, Any], fds: list[int]) -> None:
-        """Apply a config the primary validated; `fds` are the sockets of listeners that are
-        new to us (kept listeners keep the sockets they have)."""
-        self.rows.update(message["rows"])
-        config = message["config"]
-        self.sockets.update(listener_sockets(message["listeners"], fds))
-        wanted = {listener.name for listener in config.listeners}
-        self.sockets = {name: sock for name, sock in self.sockets.items() if name in wanted}
+    def _primary_gone(self, why: ChannelClosed) -> None:
+        """The channel to the primary is gone (or broken): finish what we have and leave;
+        the primary starts a replacement if it is still there."""
+        log.warning("channel to the primary: %s; stopping", why)
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.control.fileno())
+        self.balancer.request_stop()
+
+    async def _apply_reloads(self) -> None:
+        """Apply reloads one at a time, in the order the primary sent them."""
+        while True:
+            message, fds = await self._reloads.get()
+            error = await self._reload(message, fds)
+            try:
+                await self.control.send({"kind": "reloaded", "generation": message["generation"],
+                                         "ok": not error, "error": error})
+            except ChannelClosed as exc:
+                self._primary_gone(exc)
+                return
+
+    async def _reload(self, message: Message, fds: list[int]) -> str:
+        """Apply a config the primary validated ("" when done, else why not); `fds` are the
+        sockets of listeners new to us (kept listeners keep the sockets they have)."""
         try:
-            await self.balancer.reload(config, self.sockets)
+            fresh = listener_sockets(message["listeners"], fds)
         except OSError as exc:
-            send_message(self.control, {"kind": "reloaded", "ok": False, "error": str(exc)})
-            return
-        send_message(self.control, {"kind": "reloaded", "ok": True, "error": ""})
+            return str(exc)
+        config = message["config"]
+        wanted = {listener.name for listener in config.listeners}
+        # A new dict: the balancer compares it with the one it has to see which are fresh.
+        sockets = {name: socks for name, socks in {**self.sockets, **fresh}.items()
+                   if name in wanted}
+        self.rows = dict(message["rows"])
+        from ..config import ConfigError
+
+        try:
+            await self.balancer.reload(config, sockets)
+        except (OSError, ConfigError) as exc:
+            for socks in fresh.values():
+                for sock in socks:
+                    sock.close()
+            return str(exc)
+        self.sockets = sockets
+        self.generation = message["generation"]
+        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,14 +183,22 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s [worker {os.getpid()}] %(name)s: %(message)s",
     )
-    control = socket.socket(fileno=args.control_fd)
-    start, fds = receive_message(control)
-    if start is None or start.get("kind") != "start":
+    control = Channel(socket.socket(fileno=args.control_fd))
+    try:
+        start, fds = control.read_blocking()
+    except ChannelClosed as exc:
+        log.error("no start message from the primary: %s", exc)
+        return EXIT_BOOT_ERROR
+    if start.get("kind") != "start":
         log.error("no start message from the primary")
         return EXIT_BOOT_ERROR
     from ..loops import new_event_loop
 
-    worker = Worker(control, start, fds)
+    try:
+        worker = Worker(control, start, fds)
+    except OSError as exc:
+        log.error("worker could not start: %s", exc)
+        return EXIT_BOOT_ERROR
     loop = new_event_loop(worker.config.loop)
     asyncio.set_event_loop(loop)
     try:
