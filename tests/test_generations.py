@@ -198,3 +198,50 @@ async def test_workers_agree_after_reloads_and_kills(start_backend, start_balanc
     await wait_until(lambda: status(port), converged(generation), timeout=30)
     assert all([await echo_round_trip(balancer.port) for _ in range(20)])
 
+
+def new_addresses(real: str, round_: int, count: int = 1000) -> dict:
+    """`real` and `count - 1` backups on addresses no earlier round used."""
+    servers: list = [real]
+    servers += [{"address": f"127.0.0.{3 + round_ // 60}:{1024 + (round_ % 60) * 1000 + i}",
+                 "backup": True} for i in range(count - 1)]
+    config = with_metrics(make_config(servers))
+    config["workers"] = 2
+    return config
+
+
+async def test_reloads_to_new_addresses_never_fill_the_shared_table(start_backend,
+                                                                    start_balancer):
+    a = start_backend("name", "a")
+    balancer = start_workers(start_balancer, new_addresses(a.address, 0))
+    port = admin_port(balancer)
+    rounds = 18  # 18 x 1,000 addresses: more than the table's 16,384 rows if none is freed
+    for round_ in range(1, rounds + 1):
+        rewrite(balancer, new_addresses(a.address, round_))
+        balancer.send_signal(signal.SIGHUP)
+        balancer.wait_for_log(lambda r=round_: any(
+            f"(generation {r + 1})" in x or "reload rejected" in x for x in balancer.lines),
+            timeout=30)
+    assert not [x for x in balancer.lines if "reload rejected" in x]
+    samples = await scrape(port)
+    assert total(samples, "balancer_config_reloads_total", result="success") == rounds
+    assert converged(rounds + 1)(await status(port))
+    assert await who_answers(balancer.port) == "a"
+
+
+async def test_a_drained_removed_and_readded_server_comes_back_up(start_backend,
+                                                                  start_balancer):
+    a, b = start_backend("name", "a"), start_backend("name", "b")
+    balancer = start_workers(start_balancer, with_metrics(make_config([a.address, b.address])))
+    port = admin_port(balancer)
+    code, _ = await http(port, "POST", f"/servers/app/{a.address}/drain")
+    assert code == 200
+    for generation, servers in ((2, [b.address]), (3, [a.address, b.address])):
+        config = with_metrics(make_config(servers))
+        config["workers"] = 2
+        rewrite(balancer, config)
+        balancer.send_signal(signal.SIGHUP)
+        await wait_until(lambda: status(port), converged(generation), timeout=20)
+    state = await status(port)
+    assert [s["state"] for s in state["upstreams"]["app"]["servers"]] == ["up", "up"]
+    answers = [await who_answers(balancer.port) for _ in range(40)]
+    assert answers.count("a") >= 10, answers.count("a")  # round robin in both workers

@@ -12,6 +12,9 @@ and after all the rows, for every row and column, the reason those checks gave
 (`REASON_BYTES` of UTF-8, written before `checked[c]` is set, so a reader that sees the flag
 finds the reason whole).
 
+The primary gives rows out (supervisor.py): a server newly added gets a clean row, and a
+row is freed once no config of any live worker has its server and its active count is 0.
+
 Every worker writes only its own column, so no locks are needed; readers sum the columns.
 `down_until` and `draining` are written by whoever changes them and read by everyone's
 periodic sync (`SYNC_INTERVAL`), which is how "down in one worker" becomes "down in all of
@@ -62,13 +65,32 @@ class SharedTable:
         """A worker's cell for one server (`column=None`: the primary's, which only reads)."""
         return SharedCell(self, row, column)
 
-    def clear_column(self, column: int) -> None:
-        """Forget a worker slot's counts and check verdicts (its worker exited, maybe killed)."""
+    def clear_column(self, column: int, rows: int | None = None) -> None:
+        """Forget a worker slot's counts and check verdicts (its worker exited, maybe killed),
+        in the first `rows` rows (all by default: those never given out are zero)."""
         checked = HEADER_FIELDS + 2 * self.columns + column
-        for row in range(self.rows):
+        for row in range(self.rows if rows is None else rows):
             base = row * self.stride
             self.ints[base + HEADER_FIELDS + column] = 0
             self.ints[base + checked] = 0
+
+    def reset_row(self, row: int, keep_active: bool = False) -> None:
+        """Make `row` as new for a server newly added: up, not draining, no failures, no
+        check verdicts. `keep_active`: the row still counts connections of the server a
+        reload removed (same address, back before they ended); those counts stay right."""
+        base = row * self.stride
+        self.floats[base] = 0.0  # down_until
+        self.ints[base + 1] = 0  # draining
+        first = base + HEADER_FIELDS + (self.columns if keep_active else 0)
+        for index in range(first, base + self.stride):
+            self.ints[index] = 0
+        at = self.reasons_at + row * self.columns * REASON_BYTES
+        self.bytes[at : at + self.columns * REASON_BYTES] = bytes(self.columns * REASON_BYTES)
+
+    def active(self, row: int) -> int:
+        """Open connections to the server in `row`, over all workers."""
+        start = row * self.stride + HEADER_FIELDS
+        return sum(self.ints[start : start + self.columns])
 
     def close(self) -> None:
         self.ints.release()

@@ -53,6 +53,7 @@ CRASH_WINDOW = 30.0
 READY_TIMEOUT = 15.0
 REPLY_TIMEOUT = 15.0  # for a worker to apply a reload; past it, the worker is replaced
 SHARED_ROWS = 16384  # servers the shared table can hold (pages never touched cost nothing)
+ROW_SWEEP_INTERVAL = 1.0  # seconds between looks for rows to free
 COLUMNS_PER_WORKER = 4  # worker slots in the table: room for replacements while old ones drain
 
 
@@ -99,7 +100,9 @@ class Supervisor:
         self.count = workers
         self.state_dir = state_dir
         self.sockets: dict[str, list[list[socket.socket]]] = {}  # listener -> slot -> group
-        self.rows: dict[str, int] = {}
+        self.rows: dict[str, int] = {}  # server key -> its row in the shared table
+        self.free_rows: list[int] = []  # given out before, free again
+        self.next_row = 0  # rows from here on were never given out
         self.free_columns = list(range(workers * COLUMNS_PER_WORKER))
         self.workers: dict[int, WorkerProcess] = {}  # slot -> live worker
         self.starting: set[WorkerProcess] = set()  # spawned, not ready yet
@@ -171,20 +174,48 @@ class Supervisor:
         return layout, fds
 
     def assign_rows(self, config: Config) -> None:
-        for name, upstream in config.upstreams.items():
-            for server in upstream.servers:
-                key = f"{name}/{server.key}"
-                if key not in self.rows:
-                    if len(self.rows) >= SHARED_ROWS:
-                        raise ConfigError([f"more than {SHARED_ROWS} servers in all"])
-                    self.rows[key] = len(self.rows)
+        """Give every server of `config` a row; a server newly added gets a clean one."""
+        current = row_keys(self.config) if self.rows else set()
+        for key in row_keys(config):
+            row = self.rows.get(key)
+            if row is not None:
+                if key not in current:  # removed, and back before its row was freed
+                    self.table.reset_row(row, keep_active=True)
+                continue
+            if self.free_rows:
+                row = self.free_rows.pop()
+            elif self.next_row < SHARED_ROWS:
+                row = self.next_row
+                self.next_row += 1
+            else:
+                raise ConfigError([f"more than {SHARED_ROWS} servers in all"])
+            self.table.reset_row(row)
+            self.rows[key] = row
+
+    def free_unused_rows(self) -> None:
+        """Free the rows of servers no longer configured once no connection counts on them,
+        and no worker runs a generation that could still have them."""
+        everyone = [*self.workers.values(), *self.starting, *self.retired]
+        if any(worker.generation < self.generation for worker in everyone):
+            return
+        wanted = row_keys(self.config)
+        for key in [key for key in self.rows if key not in wanted]:
+            row = self.rows[key]
+            if self.table.active(row) == 0:
+                del self.rows[key]
+                self.free_rows.append(row)
+
+    async def _sweep_rows(self) -> None:
+        while True:
+            await asyncio.sleep(ROW_SWEEP_INTERVAL)
+            self.free_unused_rows()
 
     # -- workers ------------------------------------------------------------------------------
 
     async def spawn(self, slot: int) -> WorkerProcess | None:
         """Start the worker for `slot` and wait until it serves (None: a stop came first)."""
         column = self.free_columns.pop(0)
-        self.table.clear_column(column)
+        self.table.clear_column(column, self.next_row)
         ours, theirs = channel_pair()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "balancer.proc.worker", "--control-fd", str(theirs.fileno()),
@@ -307,7 +338,7 @@ class Supervisor:
             asyncio.get_running_loop().remove_reader(worker.control.fileno())
         worker.control.close()
         multiprocess.mark_process_dead(worker.process.pid)
-        self.table.clear_column(worker.column)
+        self.table.clear_column(worker.column, self.next_row)
         self.free_columns.append(worker.column)
         self.retired.discard(worker)
         if self.workers.get(worker.slot) is worker:
@@ -404,6 +435,7 @@ class Supervisor:
         if self.stopping:
             return False
         self.view.apply(config)
+        self.free_unused_rows()
         failed = results.count(False)
         count_reload("failure" if failed else "success")
         if failed:
@@ -554,6 +586,7 @@ class Supervisor:
             except ConfigError as exc:
                 log.error("cannot start: %s", "; ".join(exc.problems))
                 return 1
+            self._spawn_task(self._sweep_rows())
             for cfg in self.config.listeners:
                 self.sockets[cfg.name] = self.bind_listener(cfg)
             await self._start_admin()
@@ -600,6 +633,12 @@ class Supervisor:
             self.admin = AdminServer(self.view, self.config.metrics,
                                      render_metrics=render_cluster_metrics)
             await self.admin.start()
+
+
+def row_keys(config: Config) -> set[str]:
+    """The shared-table keys of a config's servers: `upstream/host:port`."""
+    return {f"{name}/{server.key}" for name, upstream in config.upstreams.items()
+            for server in upstream.servers}
 
 
 def describe_exit(code: int) -> str:
