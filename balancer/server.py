@@ -29,6 +29,7 @@ from .loops import new_event_loop, resolve_loop_name
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
 from .proc.shared import SYNC_INTERVAL
 from .proxy import ClientConnection, Route
+from .signals import handle_stop_signals, remove_stop_signals
 from .sockets import LISTEN_BACKLOG, BindError, bind_group
 from .upstream import CellFor, Server, Upstream, _no_cell
 
@@ -417,20 +418,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     reloads `config_path`."""
     balancer = Balancer(config)
     loop = asyncio.get_running_loop()
-    signals_seen = 0
     reloads: set[asyncio.Task[bool]] = set()
-
-    def on_stop_signal(signum: int) -> None:
-        # Only set flags here; the main coroutine does the work.
-        nonlocal signals_seen
-        signals_seen += 1
-        name = signal.Signals(signum).name
-        if signals_seen == 1:
-            log.info("received %s, shutting down (again to close connections at once)", name)
-            balancer.request_stop()
-        else:
-            log.info("received %s again, closing all connections now", name)
-            balancer.close_all()
 
     def on_hangup() -> None:
         if config_path is None:
@@ -441,16 +429,15 @@ async def serve(config: Config, config_path: str | None = None) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_stop_signal, signum)
+    handle_stop_signals(loop, balancer.request_stop, balancer.close_all, log)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await balancer.start()
         await balancer.wait_stopped()
         await balancer.shutdown()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+        remove_stop_signals(loop)
+        loop.remove_signal_handler(signal.SIGHUP)
     log.info("stopped")
     return 0
 

@@ -195,3 +195,31 @@ def test_demo_spreads_requests_over_three_backends_and_stops_them_all(
     assert demo.proc.wait(STOP_TIMEOUT) == 0
     still_running = [name for name, pid in started.items() if not gone(pid)]
     assert not still_running, f"backends left running: {still_running}"
+
+
+def test_demo_second_ctrl_c_closes_open_connections_at_once(
+    tmp_path: Path, start_demo: Callable[[dict[str, str]], DemoRun]
+) -> None:
+    """Ctrl-C drains open connections for up to the demo's shutdown timeout, as the balancer
+    does; a second Ctrl-C closes them at once instead of waiting that out."""
+    import socket
+
+    from balancer.demo.command import SHUTDOWN_TIMEOUT
+
+    env = dict(os.environ)
+    env["PATH"] = str(tmp_path)  # the Python backends: no node needed
+    demo = start_demo(env)
+    demo.read_until(lambda: bool(demo.matches(CURL_LINE)), START_TIMEOUT)
+    port = int(demo.matches(CURL_LINE)[0].group(2))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")  # proxied, and kept alive
+        demo.proc.send_signal(signal.SIGINT)
+        demo.read_until(lambda: "stopping" in demo.seen, STOP_TIMEOUT)  # draining now
+        started = time.monotonic()
+        demo.proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(ConnectionResetError):  # closed by an abort
+            while client.recv(4096):
+                pass
+        assert time.monotonic() - started < SHUTDOWN_TIMEOUT / 2
+    assert demo.proc.wait(STOP_TIMEOUT) == 0

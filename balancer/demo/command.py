@@ -14,7 +14,6 @@ import os
 import re
 import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from ..config import Address, Config, ListenerConfig, LoopName, ServerConfig, UpstreamConfig
 from ..loops import new_event_loop
+from ..signals import handle_stop_signals, remove_stop_signals
 
 APP_JS = Path(__file__).parent / "app.js"
 BACKEND_NAMES = ("app-1", "app-2", "app-3")
@@ -155,12 +155,11 @@ async def serve_demo(config: Config, requests: int) -> int:
     balancer = Balancer(config)
     stop = asyncio.Event()
 
-    def on_signal() -> None:
+    def drain() -> None:
         stop.set()
         balancer.request_stop()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
+    handle_stop_signals(loop, drain, balancer.close_all)
     try:
         await balancer.start()
         try:
@@ -185,8 +184,7 @@ async def serve_demo(config: Config, requests: int) -> int:
         finally:
             await balancer.shutdown(SHUTDOWN_TIMEOUT)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        remove_stop_signals(loop)
     return 0
 
 

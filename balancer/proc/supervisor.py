@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, ListenerConfig, load_config, reload_problems
+from ..signals import handle_stop_signals, remove_stop_signals
 from ..sockets import BindError, bind_group
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_pair
 
@@ -555,20 +556,6 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        signals = 0
-
-        def on_stop(signum: int) -> None:
-            nonlocal signals
-            signals += 1
-            name = signal.Signals(signum).name
-            if signals == 1:
-                log.info("received %s, stopping workers (again to close connections at once)",
-                         name)
-                self.request_stop()
-            else:
-                log.info("received %s again, closing all connections now", name)
-                self.force_stop()
-
         reloading: set[asyncio.Task[bool]] = set()
 
         def on_hangup() -> None:
@@ -577,8 +564,7 @@ class Supervisor:
             reloading.add(task)
             task.add_done_callback(reloading.discard)
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_stop, signum)
+        handle_stop_signals(loop, self.request_stop, self.force_stop, log, "stopping workers")
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
             try:
@@ -599,8 +585,8 @@ class Supervisor:
             self.request_stop()
             await self._wait_workers()
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
+            remove_stop_signals(loop)
+            loop.remove_signal_handler(signal.SIGHUP)
         await self._wait_workers()
         for task in list(self._tasks):
             task.cancel()

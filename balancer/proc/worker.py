@@ -26,11 +26,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 from typing import Any
 
+from ..signals import handle_stop_signals
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message
 
 
@@ -66,7 +66,6 @@ class Worker:
         self.column: int = start["column"]
         self.table = SharedTable(start["shm"], start["capacity"], start["columns"])
         self.sockets = listener_sockets(start["listeners"], fds)
-        self.stops = 0
         self._reloads: asyncio.Queue[tuple[Message, list[int]]] = asyncio.Queue()
 
     def cell_for(self, key: str) -> Any:
@@ -89,8 +88,7 @@ class Worker:
         except OSError as exc:
             log.error("worker could not start: %s", exc)
             return EXIT_BOOT_ERROR
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_stop)
+        handle_stop_signals(loop, self.balancer.request_stop, self.balancer.close_all)
         self.control.sock.setblocking(False)
         loop.add_reader(self.control.fileno(), self._on_control)
         applier = loop.create_task(self._apply_reloads())
@@ -106,13 +104,6 @@ class Worker:
         await self.balancer.shutdown()
         self.table.close()
         return 0
-
-    def _on_stop(self) -> None:
-        self.stops += 1
-        if self.stops == 1:
-            self.balancer.request_stop()
-        else:
-            self.balancer.close_all()
 
     def _on_control(self) -> None:
         try:
