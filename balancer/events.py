@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 Outcome = Literal[
     "ok",  # still open, or both sides finished normally
     "no_server",  # no server could take it (none usable, or every try failed)
+    "local_error",  # closed for lack of local resources (descriptors, ports) or a bug of ours
     "idle_timeout",  # nothing moved for `timeouts.idle`
     "client_abort",  # the client's connection was lost
     "upstream_reset",  # the server's connection was lost with an error

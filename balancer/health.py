@@ -13,6 +13,7 @@ Every transition happens in `_set_state`, which logs it once with its reason.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -28,11 +29,21 @@ UP: Final = "up"
 DOWN: Final = "down"
 HALF_OPEN: Final = "half_open"
 
-# Why a connect failed, as the metrics' `reason` label and the logs name it.
-FailureReason = Literal["refused", "timeout", "reset"]
+# Why a connect failed, as the metrics' `reason` label and the logs name it. The server's
+# failures are the first three; `local` and `internal` are ours (see NOT_THE_SERVERS).
+FailureReason = Literal["refused", "timeout", "reset", "local", "internal"]
 FAILURE_REASONS: tuple[FailureReason, ...] = get_args(FailureReason)
 
 MAX_BACKOFF = 10  # the longest ejection, as a multiple of fail_timeout
+
+
+# Errors of our own process or host, not of the server: out of descriptors, buffers, memory or
+# ephemeral ports. Counting them against a server would eject a healthy one during an fd storm.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                          errno.EADDRNOTAVAIL})
+# Failure reasons that say nothing about the server: `local` (above) and `internal` (a bug of
+# ours on the connect path). They are counted in metrics but never fed to passive health.
+NOT_THE_SERVERS: frozenset[FailureReason] = frozenset({"local", "internal"})
 
 
 def failure_reason(exc: BaseException) -> FailureReason:
@@ -41,6 +52,8 @@ def failure_reason(exc: BaseException) -> FailureReason:
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
+    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+        return "local"
     return "reset"
 
 

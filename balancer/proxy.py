@@ -24,10 +24,11 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .events import ConnectionEvents, Outcome
-from .health import FailureReason, failure_reason
+from .health import NOT_THE_SERVERS, FailureReason, failure_reason
 
 if TYPE_CHECKING:
     from .pool import IdleConnection
@@ -49,6 +50,27 @@ class ConnectWatch:
     def __init__(self, deadline: float, conn: ClientConnection) -> None:
         self.deadline = deadline
         self.conn: ClientConnection | None = conn
+
+
+def _cancel_connect(connecting: Coroutine[object, None, object],
+                    _waited: object = None, steps: int = 8) -> None:
+    """Finish an abandoned connect coroutine: throw `CancelledError` in until it ends.
+
+    Runs as a done callback of the cancelled future it was waiting on, after that future's
+    other callbacks. A coroutine that awaits again while cleaning up has that future cancelled
+    too (bounded: a connect's cleanup awaits nothing in practice).
+    """
+    for _ in range(steps):
+        try:
+            waiting = connecting.throw(asyncio.CancelledError())
+        except (asyncio.CancelledError, StopIteration):
+            return
+        except Exception:  # the cleanup itself failed: nothing more to undo
+            log.debug("abandoned connect raised while cancelling", exc_info=True)
+            return
+        if isinstance(waiting, asyncio.Future):
+            waiting.cancel()
+    connecting.close()
 
 
 def _expire_one(entry: ConnectWatch) -> None:
@@ -354,22 +376,34 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # not a network failure: a bug; never leave the client hanging
             self.connecting = self.waiting = None
             log.exception("connect to %s failed unexpectedly", self.server)
-            self._connect_failed("reset")
+            self._connect_failed("internal")
         else:
             self.waiting = waiting
             waiting.add_done_callback(self._connect_step)
 
     def _abandon_connect(self) -> None:
-        """Stop a connect in progress; uvloop closes the half-made transport."""
+        """Stop a connect in progress the way `Task.cancel` would.
+
+        The future the coroutine waits on is cancelled, so its own done callbacks run first
+        (the stdlib loop's unregisters the socket from the selector: a descriptor left there
+        makes a later connect that reuses the number hang), and only then is `CancelledError`
+        thrown into the coroutine, which closes the half-made socket. Merely closing the
+        coroutine skipped the first step and left the future to log "exception was never
+        retrieved" on uvloop.
+        """
         connecting = self.connecting
         if connecting is None:
             return
         self.connecting = None
-        if self.waiting is not None:
-            self.waiting.remove_done_callback(self._connect_step)
-            self.waiting = None
         self._settle_connect_timer()
-        connecting.close()
+        waiting = self.waiting
+        self.waiting = None
+        if waiting is None:
+            connecting.close()
+            return
+        waiting.remove_done_callback(self._connect_step)
+        waiting.cancel()
+        waiting.add_done_callback(partial(_cancel_connect, connecting))
 
     def _settle_connect_timer(self) -> None:
         """The connect ended (or was abandoned): its deadline no longer applies."""
@@ -404,6 +438,13 @@ class ClientConnection(asyncio.Protocol):
         route.events.connect_failed(self, server, reason)
         log.debug("connect to %s/%s failed: %s", route.upstream.name, server.key, reason)
         if self.closed:
+            return
+        if reason in NOT_THE_SERVERS:
+            # Out of descriptors or ports (or a bug of ours): another server would fail the
+            # same way, so close this client; the server's health is untouched.
+            server.health.connect_abandoned(self.trial)
+            self.outcome = "local_error"
+            self.close(abort=True)
             return
         if self.tries_left > 0 and self.clock() < self.retry_deadline:
             next_server = route.upstream.pick(self.client_ip, server)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from .checks import ActiveChecker
 from .config import HealthConfig, ServerConfig, UpstreamConfig
-from .health import DOWN, UP, FailureReason, ServerHealth
+from .health import DOWN, NOT_THE_SERVERS, UP, FailureReason, ServerHealth
 from .pool import ServerPool
 from .proc.shared import SharedCell
 from .strategies import Strategy, make_strategy
@@ -83,6 +83,9 @@ class Server:
             self.cell.add_active(-1)
 
     def connect_failed(self, reason: FailureReason) -> None:
+        """A connect to this server failed; `local`/`internal` failures are ours, not its."""
+        if reason in NOT_THE_SERVERS:
+            return
         self.health.connect_failed(reason)
         if self.cell is not None:
             self.cell.add_failure()

@@ -26,12 +26,35 @@ def start_backend() -> Iterator[Callable[..., Backend]]:
         backend.stop()
 
 
+LOOPS = ("uvloop", "asyncio")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test or module marked `both_loops` runs once per event loop (uvloop's own suite pairs
+    `Test_UV_TCP` with `Test_AIO_TCP` the same way): a data-path bug on one loop is a bug."""
+    if "balancer_loop" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+            "both_loops"):
+        metafunc.parametrize("balancer_loop", LOOPS)
+
+
 @pytest.fixture
-def start_balancer(tmp_path: Path) -> Iterator[Callable[..., BalancerProcess]]:
-    """Factory: `start_balancer(config_dict)` -> a running `balancer` process."""
+def balancer_loop() -> str:
+    """The event loop the test's balancers run on: uvloop, unless marked `both_loops`."""
+    return "uvloop"
+
+
+@pytest.fixture
+def start_balancer(tmp_path: Path, balancer_loop: str) -> Iterator[Callable[..., BalancerProcess]]:
+    """Factory: `start_balancer(config_dict)` -> a running `balancer` process.
+
+    Every balancer is stopped after the test and its log checked: an unexpected error in it
+    (a traceback, `ERROR`, a future or task exception never retrieved) fails the test. A test
+    that provokes one on purpose passes `expect_log=[regex, ...]` to allow those lines.
+    """
     started: list[BalancerProcess] = []
 
     def start(config: dict, *args: str, **kwargs: Any) -> BalancerProcess:
+        kwargs.setdefault("loop", balancer_loop)
         process = BalancerProcess(config, tmp_path, *args, **kwargs)
         started.append(process)
         return process
@@ -39,3 +62,5 @@ def start_balancer(tmp_path: Path) -> Iterator[Callable[..., BalancerProcess]]:
     yield start
     for process in started:
         process.stop()
+    for process in started:
+        process.check_log()

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .utils import blackhole, eventually, free_port, make_config, wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 

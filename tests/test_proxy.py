@@ -14,7 +14,7 @@ import pytest
 from .utils import blackhole, eventually, make_config, read_backend_line
 
 MiB = 1 << 20
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -272,15 +272,14 @@ async def test_silent_client_closing_during_connect_leaks_nothing(start_balancer
             sock.close()
 
 
-@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
 async def test_churn_keeps_process_alive_and_fds_at_baseline(
-    start_backend, start_balancer, loop_name
+    start_backend, start_balancer
 ):
     """Thousands of short connections; half where the upstream closes first, half the client."""
     replier = start_backend("reply", "r")  # answers one line and closes first
     namer = start_backend("name", "n")  # sends its name; the client closes first
-    up_first = start_balancer(make_config([replier.address]), loop=loop_name)
-    client_first = start_balancer(make_config([namer.address]), loop=loop_name)
+    up_first = start_balancer(make_config([replier.address]))
+    client_first = start_balancer(make_config([namer.address]))
     baselines = (up_first.fd_count(), client_first.fd_count())
 
     async def upstream_closes_first(i: int) -> bool:
@@ -309,16 +308,15 @@ async def test_churn_keeps_process_alive_and_fds_at_baseline(
         assert balancer.alive()
 
 
-@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
 async def test_server_given_by_hostname_is_resolved_and_reached(
-    start_backend, start_balancer, loop_name
+    start_backend, start_balancer
 ):
     """A server named by host name (as in docker-compose) goes through the resolver on the
     connect path, not only the numeric fast path."""
     from .test_distribution import who_answers
 
     backend = start_backend("name", "byname")
-    balancer = start_balancer(make_config([f"localhost:{backend.port}"]), loop=loop_name)
+    balancer = start_balancer(make_config([f"localhost:{backend.port}"]))
     assert [await who_answers(balancer.port) for _ in range(3)] == ["byname"] * 3
 
 

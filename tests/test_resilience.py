@@ -23,7 +23,7 @@ from .utils import (
     wait_until,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
 
 
 def attempts_on(balancer, address: str) -> int:

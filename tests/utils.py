@@ -19,6 +19,9 @@ HERE = Path(__file__).parent
 BACKEND_SCRIPT = HERE / "backend.py"
 START_TIMEOUT = 15.0
 LISTENING = re.compile(r"listening on (\S+):(\d+) \((.+) -> upstream")
+# Log lines that mean something went wrong inside the balancer, whatever the test did.
+UNEXPECTED_LOG = re.compile(r"Traceback|ERROR asyncio|exception was never retrieved")
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # a log record's first line
 
 
 def _read_listening_line(proc: subprocess.Popen[str], what: str) -> int:
@@ -110,13 +113,18 @@ def make_config(servers: list[str], strategy: str = "round_robin", **upstream: A
 class BalancerProcess:
     """The real `balancer -c FILE` command, started in its own session."""
 
-    def __init__(self, config: dict, tmp_path: Path, *args: str, loop: str = "uvloop") -> None:
+    def __init__(self, config: dict, tmp_path: Path, *args: str, loop: str = "uvloop",
+                 expect_log: list[str] | tuple[str, ...] = (),
+                 nofile: int | None = None) -> None:
+        self.expect_log = [re.compile(pattern) for pattern in expect_log]
+        # `nofile`: run under that file-descriptor limit (soft and hard), as `prlimit` does.
+        limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
         self.config_path = tmp_path / f"balancer-{time.monotonic_ns()}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.lines: list[str] = []
         self._lines_changed = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "balancer", "-c", str(self.config_path),
+            [*limit, sys.executable, "-m", "balancer", "-c", str(self.config_path),
              "--loop", loop, *args],
             stderr=subprocess.PIPE,
             text=True,
@@ -163,6 +171,24 @@ class BalancerProcess:
     @property
     def port(self) -> int:
         return next(iter(self.ports.values()))
+
+    def unexpected_log(self) -> list[str]:
+        """Error lines in the log that the test did not declare with `expect_log`. A traceback
+        belongs to the log record it follows: it is expected when that record is."""
+        bad = []
+        expected_record = False
+        for line in self.lines:
+            if LOG_RECORD.match(line):
+                expected_record = any(pattern.search(line) for pattern in self.expect_log)
+            if UNEXPECTED_LOG.search(line) and not expected_record:
+                bad.append(line)
+        return bad
+
+    def check_log(self) -> None:
+        """Fail on an error the balancer logged that the test did not expect."""
+        bad = self.unexpected_log()
+        if bad:
+            raise AssertionError("unexpected errors in the balancer's log:\n" + "\n".join(bad[:20]))
 
     @property
     def pid(self) -> int:
