@@ -51,7 +51,8 @@ class Metrics:
             ["listener", "upstream", "server"], multiprocess_mode="livesum", **kw)
         self.errors = Counter(
             "balancer_connection_errors", "Failed upstream connects (clients' and keepalive "
-            "pools'), and clients no server could take (reason no_server).",
+            "pools'; reasons local and internal are the balancer's own, never the server's), "
+            "and clients no server could take (reason no_server).",
             ["upstream", "server", "reason"], **kw)
         self.retries = Counter(
             "balancer_retries", "Connects retried on another server.", ["upstream"], **kw)

@@ -439,7 +439,7 @@ FAMILY_LABELS = {
     "balancer_pool_requests": {"upstream", "server", "result"},
     "balancer_config_reloads": {"result"},
 }
-LABEL_VALUES = {"reason": {"refused", "timeout", "reset", "no_server"},
+LABEL_VALUES = {"reason": {"refused", "timeout", "reset", "local", "internal", "no_server"},
                 "direction": {"upstream", "downstream"}}
 
 
