@@ -575,3 +575,33 @@ async def test_stop_during_a_replacement_leaves_no_worker_behind(start_backend,
     balancer.send_signal(signal.SIGTERM)  # while the replacement is starting
     assert balancer.proc.wait(20) == 0
     assert processes_with_env(entry) == []
+
+
+def state_dir_of(balancer) -> Path:
+    """The state folder (shared table, metrics files) of a running multi-worker balancer."""
+    worker = worker_pids(balancer)[0]
+    environ = Path(f"/proc/{worker}/environ").read_bytes().decode().split("\0")
+    return Path(next(e for e in environ if e.startswith("PROMETHEUS_MULTIPROC_DIR="))
+                .split("=", 1)[1])
+
+
+async def test_state_folder_of_a_killed_primary_is_removed_at_the_next_start(
+    start_backend, start_balancer
+):
+    echo = start_backend("echo")
+    killed = start_workers(start_balancer, make_config([echo.address]))
+    running = start_workers(start_balancer, make_config([echo.address]))
+    leftover, kept = state_dir_of(killed), state_dir_of(running)
+    workers = worker_pids(killed)
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.proc.wait(10) == -signal.SIGKILL
+    # Its workers notice the primary has gone and leave; the folder stays behind.
+    await eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
+                     timeout=20)
+    assert leftover.is_dir()
+    following = start_workers(start_balancer, make_config([echo.address]))
+    assert not leftover.exists()
+    assert kept.is_dir()  # a running balancer's folder stays
+    assert any(f"removed {leftover}, left by a balancer (pid {killed.pid})" in line
+               for line in following.lines)
+    assert await echo_round_trip(following.port)

@@ -35,6 +35,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ READY_TIMEOUT = 15.0
 REPLY_TIMEOUT = 15.0  # for a worker to apply a reload; past it, the worker is replaced
 SHARED_ROWS = 16384  # servers the shared table can hold (pages never touched cost nothing)
 ROW_SWEEP_INTERVAL = 1.0  # seconds between looks for rows to free
+STATE_PREFIX = "balancer-"  # + the primary's pid + a random part, in the temp folder
 COLUMNS_PER_WORKER = 4  # worker slots in the table: room for replacements while old ones drain
 
 
@@ -636,10 +638,44 @@ def describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
+def make_state_dir() -> Path:
+    """A fresh folder for the shared table and the metrics files, named after this primary's
+    pid: a primary killed with -9 cannot remove its own, so the next start removes every
+    folder whose primary is dead."""
+    remove_stale_state_dirs(Path(tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{os.getpid()}-"))
+
+
+def remove_stale_state_dirs(root: Path) -> None:
+    """Remove the state folders under `root` of primaries that are no longer running."""
+    for path in root.glob(f"{STATE_PREFIX}*-*"):
+        pid = path.name[len(STATE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or process_exists(int(pid)):
+            continue
+        try:
+            info = path.lstat()
+        except OSError:  # removed meanwhile
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue  # not a folder a balancer of ours made (a link, another user's)
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by a balancer (pid %s) that did not stop cleanly", path, pid)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def run_supervisor(config: Config, config_path: str, workers: int,
                    pid_file: str | None = None) -> int:
     """Run the primary with `workers` workers until stopped."""
-    state_dir = Path(tempfile.mkdtemp(prefix="balancer-"))
+    state_dir = make_state_dir()
     # Must be set before prometheus_client is first imported, here and in every worker.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state_dir)
     if pid_file:
