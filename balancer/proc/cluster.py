@@ -36,8 +36,9 @@ class ListenerView:
         self.sockets = sockets
         self.upstream = upstream
         # Read now: the primary closes its sockets when a stop begins, and /status still
-        # answers while the workers drain.
-        host, port = sockets[0][0].getsockname()[:2]
+        # answers while the workers drain. (A slot waiting to restart has its group closed.)
+        first = next(group[0] for group in sockets if group[0].fileno() != -1)
+        host, port = first.getsockname()[:2]
         self._bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def active_count(self) -> int:

@@ -10,8 +10,12 @@ gunicorn's arbiter is the model: signal handlers only queue; one loop does the w
 - Workers are fresh interpreters (`python -m balancer.proc.worker`): each creates its own loop and
   inherits no event loop, thread or lock from the primary. They get their config (the exact
   `Config` the primary validated) and sockets over a stream socket pair (control.py).
-- A worker that exits unexpectedly is logged with its status and replaced at once; after
-  `CRASH_LIMIT` crashes within `CRASH_WINDOW` seconds, or a boot error, the primary gives up.
+- A worker that exits unexpectedly is logged with its status and replaced: at once the first
+  time, then, while its slot keeps crashing, after a delay that doubles up to
+  `RESTART_DELAY_MAX` (`SlotBackoff`). Meanwhile the slot's sockets are closed, so the kernel
+  sends new clients to the workers that run. The primary never gives up on a worker that
+  booted; it gives up (exit 1) only on one that cannot boot (`EXIT_BOOT_ERROR`: a bad
+  environment fails the same way every time).
 - SIGHUP (or `balancer reload`) reloads: a bad config is logged and counted and changes
   nothing; a good one becomes the next *generation* and is sent to every worker, which
   applies it in place. Generations keep the workers on one config: every worker knows the
@@ -50,8 +54,9 @@ from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_p
 
 log = logging.getLogger("balancer.supervisor")
 
-CRASH_LIMIT = 5
-CRASH_WINDOW = 30.0
+RESTART_DELAY_FIRST = 0.1  # after the second crash in a row of a slot; the first: at once
+RESTART_DELAY_MAX = 30.0
+STABLE_RUN = 30.0  # a worker that served this long before it died restarts at once again
 READY_TIMEOUT = 15.0
 REPLY_TIMEOUT = 15.0  # for a worker to apply a reload; past it, the worker is replaced
 SHARED_ROWS = 16384  # servers the shared table can hold (pages never touched cost nothing)
@@ -73,6 +78,24 @@ class WorkerDied(Exception):
         self.code = code
 
 
+@dataclass
+class SlotBackoff:
+    """How long a slot waits before its next worker starts: nothing after a first crash, then
+    a delay doubling with every crash in a row, up to RESTART_DELAY_MAX. A worker that
+    served for STABLE_RUN ends the run of crashes."""
+
+    delay: float = 0.0
+    crashes: int = 0  # in a row
+
+    def after_crash(self, ran_for: float) -> float:
+        if ran_for >= STABLE_RUN:
+            self.crashes = 0
+        self.crashes += 1
+        self.delay = (0.0 if self.crashes == 1 else
+                      min(RESTART_DELAY_FIRST * 2 ** (self.crashes - 2), RESTART_DELAY_MAX))
+        return self.delay
+
+
 @dataclass(eq=False)  # compared and hashed by identity: one object per process
 class WorkerProcess:
     slot: int
@@ -86,6 +109,7 @@ class WorkerProcess:
     held: dict[str, list[list[socket.socket]]] = field(default_factory=dict)
     talking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one exchange at a time
     retiring: bool = False  # replaced: it drains and exits, and is not restarted
+    ready_at: float = 0.0  # monotonic time it said "ready"
     stop_sent: bool = False  # a second SIGTERM would close its connections at once
 
     def stop(self) -> None:
@@ -113,7 +137,7 @@ class Supervisor:
         self.generation = 1  # of self.config: every applied config gets the next number
         self.leaving: list[socket.socket] = []  # of listeners a reload in progress removes
         self._reload_lock = asyncio.Lock()
-        self.crashes: list[float] = []
+        self.backoff: dict[int, SlotBackoff] = {}  # slot -> its restart delay
         self.failure: str | None = None
         self.stopping = False
         self._done = asyncio.Event()
@@ -156,8 +180,8 @@ class Supervisor:
     def bind_new_listeners(self, added: list[ListenerConfig]
                            ) -> dict[str, list[list[socket.socket]]]:
         """Bind the listeners a reload adds: all of them, or none (OSError)."""
-        held = {sock.getsockname()[1] for slots in self.sockets.values() for group in slots
-                for sock in group[:1] if sock.fileno() != -1}  # ports we listen on
+        held = {group[0].getsockname()[1] for slots in self.sockets.values()
+                for group in slots if is_open(group)}  # ports we listen on
         bound: dict[str, list[list[socket.socket]]] = {}
         try:
             for cfg in added:
@@ -273,6 +297,7 @@ class Supervisor:
                 log.info("worker %d (pid %d) stopped before it was ready", slot, process.pid)
                 return None
             raise WorkerDied(slot, code)
+        worker.ready_at = time.monotonic()
         self.workers[slot] = worker
         log.info("worker %d started (pid %d) on generation %d", slot, process.pid,
                  worker.generation)
@@ -308,11 +333,15 @@ class Supervisor:
         """Start a worker for `slot`, counting deaths before it is ready as crashes."""
         while not self.stopping:
             try:
+                self._unpark(slot)
                 await self.spawn(slot)
                 return
             except WorkerDied as died:
                 log.error("worker %d %s before it was ready", slot, describe_exit(died.code))
-                await self._after_crash(slot, died.code)
+                await self._after_crash(slot, died.code, 0.0)
+            except OSError as exc:  # no process or no sockets for it (out of memory or fds?)
+                log.error("worker %d could not be started: %s", slot, exc)
+                await self._after_crash(slot, 1, 0.0)
 
     def _on_reply(self, worker: WorkerProcess) -> None:
         try:
@@ -357,23 +386,52 @@ class Supervisor:
             return
         log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid, describe_exit(code))
         try:
-            await self._after_crash(worker.slot, code)
+            await self._after_crash(worker.slot, code, time.monotonic() - worker.ready_at)
             await self.start_slot(worker.slot)
         except GiveUp as exc:
             self.failure = str(exc)
             log.error("giving up: %s", exc)
             self.request_stop()
 
-    async def _after_crash(self, slot: int, code: int) -> None:
-        """Count a crash; give up on a boot error or too many crashes, else back off."""
+    async def _after_crash(self, slot: int, code: int, ran_for: float) -> None:
+        """Give up on a boot error; else wait as long as the slot's backoff says, with its
+        sockets closed meanwhile. The delay is logged when it changes."""
         if code == EXIT_BOOT_ERROR:
             raise GiveUp(f"worker {slot} could not boot (see its error above)")
-        now = time.monotonic()
-        self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW] + [now]
-        if len(self.crashes) >= CRASH_LIMIT:
-            raise GiveUp(f"workers crashed {len(self.crashes)} times in {CRASH_WINDOW:g}s")
-        if len(self.crashes) > 1:  # back off a little when crashes repeat
-            await asyncio.sleep(min(1.0, 0.1 * 2 ** (len(self.crashes) - 2)))
+        backoff = self.backoff.setdefault(slot, SlotBackoff())
+        before = backoff.delay
+        delay = backoff.after_crash(ran_for)
+        if delay != before and delay:
+            log.warning("worker %d crashed %d times in a row: restarting it in %gs (doubling "
+                        "up to %gs while it keeps crashing)", slot, backoff.crashes, delay,
+                        RESTART_DELAY_MAX)
+        elif delay != before:
+            log.info("worker %d had served for %.0fs: restarting it at once again", slot,
+                     ran_for)
+        if delay:
+            self._park(slot)
+            await asyncio.sleep(delay)
+
+    def _park(self, slot: int) -> None:
+        """While a slot waits to restart, close its sockets: the kernel then hands its share
+        of new clients to the workers that run (clients queued since the crash are reset).
+        Never a listener's last open group, so the port stays ours."""
+        for slots in self.sockets.values():
+            if any(is_open(group) for other, group in enumerate(slots) if other != slot):
+                for sock in slots[slot]:
+                    sock.close()
+
+    def _unpark(self, slot: int) -> None:
+        """Bind the groups `_park` closed again, next to the slots that kept theirs."""
+        for cfg in self.config.listeners:
+            slots = self.sockets.get(cfg.name)
+            if slots is None or is_open(slots[slot]):
+                continue
+            port = next(group[0].getsockname()[1] for group in slots if is_open(group))
+            group = bind_group(cfg.bind.host, port, exclusive=False)  # joins our own
+            for sock in group:
+                sock.set_inheritable(False)
+            slots[slot] = group
 
     # -- reload -------------------------------------------------------------------------------
 
@@ -627,6 +685,10 @@ def row_keys(config: Config) -> set[str]:
     """The shared-table keys of a config's servers: `upstream/host:port`."""
     return {f"{name}/{server.key}" for name, upstream in config.upstreams.items()
             for server in upstream.servers}
+
+
+def is_open(group: list[socket.socket]) -> bool:
+    return group[0].fileno() != -1
 
 
 def describe_exit(code: int) -> str:
