@@ -58,6 +58,7 @@ RESTART_DELAY_FIRST = 0.1  # after the second crash in a row of a slot; the firs
 RESTART_DELAY_MAX = 30.0
 STABLE_RUN = 30.0  # a worker that served this long before it died restarts at once again
 READY_TIMEOUT = 15.0
+EXIT_GRACE = 5.0  # for a worker that closed its channel before it was ready to exit
 REPLY_TIMEOUT = 15.0  # for a worker to apply a reload; past it, the worker is replaced
 SHARED_ROWS = 16384  # servers the shared table can hold (pages never touched cost nothing)
 ROW_SWEEP_INTERVAL = 1.0  # seconds between looks for rows to free
@@ -292,6 +293,12 @@ class Supervisor:
         if not ready:
             if hello in done and not hello.cancelled():
                 log.error("worker %d (pid %d): %s", slot, process.pid, hello.exception())
+            if hello in done and isinstance(hello.exception(), ChannelClosed):
+                # It closed its end because it is exiting: let it, for its status says why
+                # (EXIT_BOOT_ERROR stops the primary; a kill would hide it).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(EXIT_GRACE):
+                        await process.wait()
             code = await self._kill(worker)
             if self.stopping:  # told to stop before it was ready: not a crash
                 log.info("worker %d (pid %d) stopped before it was ready", slot, process.pid)
