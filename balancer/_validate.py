@@ -20,10 +20,19 @@ import yaml
 
 Choice = TypeVar("Choice", bound=str)  # one of a closed set of names
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*$")
+# [0-9], not \d: \d also matches other scripts' digits, which float() accepts (fullwidth 10s).
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 DURATION_HINT = "must be a duration like 250ms, 10s, 5m, 1h"
+
+# Limits on what a config file may be, so a wrong or hostile file is a clear error and not a
+# stall, a RecursionError or an exhausted memory (a real configuration is a few KiB, 6 deep).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_HOSTNAME = 253  # RFC 1035: a whole name; one label is at most 63
+MAX_LABEL = 63
+SHOWN_CHARS = 60  # longer bad values are cut in messages
 
 
 def describe(value: object) -> str:
@@ -32,7 +41,16 @@ def describe(value: object) -> str:
         return "a mapping"
     if isinstance(value, list | tuple):
         return "a list"
+    if isinstance(value, str):
+        return shown(value)
     return repr(value)
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a message, cut when long: an error must not repeat a 5 MB value."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 def child(path: str, key: object) -> str:
@@ -72,8 +90,9 @@ def parse_duration(value: object) -> float:
         return float(value)
     if isinstance(value, str):
         match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else math.inf
+        if math.isfinite(seconds):  # 400 nines are a float too: infinity
+            return seconds
     raise ValueError(f"{DURATION_HINT}, got {describe(value)}")
 
 
@@ -88,14 +107,14 @@ def split_host_port(text: object, *, min_port: int = 0) -> tuple[str, int]:
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
-            raise ValueError(f"must be [v6]:port, got {text!r}")
+            raise ValueError(f"must be [v6]:port, got {shown(text)}")
         _check_ipv6(host)
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise ValueError(f"missing port in {text!r} (expected host:port or [v6]:port)")
+            raise ValueError(f"missing port in {shown(text)} (expected host:port or [v6]:port)")
         if ":" in host:
-            raise ValueError(f"IPv6 addresses need brackets, like [::1]:80, got {text!r}")
+            raise ValueError(f"IPv6 addresses need brackets, like [::1]:80, got {shown(text)}")
         _check_host(host, text)
     return host, _parse_port(port_text, min_port)
 
@@ -104,28 +123,33 @@ def _check_ipv6(host: str) -> None:
     try:
         ipaddress.IPv6Address(host)
     except ValueError:
-        raise ValueError(f"invalid IPv6 address {host!r}") from None
+        raise ValueError(f"invalid IPv6 address {shown(host)}") from None
 
 
 def _check_host(host: str, text: str) -> None:
     """Hostnames are resolved later; here we only catch what can never resolve."""
     if not host:
-        raise ValueError(f"missing host in {text!r}")
-    if re.fullmatch(r"[\d.]+", host):
+        raise ValueError(f"missing host in {shown(text)}")
+    if re.fullmatch(r"[0-9.]+", host):
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            raise ValueError(f"invalid IPv4 address {host!r}") from None
-    elif not _HOSTNAME.match(host):
-        raise ValueError(f"invalid host name {host!r}")
+            raise ValueError(f"invalid IPv4 address {shown(host)}") from None
+        return
+    if len(host) > MAX_HOSTNAME:
+        raise ValueError(f"host name longer than {MAX_HOSTNAME} characters: {shown(host)}")
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"invalid host name {shown(host)}")
+    label = max(host.split("."), key=len)
+    if len(label) > MAX_LABEL:
+        raise ValueError(f"host name label longer than {MAX_LABEL} characters: {shown(label)}")
 
 
 def _parse_port(text: str, min_port: int) -> int:
     numeric = text.isdigit() and text.isascii()
     port = int(text) if numeric else -1
     if not min_port <= port <= 65535:
-        shown = text if numeric else repr(text)
-        raise ValueError(f"port must be {min_port}..65535, got {shown}")
+        raise ValueError(f"port must be {min_port}..65535, got {text if numeric else shown(text)}")
     return port
 
 
@@ -208,12 +232,17 @@ class Section:
             self.fail(key, str(exc))
             return None
 
-    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+    def integer(self, key: str, default: int, *, minimum: int = 0,
+                maximum: tuple[int, str] | None = None) -> int:
+        """An integer >= `minimum`; `maximum` is (the cap, why) for values that size memory."""
         value = self.get(key)
         if value is None:
             return default
         if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-            return value
+            if maximum is None or value <= maximum[0]:
+                return value
+            self.fail(key, f"must be at most {maximum[0]} ({maximum[1]}), got {value}")
+            return default
         kind = "a positive integer" if minimum == 1 else "a non-negative integer"
         self.fail(key, f"must be {kind}, got {describe(value)}")
         return default
@@ -269,27 +298,59 @@ class Section:
 def read_yaml(path: str | os.PathLike[str]) -> object:
     """The YAML document in `path`; ValueError carries one ``path: reason`` line.
 
-    Read and syntax errors name the file (and line), since there is no key path yet.
+    Read and syntax errors name the file (and line), since there is no key path yet. Files
+    over MAX_CONFIG_BYTES and documents nested deeper than MAX_DEPTH are refused before they
+    can stall the caller or exhaust its stack.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)  # never more, whatever the file's size
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: cannot read: not UTF-8 text") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: too large: over {MAX_CONFIG_BYTES >> 20} MiB "
+                         "(the limit for a configuration file)")
     try:
         return yaml.load(text, Loader=StrictLoader)
+    except TooDeep as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: {exc.problem}{where}") from None
+    except RecursionError:  # not expected past TooDeep: still an error, not a traceback
+        raise ValueError(f"{path}: nested too deeply") from None
     except yaml.MarkedYAMLError as exc:
         raise ValueError(_yaml_problem(str(path), exc)) from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: YAML error: {exc}") from None
 
 
+class TooDeep(yaml.MarkedYAMLError):
+    """A document nested deeper than MAX_DEPTH (the composer would recurse for each level)."""
+
+
 class StrictLoader(yaml.SafeLoader):
-    """safe_load, except that a repeated key is an error instead of silently winning.
+    """safe_load, except that a repeated key is an error instead of silently winning, and
+    nesting stops at MAX_DEPTH levels.
 
     A second ``app:`` under ``upstreams`` would otherwise replace the first without a word.
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise TooDeep(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                              self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[object] = set()

@@ -98,7 +98,7 @@ def _parse_workers(text: str) -> int | None:
     """`auto` -> None (one per usable CPU); a positive integer; 0 means invalid."""
     if text == "auto":
         return None
-    return int(text) if text.isdigit() else 0
+    return int(text) if text.isdigit() and text.isascii() else 0
 
 
 def _signal_reload(pid_file: str | None) -> int:

@@ -36,6 +36,10 @@ LOOPS: tuple[LoopName, ...] = get_args(LoopName)
 CHECK_TYPES: tuple[CheckType, ...] = get_args(CheckType)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 METRICS_HOST = "127.0.0.1"  # where `metrics.bind: PORT` listens: loopback only
+# Weights size memory (ip_hash places 160 points per unit of weight on its ring): one server's
+# is capped as HAProxy caps it, and an ip_hash upstream's total so its ring stays ~100 MB.
+MAX_WEIGHT = 256
+MAX_IP_HASH_WEIGHT = 4096
 
 
 class ConfigError(Exception):
@@ -315,6 +319,10 @@ def _upstream(name: str, section: Section) -> UpstreamConfig:
     strategy = section.choice("strategy", _UPSTREAM.strategy, STRATEGIES)
     slow_start = section.duration("slow_start", _UPSTREAM.slow_start)
     servers = _servers(section)
+    total = sum(server.weight for server in servers)
+    if strategy == "ip_hash" and total > MAX_IP_HASH_WEIGHT:
+        section.fail("servers", f"ip_hash allows a total weight of at most {MAX_IP_HASH_WEIGHT} "
+                                f"(its ring has 160 points per unit), got {total}")
     return UpstreamConfig(
         name=name,
         servers=servers,
@@ -362,7 +370,8 @@ def _server(raw: object, path: str, problems: Problems) -> tuple[ServerConfig | 
         return None, path
     section = Section(raw, path, problems, SERVER_KEYS)
     address = _address(section.host_port("address", min_port=1))
-    weight = section.integer("weight", _SERVER.weight, minimum=1)
+    weight = section.integer("weight", _SERVER.weight, minimum=1,
+                             maximum=(MAX_WEIGHT, "as in HAProxy"))
     max_conns = section.integer("max_conns", _SERVER.max_conns, minimum=0)
     backup = section.boolean("backup", _SERVER.backup)
     if address is None:

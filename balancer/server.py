@@ -395,10 +395,24 @@ class _DrainWatch(ConnectionEvents):
         self.balancer._connection_closed()
 
 
+async def read_config(path: str) -> Config:
+    """`load_config` for a reload: in a thread, so parsing and validating a large file does
+    not stall the connections this loop serves, and any error at all (not only a
+    ConfigError) becomes a ConfigError: a reload fails in the open, counted, never as an
+    exception in a task nobody awaits."""
+    try:
+        return await asyncio.to_thread(load_config, path)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error reading %s", path)
+        raise ConfigError([f"{path}: cannot load: {exc!r}"]) from None
+
+
 async def reload_from(balancer: Balancer, path: str) -> bool:
     """SIGHUP in a single process: re-read `path`; a bad file leaves the old config serving."""
     try:
-        config = load_config(path)
+        config = await read_config(path)
     except ConfigError as exc:
         return reject_reload(log, exc.problems)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import subprocess
@@ -72,6 +73,27 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert result.returncode == 2
     assert "line " in result.stderr and "YAML syntax error" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("listeners: " + "[" * 5000 + "]" * 5000, r"nested deeper than 32 levels at line 1"),
+     ("#" * (2 << 20), r"too large: over 1 MiB \(the limit for a configuration file\)")],
+    ids=["deep", "large"])
+def test_hostile_files_are_config_errors(tmp_path, text, problem):
+    """`check` exits 2 with one line, not a RecursionError traceback or a long parse."""
+    path = write(tmp_path, text)
+    result = balancer("check", "-c", path)
+    assert result.returncode == 2
+    assert re.fullmatch(rf"{re.escape(path)}: {problem}.*\n", result.stderr)
+
+
+def test_workers_option_takes_ascii_digits_only(tmp_path):
+    """`--workers` with a fullwidth two is a usage error, not two workers."""
+    path = write(tmp_path, make_config(["127.0.0.1:3001"]))
+    result = balancer("-c", path, "--workers", "\uff12", timeout=10)
+    assert result.returncode == 2
+    assert "--workers: must be a positive integer or auto" in result.stderr
 
 
 def test_missing_file_is_a_config_error(tmp_path):

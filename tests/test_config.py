@@ -397,6 +397,33 @@ MISTAKES = [
     ("log.format", "xml", "log.format: must be one of text, json, got 'xml'"),
     ("log.access", True, "log.access: must be off, stderr or a file path, got True"),
     ("log.acess", "stderr", "log.acess: unknown key (did you mean 'access'?)"),
+    # Hostile input: caps that keep a file from exhausting memory, and ASCII digits only.
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "weight": 257}],
+     "upstreams.app.servers[0].weight: must be at most 256 (as in HAProxy), got 257"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "weight": 100_000_000}],
+     "upstreams.app.servers[0].weight: must be at most 256 (as in HAProxy), got 100000000"),
+    ("upstreams.app.slow_start", "\uff11\uff10s",
+     "upstreams.app.slow_start: must be a duration like 250ms, 10s, 5m, 1h, "
+     "got '\uff11\uff10s'"),
+    ("upstreams.app.timeouts.idle", "9" * 400 + "h",
+     "upstreams.app.timeouts.idle: must be a duration like 250ms, 10s, 5m, 1h, "
+     f"got {'9' * 60!r}... (401 characters)"),
+    ("upstreams.app.servers", ["a" * 250 + ".com:80"],
+     f"upstreams.app.servers[0]: host name longer than 253 characters: {'a' * 60!r}... "
+     "(254 characters)"),
+    ("upstreams.app.servers", ["a" * 5_000_000 + ":80"],
+     f"upstreams.app.servers[0]: host name longer than 253 characters: {'a' * 60!r}... "
+     "(5000000 characters)"),
+    ("upstreams.app.servers", ["x." + "b" * 64 + ".com:80"],
+     f"upstreams.app.servers[0]: host name label longer than 63 characters: {'b' * 60!r}... "
+     "(64 characters)"),
+    ("listeners.0.bind", "127.0.0.1:\uff18\uff10",
+     "listeners[0].bind: port must be 0..65535, got '\uff18\uff10'"),
+    ("upstreams.app.servers", ["\uff11\uff12\uff17.0.0.1:80"],
+     "upstreams.app.servers[0]: invalid host name '\uff11\uff12\uff17.0.0.1'"),
+    ("upstreams.app.servers", [{"address": "x" * 1000}],
+     f"upstreams.app.servers[0].address: missing port in {'x' * 60!r}... (1000 characters) "
+     "(expected host:port or [v6]:port)"),
 ]
 
 
@@ -409,6 +436,26 @@ def test_mistakes_report_only_themselves() -> None:
     """No knock-on noise: a single mistake yields a single line."""
     for path, value, expected in MISTAKES:
         assert problems_of(_set(path, copy.deepcopy(value))) == [expected], path
+
+
+def test_longest_host_name_weight_and_label_are_accepted() -> None:
+    label = "b" * 63
+    host = ".".join([label] * 3 + ["c" * 61])  # 253 characters
+    assert len(host) == 253
+    data = with_upstream(servers=[{"address": f"{host}:80", "weight": 256}])
+    assert parse_config(data).upstreams["app"].servers[0].weight == 256
+
+
+def test_ip_hash_total_weight_is_capped() -> None:
+    """256 servers of weight 16 is a 655,360-point ring; one more unit is refused."""
+    servers = [{"address": f"127.0.{i // 250}.{i % 250 + 1}:80", "weight": 16}
+               for i in range(256)]
+    assert parse_config(with_upstream(strategy="ip_hash", servers=servers))
+    servers[0]["weight"] = 17
+    assert problems_of(with_upstream(strategy="ip_hash", servers=servers)) == [
+        "upstreams.app.servers: ip_hash allows a total weight of at most 4096 (its ring has "
+        "160 points per unit), got 4097"]
+    assert parse_config(with_upstream(strategy="weighted", servers=servers))
 
 
 def test_duplicate_server_addresses() -> None:
@@ -560,6 +607,43 @@ def test_empty_file(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.problems == [f"{path}: empty configuration"]
+
+
+VALID_FILE = "listeners: [{bind: '127.0.0.1:0', upstream: app}]\n" \
+             "upstreams: {app: {servers: ['127.0.0.1:1']}}\n"
+
+
+def test_a_file_of_up_to_1_mib_loads_and_a_larger_one_is_refused(tmp_path: Path) -> None:
+    padding = 1024 * 1024 - len(VALID_FILE) - 1
+    path = write(tmp_path, VALID_FILE + "#" * padding + "\n")
+    assert path.stat().st_size == 1024 * 1024
+    assert load_config(path).upstreams["app"]
+    path.write_text(VALID_FILE + "#" * (padding + 1) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}: too large: over 1 MiB (the limit for a configuration file)"]
+
+
+@pytest.mark.parametrize("style", ["flow", "block"])
+def test_deep_nesting_is_a_clear_error(tmp_path: Path, style: str) -> None:
+    """Thousands of levels used to end in a RecursionError traceback."""
+    if style == "flow":
+        text = "listeners: " + "[" * 5000 + "]" * 5000 + "\n"
+    else:
+        text = "".join(" " * level + f"k{level}:\n" for level in range(1000))  # 0.5 MB
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}: nested deeper than 32 levels at line ")
+
+
+def test_nesting_up_to_the_limit_is_parsed(tmp_path: Path) -> None:
+    path = write(tmp_path, "workers: " + "[" * 31 + "]" * 31 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "workers: must be a positive integer or 'auto', got a list" in info.value.problems
 
 
 def test_shipped_configs_exist() -> None:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, ListenerConfig, load_config, reload_problems
+from ..config import Config, ConfigError, ListenerConfig, reload_problems
 from ..signals import handle_stop_signals, remove_stop_signals
 from ..sockets import BindError, bind_group
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_pair
@@ -451,12 +451,14 @@ class Supervisor:
     async def _reload(self) -> bool:
         from ..admin import AdminBindError
         from ..metrics import count_reload, reject_reload
+        from ..server import read_config
 
         if self.stopping:
             log.warning("reload ignored: stopping")
             return False
+        admin = self.admin
         try:
-            config = load_config(self.config_path)
+            config = await read_config(self.config_path)
             problems = reload_problems(self.config, config)
             if problems:
                 raise ConfigError(problems)
@@ -464,20 +466,19 @@ class Supervisor:
                 log.warning("reload: changing the number of workers needs a restart; "
                             "keeping %d", self.count)
             # The admin endpoint first: if it cannot move, nothing has changed yet.
-            admin = self.admin
             if admin is not None and config.metrics is not None:
                 admin = await admin.rebound(config.metrics)
             self.assign_rows(config)
             added = [cfg for cfg in config.listeners if cfg.name not in self.sockets or
                      self._bind_of(cfg.name) != cfg.bind]
             new_sockets = self.bind_new_listeners(added)
-        except ConfigError as exc:
-            return reject_reload(log, exc.problems)
         except AdminBindError as exc:
             return reject_reload(log, [f"{exc} (the admin endpoint stays where it was)"])
-        except OSError as exc:
-            if admin is not self.admin:
-                await admin.stop()
+        except (ConfigError, OSError) as exc:
+            if admin is not None and admin is not self.admin:
+                await admin.stop()  # moved for this reload: back where it was
+            if isinstance(exc, ConfigError):
+                return reject_reload(log, exc.problems)
             return reject_reload(log, [f"cannot open a new listener: {exc}"])
         if self.admin is not None and config.metrics is not None:
             await self.admin.replace_by(admin, config.metrics)
