@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .config import LogConfig
+from .config import Address, LogConfig
 from .events import ConnectionEvents
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def format_line(conn: ClientConnection, as_json: bool) -> str:
     fields = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "listener": conn.route.listener_name,
-        "client": f"{peer[0]}:{peer[1]}" if peer else conn.client_ip,
+        "client": str(Address(peer[0], peer[1])) if peer else conn.client_ip,
         "upstream": conn.route.upstream.name,
         "server": conn.server.key if conn.server is not None else "-",
         "bytes_up": conn.bytes_up,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import MetricsConfig
+from .config import Address, MetricsConfig
 
 if TYPE_CHECKING:
     from .server import Balancer
@@ -117,8 +117,8 @@ class AdminServer:
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise AdminBindError(f"metrics.bind: cannot listen on {bind}: {reason}") from None
-        bound = self.server.sockets[0].getsockname()
-        log.info("admin endpoint on http://%s:%d/ (metrics, status)", bound[0], bound[1])
+        bound = Address(*self.server.sockets[0].getsockname()[:2])
+        log.info("admin endpoint on http://%s/ (metrics, status)", bound)
 
     def configure(self, settings: MetricsConfig) -> None:
         """Apply reloaded settings that need no new socket (the token: at once)."""

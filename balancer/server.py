@@ -23,7 +23,15 @@ from pathlib import Path
 
 from .accesslog import AccessLog
 from .admin import AdminBindError, AdminServer
-from .config import Config, ConfigError, ListenerConfig, LoopName, load_config, reload_problems
+from .config import (
+    Address,
+    Config,
+    ConfigError,
+    ListenerConfig,
+    LoopName,
+    load_config,
+    reload_problems,
+)
 from .events import ConnectionEvents, FanOutEvents
 from .loops import new_event_loop, resolve_loop_name
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
@@ -78,8 +86,7 @@ class Listener:
             raise
         self.route.start_idle_sweep()
         if announce:
-            host, port = self.address()
-            log.info("listening on %s:%d (%s -> upstream %s)", host, port, self.name,
+            log.info("listening on %s (%s -> upstream %s)", self.bound(), self.name,
                      self.route.upstream.name)
 
     def address(self) -> tuple[str, int]:
@@ -104,8 +111,7 @@ class Listener:
         """`host:port` really bound (the port is real even when the config said 0)."""
         if not self.servers or not self.servers[0].sockets:
             return str(self.config.bind)
-        host, port = self.address()
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(Address(*self.address()))
 
     async def wait_closed(self) -> None:
         for server in self.servers:

@@ -21,6 +21,8 @@ import errno
 import socket
 from typing import Any
 
+from .config import Address
+
 ACCEPT_SOCKETS = 16
 LISTEN_BACKLOG = 1024
 
@@ -35,7 +37,7 @@ def bind_group(host: str, port: int, count: int = ACCEPT_SOCKETS, *,
 
     `exclusive`: fail if another socket already listens there (see the module docstring);
     False to join a group on purpose (our own, or one the operator wants to share)."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = str(Address(host, port))
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:

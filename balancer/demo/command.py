@@ -164,7 +164,8 @@ async def serve_demo(config: Config, requests: int) -> int:
         await balancer.start()
         try:
             host, port = next(iter(balancer.bound_addresses().values()))
-            say(f"balancer listening on {host}:{port} (round robin over "
+            where = Address(host, port)
+            say(f"balancer listening on {where} (round robin over "
                 f"{len(config.upstreams['app'].servers)} backends)")
             for number in range(1, requests + 1):
                 if stop.is_set():
@@ -176,8 +177,8 @@ async def serve_demo(config: Config, requests: int) -> int:
                 say(f"request {number} -> {answer}")
             if not stop.is_set():
                 say()
-                say(f"The balancer is at {host}:{port}. Try it:")
-                say(f"  curl http://{host}:{port}/")
+                say(f"The balancer is at {where}. Try it:")
+                say(f"  curl http://{where}/")
                 say("Press Ctrl-C to stop.")
             await balancer.wait_stopped()
             say("stopping")

@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, multiprocess
 
-from ..config import Config, ListenerConfig
+from ..config import Address, Config, ListenerConfig
 from ..upstream import Server, Upstream
 from .shared import SYNC_INTERVAL, SharedCell, SharedTable
 
@@ -38,8 +38,7 @@ class ListenerView:
         # Read now: the primary closes its sockets when a stop begins, and /status still
         # answers while the workers drain. (A slot waiting to restart has its group closed.)
         first = next(group[0] for group in sockets if group[0].fileno() != -1)
-        host, port = first.getsockname()[:2]
-        self._bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._bound = str(Address(*first.getsockname()[:2]))
 
     def active_count(self) -> int:
         return sum(server.active for server in self.upstream.servers)

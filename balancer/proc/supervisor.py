@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, ListenerConfig, reload_problems
+from ..config import Address, Config, ConfigError, ListenerConfig, reload_problems
 from ..signals import handle_stop_signals, remove_stop_signals
 from ..sockets import BindError, bind_group
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_pair
@@ -174,8 +174,8 @@ class Supervisor:
                 for sock in group:
                     sock.close()
             raise
-        log.info("listening on %s:%d (%s -> upstream %s, %d workers)", cfg.bind.host, port,
-                 cfg.name, cfg.upstream, self.count)
+        log.info("listening on %s (%s -> upstream %s, %d workers)",
+                 Address(cfg.bind.host, port), cfg.name, cfg.upstream, self.count)
         return slots
 
     def bind_new_listeners(self, added: list[ListenerConfig]
