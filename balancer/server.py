@@ -39,7 +39,7 @@ from .proc.shared import SYNC_INTERVAL
 from .proxy import ClientConnection, Route
 from .signals import handle_stop_signals, remove_stop_signals
 from .sockets import LISTEN_BACKLOG, BindError, bind_group
-from .upstream import CellFor, Server, Upstream, _no_cell
+from .upstream import CellFor, Server, Upstream, no_cell
 
 log = logging.getLogger("balancer.server")
 
@@ -130,7 +130,7 @@ class Balancer:
         config: Config,
         *,
         sockets: dict[str, list[socket.socket]] | None = None,
-        cell_for: CellFor = _no_cell,
+        cell_for: CellFor = no_cell,
         serve_admin: bool = True,
     ) -> None:
         self.config = config
@@ -176,7 +176,7 @@ class Balancer:
         self._watch_pools()
         if self.metrics_events is not None:
             self.metrics_events.start()
-        if self.cell_for is not _no_cell:
+        if self.cell_for is not no_cell:
             self._sync_timer = loop.call_later(SYNC_INTERVAL, self._sync)
         # Everything allocated so far (modules, config, servers) lives for the whole run:
         # move it out of the collector's view, so a full collection scans only what

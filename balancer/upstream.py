@@ -165,24 +165,26 @@ class Server:
 CellFor = Callable[[str], "SharedCell | None"]
 
 
-def _no_cell(key: str) -> SharedCell | None:
+def no_cell(key: str) -> SharedCell | None:
+    """The `cell_for` of a balancer that shares no state (one process): no server has a row."""
     return None
 
 
 class Upstream:
     """The servers of one upstream and the strategies that choose among them."""
 
-    def __init__(self, config: UpstreamConfig, cell_for: CellFor = _no_cell) -> None:
+    def __init__(self, config: UpstreamConfig, cell_for: CellFor = no_cell) -> None:
         self.cell_for = cell_for  # where a server's shared row lives (workers), if anywhere
         self.servers: list[Server] = []
         self.checker: ActiveChecker | None = None
-        self._build(config, {})
+        self.rebuild(config, {})
         self.no_server_count = 0
         self._no_server_logged_at = float("-inf")
 
-    def _build(self, config: UpstreamConfig, keep: dict[str, Server]) -> None:
+    def rebuild(self, config: UpstreamConfig, keep: dict[str, Server]) -> None:
         """(Re)build the server list and strategies; servers in `keep` are reused as they are
-        (health, counts, pool), with their new settings."""
+        (health, counts, pool), with their new settings. Starts and stops nothing: a mirror
+        (the primary's view) calls it alone, `reconfigure` around checks and pools."""
         self.config = config
         self.name = config.name
         self.needs_client_ip = config.strategy == "ip_hash"
@@ -216,7 +218,7 @@ class Upstream:
         if self.checker is not None:
             self.checker.stop()
         old = {server.key: server for server in self.servers}
-        self._build(config, old)
+        self.rebuild(config, old)
         kept = {server.key for server in self.servers}
         removed = [server for key, server in old.items() if key not in kept]
         for server in removed:

@@ -79,7 +79,7 @@ class ClusterView:
             if upstream is None:
                 upstream = Upstream(cfg, self.cell_for)
             else:
-                upstream._build(cfg, {s.key: s for s in upstream.servers})
+                upstream.rebuild(cfg, {s.key: s for s in upstream.servers})
             upstreams[name] = upstream
         self.upstreams = upstreams
         self.listeners = [
