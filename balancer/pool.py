@@ -76,8 +76,6 @@ class ServerPool:
         self.loop = loop
         self.idle: deque[IdleConnection] = deque()
         self.connecting = 0
-        self.hits = 0
-        self.misses = 0
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -107,12 +105,10 @@ class ServerPool:
         while self.idle:
             conn = self.idle.pop()
             if not conn.transport.is_closing():
-                self.hits += 1
                 self._changed()
                 self.refill()
                 return conn
         self._changed()
-        self.misses += 1
         self.refill()
         return None
 
