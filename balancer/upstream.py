@@ -116,11 +116,6 @@ class Server:
         """Healthy enough to be offered traffic (up, or half-open with its trial free)."""
         return self.health.ok or self.health.available()
 
-    @up.setter
-    def up(self, value: bool) -> None:
-        """Force the health verdict, as a failing or passing active check would."""
-        self.health.set_active(value, "set by operator" if value else "forced down")
-
     @property
     def weight(self) -> float:
         """Weight strategies should use now: during slow start it ramps up to the real one."""

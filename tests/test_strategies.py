@@ -46,6 +46,11 @@ def picks(strategy: Strategy, servers: list[Server], count: int, client_ip: str 
     return "".join(name_of(servers, strategy.pick(client_ip, usable)) for _ in range(count))
 
 
+def set_up(server: Server, up: bool) -> None:
+    """Take a server out of (or back into) service, as its active checks would."""
+    server.health.set_active(up, "checks passed" if up else "checks failed")
+
+
 def always(server: Server) -> bool:
     return True
 
@@ -101,9 +106,9 @@ def test_nothing_usable_gives_none(name: str):
     strategy = make_strategy(name, servers)
     assert picks(strategy, servers, 5, usable=never) == "-----"
     for server in servers:
-        server.up = False
+        set_up(server, False)
     assert picks(strategy, servers, 5) == "-----"
-    servers[1].up = True
+    set_up(servers[1], True)
     assert picks(strategy, servers, 5) == "bbbbb"
 
 
@@ -178,9 +183,9 @@ def test_weighted_interleaves_like_nginx():
 def test_weighted_skips_unusable_servers_without_letting_them_accumulate():
     servers = make_servers(5, 1, 1)
     strategy = Weighted(servers)
-    servers[0].up = False
+    set_up(servers[0], False)
     assert Counter(picks(strategy, servers, 100)) == {"b": 50, "c": 50}
-    servers[0].up = True
+    set_up(servers[0], True)
     # Had `a` gained credit while down it would now take a burst; it gets its share at once.
     first = picks(strategy, servers, 7)
     assert longest_runs(first)["a"] <= 2, first
@@ -216,11 +221,11 @@ def test_round_robin_rotates_evenly_and_ignores_weights():
 def test_round_robin_skips_unusable_servers_fairly():
     servers = make_servers(1, 1, 1, 1)
     strategy = RoundRobin(servers)
-    servers[1].up = False
+    set_up(servers[1], False)
     assert picks(strategy, servers, 12) == "acdacdacdacd"
-    servers[1].up = True
-    servers[2].up = False
-    servers[3].up = False
+    set_up(servers[1], True)
+    set_up(servers[2], False)
+    set_up(servers[3], False)
     # `a` and `b` alternate: the downed servers' turns are not all handed to `a`.
     assert Counter(picks(strategy, servers, 10)) == {"a": 5, "b": 5}
 
@@ -298,7 +303,7 @@ def test_round_robin_ramp_skips_unusable_servers():
     servers = slow_start_servers(1, 1, 1)
     strategy = RoundRobin(servers)
     start_ramp(servers[0], 0.1)
-    servers[2].up = False
+    set_up(servers[2], False)
     counts = Counter(picks(strategy, servers, 110))
     assert counts["c"] == 0 and abs(counts["a"] - 10) <= 1, counts
 
@@ -336,7 +341,7 @@ def test_least_conn_breaks_ties_round_robin():
     set_active(servers, 1, 0, 0)
     assert Counter(picks(strategy, servers, 6)) == {"b": 3, "c": 3}
     set_active(servers, 2, 2, 2)
-    servers[1].up = False
+    set_up(servers[1], False)
     assert Counter(picks(strategy, servers, 6)) == {"a": 3, "c": 3}
 
 
@@ -420,7 +425,7 @@ def test_ip_hash_down_server_hands_its_clients_to_the_next_on_the_ring_and_back(
     ips = random_ipv4(random.Random(8), 3000) + random_ipv6(random.Random(8), 1000)
     before = assignment(strategy, servers, ips)
     down = servers[1]
-    down.up = False
+    set_up(down, False)
     # The next distinct server clockwise is exactly who owns the client on a ring without
     # the downed server.
     without = IpHash([s for s in servers if s is not down])
@@ -430,7 +435,7 @@ def test_ip_hash_down_server_hands_its_clients_to_the_next_on_the_ring_and_back(
         if before[ip] != "b":
             assert during[ip] == before[ip]
     assert "b" not in during.values()
-    down.up = True
+    set_up(down, True)
     assert assignment(strategy, servers, ips) == before
 
 
@@ -490,7 +495,7 @@ def test_random_two_draws_only_usable_servers():
     servers = make_servers(*[1] * 8)
     strategy = RandomTwo(servers, seed=4)
     for i in (0, 2, 3, 5, 7):
-        servers[i].up = False
+        set_up(servers[i], False)
     assert set(picks(strategy, servers, 300)) == {"b", "e", "g"}
 
 
@@ -505,7 +510,7 @@ def test_every_strategy_uses_backups_only_when_no_primary_is_usable(strategy: st
     primaries, backups = upstream.servers[:2], upstream.servers[2:]
     ips = [f"10.0.{i}.{j}" for i in range(4) for j in range(1, 50)]
     assert {upstream.pick(ip) for ip in ips} <= set(primaries)
-    primaries[0].up = False  # one primary down: the other takes everyone
+    set_up(primaries[0], False)  # one primary down: the other takes everyone
     assert {upstream.pick(ip) for ip in ips} == {primaries[1]}
     primaries[1].acquire()  # ...until it is full (max_conns 1): now the backups
     assert {upstream.pick(ip) for ip in ips} <= set(backups)
