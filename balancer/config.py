@@ -35,6 +35,7 @@ STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
 LOOPS: tuple[LoopName, ...] = get_args(LoopName)
 CHECK_TYPES: tuple[CheckType, ...] = get_args(CheckType)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+MIN_WORKER_TIMEOUT = 1.0
 METRICS_HOST = "127.0.0.1"  # where `metrics.bind: PORT` listens: loopback only
 # Weights size memory (ip_hash places 160 points per unit of weight on its ring): one server's
 # is capped as HAProxy caps it, and an ip_hash upstream's total so its ring stays ~100 MB.
@@ -152,11 +153,13 @@ class Config:
     loop: LoopName = "auto"
     shutdown_timeout: float = 30.0
     log: LogConfig = field(default_factory=LogConfig)
+    worker_timeout: float = 30.0  # a worker silent this long (hung, stopped) is replaced
 
 
 # --- Parsing -------------------------------------------------------------------------------
 
-TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log")
+TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log",
+            "worker_timeout")
 LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port")
 UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts")
 SERVER_KEYS = ("address", "weight", "max_conns", "backup")
@@ -213,9 +216,11 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     loop = top.choice("loop", _CONFIG.loop, LOOPS)
     shutdown_timeout = top.duration("shutdown_timeout", _CONFIG.shutdown_timeout)
     log = _log(top)
+    worker_timeout = _worker_timeout(top)
     if problems:
         raise ConfigError(problems.items)
-    return Config(listeners, upstreams, metrics, workers, loop, shutdown_timeout, log)
+    return Config(listeners, upstreams, metrics, workers, loop, shutdown_timeout, log,
+                  worker_timeout)
 
 
 def reload_problems(running: Config, new: Config) -> list[str]:
@@ -482,6 +487,17 @@ def _workers(top: Section) -> int | None:
         return value
     top.fail("workers", f"must be a positive integer or 'auto', got {describe(value)}")
     return _CONFIG.workers
+
+
+def _worker_timeout(top: Section) -> float:
+    """At least a second: a worker's heartbeat comes every 0.25 s (proc/shared.py), and a
+    loaded worker must not be taken for a hung one."""
+    value = top.duration("worker_timeout", _CONFIG.worker_timeout, positive=True)
+    if value < MIN_WORKER_TIMEOUT:
+        top.fail("worker_timeout", f"must be at least {MIN_WORKER_TIMEOUT:g}s, got "
+                                   f"{describe(top.get('worker_timeout'))}")
+        return _CONFIG.worker_timeout
+    return value
 
 
 def _log(top: Section) -> LogConfig:

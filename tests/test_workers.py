@@ -621,12 +621,15 @@ def state_dir_of(balancer) -> Path:
 
 
 async def test_state_folder_of_a_killed_primary_is_removed_at_the_next_start(
-    start_backend, start_balancer
+    start_backend, start_balancer, tmp_path, monkeypatch
 ):
+    # A temp folder of their own: any balancer's start cleans up, also other tests' ones.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     echo = start_backend("echo")
     killed = start_workers(start_balancer, make_config([echo.address]))
     running = start_workers(start_balancer, make_config([echo.address]))
     leftover, kept = state_dir_of(killed), state_dir_of(running)
+    assert leftover.parent == tmp_path
     workers = worker_pids(killed)
     os.kill(killed.pid, signal.SIGKILL)
     assert killed.proc.wait(10) == -signal.SIGKILL
@@ -640,3 +643,34 @@ async def test_state_folder_of_a_killed_primary_is_removed_at_the_next_start(
     assert any(f"removed {leftover}, left by a balancer (pid {killed.pid})" in line
                for line in following.lines)
     assert await echo_round_trip(following.port)
+
+
+async def test_a_hung_worker_is_killed_and_replaced(start_backend, start_balancer):
+    """A worker stopped with SIGSTOP (as a hung event loop) stops beating: past
+    `worker_timeout` the primary kills it and starts another in its slot, which serves the
+    clients that queued meanwhile and every new one (the kernel keeps handing the stopped
+    worker its share: without the heartbeat, those clients hang for as long as it does)."""
+    echo = start_backend("echo")
+    config = make_config([echo.address])
+    config["worker_timeout"] = "1s"
+    balancer = start_workers(start_balancer, config)
+    victim, survivor = slot_pids(balancer, 0)[-1], slot_pids(balancer, 1)[-1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # Clients while it is stopped: about half land in its queue, and are served once
+        # its replacement runs (1 s of silence, then a new worker boots).
+        queued = await asyncio.gather(*(asyncio.wait_for(echo_round_trip(balancer.port), 10)
+                                        for _ in range(20)))
+        assert all(queued), queued.count(False)
+        line = balancer.wait_for_line(rf"worker 0 \(pid {victim}\) has not run its event loop")
+        assert "(worker_timeout 1s): killing it" in line
+        balancer.wait_for_line(rf"worker 0 \(pid {victim}\) was killed: hung")
+        await eventually(lambda: len(slot_pids(balancer, 0)) == 2, timeout=10)
+        assert not Path(f"/proc/{victim}").exists()
+        for _ in range(40):
+            assert await asyncio.wait_for(echo_round_trip(balancer.port), 1.0)
+        assert slot_pids(balancer, 1) == [survivor]  # the healthy worker was left alone
+        assert sorted(worker_pids(balancer)) == sorted([survivor, slot_pids(balancer, 0)[-1]])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)

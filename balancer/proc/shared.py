@@ -10,7 +10,9 @@ One row per server (`upstream/host:port`), one column per worker slot:
 
 and after all the rows, for every row and column, the reason those checks gave
 (`REASON_BYTES` of UTF-8, written before `checked[c]` is set, so a reader that sees the flag
-finds the reason whole).
+finds the reason whole). Last, one float64 per column: the worker's heartbeat, the monotonic
+time its event loop last ran a `HEARTBEAT_INTERVAL` timer; the primary kills a worker whose
+heartbeat is older than `worker_timeout` (hung, or stopped).
 
 The primary gives rows out (supervisor.py): a server newly added gets a clean row, and a
 row is freed once no config of any live worker has its server and its active count is 0.
@@ -35,7 +37,8 @@ from pathlib import Path
 SYNC_INTERVAL = 0.25  # seconds between a worker's reads of the shared state
 HEADER_FIELDS = 2  # down_until, draining
 COLUMN_FIELDS = 3  # active, failures, checked
-REASON_BYTES = 120
+REASON_BYTES = 120  # a multiple of 8: the heartbeats after the reasons stay aligned
+HEARTBEAT_INTERVAL = 0.25  # seconds between a worker's heartbeats
 
 
 class SharedTable:
@@ -48,7 +51,9 @@ class SharedTable:
         self.columns = columns
         self.stride = HEADER_FIELDS + COLUMN_FIELDS * columns
         self.reasons_at = rows * self.stride * 8  # byte offset of the reasons
-        size = self.reasons_at + rows * columns * REASON_BYTES
+        heartbeats_at = self.reasons_at + rows * columns * REASON_BYTES
+        self.heartbeat_index = heartbeats_at // 8  # in `floats`
+        size = heartbeats_at + columns * 8
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         fd = os.open(self.path, flags, 0o600)
         try:
@@ -91,6 +96,13 @@ class SharedTable:
         """Open connections to the server in `row`, over all workers."""
         start = row * self.stride + HEADER_FIELDS
         return sum(self.ints[start : start + self.columns])
+
+    def beat(self, column: int, now: float) -> None:
+        """A heartbeat of the worker in `column` (the primary also sets one when it starts)."""
+        self.floats[self.heartbeat_index + column] = now
+
+    def heartbeat(self, column: int) -> float:
+        return self.floats[self.heartbeat_index + column]
 
     def close(self) -> None:
         self.ints.release()

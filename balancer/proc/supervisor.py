@@ -51,6 +51,7 @@ from ..config import Address, Config, ConfigError, ListenerConfig, reload_proble
 from ..signals import handle_stop_signals, remove_stop_signals
 from ..sockets import BindError, bind_group
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_pair
+from .shared import HEARTBEAT_INTERVAL
 
 log = logging.getLogger("balancer.supervisor")
 
@@ -111,6 +112,7 @@ class WorkerProcess:
     talking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one exchange at a time
     retiring: bool = False  # replaced: it drains and exits, and is not restarted
     ready_at: float = 0.0  # monotonic time it said "ready"
+    hung: bool = False  # killed because its heartbeat stopped
     stop_sent: bool = False  # a second SIGTERM would close its connections at once
 
     def stop(self) -> None:
@@ -305,6 +307,7 @@ class Supervisor:
                 return None
             raise WorkerDied(slot, code)
         worker.ready_at = time.monotonic()
+        self.table.beat(worker.column, worker.ready_at)  # its own beats run from now on
         self.workers[slot] = worker
         log.info("worker %d started (pid %d) on generation %d", slot, process.pid,
                  worker.generation)
@@ -391,7 +394,11 @@ class Supervisor:
             log.info("worker %d (pid %d) exited", worker.slot, worker.process.pid)
             self._check_done()
             return
-        log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid, describe_exit(code))
+        if worker.hung:
+            log.error("worker %d (pid %d) was killed: hung", worker.slot, worker.process.pid)
+        else:
+            log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid,
+                      describe_exit(code))
         try:
             await self._after_crash(worker.slot, code, time.monotonic() - worker.ready_at)
             await self.start_slot(worker.slot)
@@ -399,6 +406,23 @@ class Supervisor:
             self.failure = str(exc)
             log.error("giving up: %s", exc)
             self.request_stop()
+
+    async def _watch_heartbeats(self) -> None:
+        """Kill a worker whose event loop has stopped beating for `worker_timeout` (a hung or
+        stopped worker is otherwise never noticed: the kernel keeps handing it clients);
+        `_watch` then replaces it like any crashed worker. gunicorn's `murder_workers`."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            timeout, now = self.config.worker_timeout, time.monotonic()
+            for worker in [*self.workers.values(), *self.retired]:
+                silent = now - self.table.heartbeat(worker.column)
+                if silent > timeout and not worker.hung:
+                    worker.hung = True
+                    log.error("worker %d (pid %d) has not run its event loop for %.1fs "
+                              "(worker_timeout %gs): killing it", worker.slot,
+                              worker.process.pid, silent, timeout)
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.kill()
 
     async def _after_crash(self, slot: int, code: int, ran_for: float) -> None:
         """Give up on a boot error; else wait as long as the slot's backoff says, with its
@@ -641,6 +665,7 @@ class Supervisor:
                 log.error("cannot start: %s", "; ".join(exc.problems))
                 return 1
             self._spawn_task(self._sweep_rows())
+            self._spawn_task(self._watch_heartbeats())
             for cfg in self.config.listeners:
                 self.sockets[cfg.name] = self.bind_listener(cfg)
             await self._start_admin()

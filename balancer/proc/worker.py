@@ -28,10 +28,12 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 from ..signals import handle_stop_signals
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message
+from .shared import HEARTBEAT_INTERVAL
 
 
 def listener_sockets(layout: list[tuple[str, int]], fds: list[int]
@@ -67,6 +69,7 @@ class Worker:
         self.table = SharedTable(start["shm"], start["capacity"], start["columns"])
         self.sockets = listener_sockets(start["listeners"], fds)
         self._reloads: asyncio.Queue[tuple[Message, list[int]]] = asyncio.Queue()
+        self._heartbeat: asyncio.TimerHandle | None = None
 
     def cell_for(self, key: str) -> Any:
         row = self.rows.get(key)
@@ -89,6 +92,7 @@ class Worker:
             log.error("worker could not start: %s", exc)
             return EXIT_BOOT_ERROR
         handle_stop_signals(loop, self.balancer.request_stop, self.balancer.close_all)
+        self._beat()
         self.control.sock.setblocking(False)
         loop.add_reader(self.control.fileno(), self._on_control)
         applier = loop.create_task(self._apply_reloads())
@@ -102,8 +106,15 @@ class Worker:
             loop.remove_reader(self.control.fileno())
         applier.cancel()
         await self.balancer.shutdown()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         self.table.close()
         return 0
+
+    def _beat(self) -> None:
+        """Tell the primary this loop still runs; one that stops beating is killed (hung)."""
+        self.table.beat(self.column, time.monotonic())
+        self._heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._beat)
 
     def _on_control(self) -> None:
         try:
