@@ -119,6 +119,21 @@ def split_host_port(text: object, *, min_port: int = 0) -> tuple[str, int]:
     return host, _parse_port(port_text, min_port)
 
 
+def host_name(text: object) -> str:
+    """A host name or IP address as an HTTP Host header carries it, normalised: lowercase,
+    no trailing dot, IPv6 compressed and without brackets. ValueError says what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"must be a host name or address, got {describe(text)}")
+    host = text.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        _check_ipv6(host)
+        return ipaddress.IPv6Address(host).compressed
+    _check_host(host, text)
+    return host.rstrip(".")
+
+
 def _check_ipv6(host: str) -> None:
     try:
         ipaddress.IPv6Address(host)

@@ -10,13 +10,21 @@ off the data path, and a scrape only reads state the data path already keeps.
     POST /servers/{upstream}/{address}/drain | enable
                                           no new connections for a server / back in rotation
 
-POST endpoints need `Authorization: Bearer <metrics.admin_token>` when a token is set.
+POST endpoints need `Authorization: Bearer <metrics.admin_token>` when a token is set, and
+are off when the endpoint is reachable beyond this machine without one. HEAD works wherever
+GET does; path segments are URL-decoded (`%5B%3A%3A1%5D%3A80` is `[::1]:80`).
+
+Web pages the operator visits must not be able to use it: a request whose `Host` is not an
+address of the endpoint (or a name in `metrics.allowed_hosts`) is refused, which defeats DNS
+rebinding, and a POST must come from the endpoint itself (its `Origin`, or without one its
+`Host`), so a cross-origin form cannot drain a server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -24,10 +32,11 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import Address, MetricsConfig
+from .config import Address, MetricsConfig, is_loopback, metrics_warnings
 
 if TYPE_CHECKING:
     from .server import Balancer
@@ -35,10 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("balancer.admin")
 
-MAX_REQUEST_HEAD = 16 * 1024
+MAX_REQUEST_HEAD = 16 * 1024  # the request line and headers; longer gets 431
 REQUEST_TIMEOUT = 5.0
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-           405: "Method Not Allowed", 503: "Service Unavailable"}
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+           503: "Service Unavailable"}
+Response = tuple[int, str, bytes]  # status, content type, body
 
 
 def server_status(server: Server) -> dict[str, Any]:
@@ -113,17 +124,26 @@ class AdminServer:
     async def start(self) -> None:
         bind = self.settings.bind
         try:
-            self.server = await asyncio.start_server(self._handle, bind.host, bind.port)
+            self.server = await asyncio.start_server(self._handle, bind.host, bind.port,
+                                                     limit=MAX_REQUEST_HEAD)
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise AdminBindError(f"metrics.bind: cannot listen on {bind}: {reason}") from None
         bound = Address(*self.server.sockets[0].getsockname()[:2])
         log.info("admin endpoint on http://%s/ (metrics, status)", bound)
+        self._warn()
 
     def configure(self, settings: MetricsConfig) -> None:
         """Apply reloaded settings that need no new socket (the token: at once)."""
+        warned = self.settings.posts_disabled
         self.settings = settings
         self.token = settings.admin_token
+        if settings.posts_disabled and not warned:
+            self._warn()
+
+    def _warn(self) -> None:
+        for warning in metrics_warnings(self.settings):
+            log.warning("%s", warning)
 
     async def rebound(self, settings: MetricsConfig) -> AdminServer:
         """The admin server a reload to `settings` needs: this one when the bind stays, else
@@ -153,12 +173,16 @@ class AdminServer:
             await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head_only = False
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            status, content_type, body = self.respond(head)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
+            head_only = head.startswith(b"HEAD ")
+            status, content_type, body = self.respond(head, writer.get_extra_info("sockname"))
+        except asyncio.LimitOverrunError:
+            status, content_type, body = _text(431, f"request head over {MAX_REQUEST_HEAD} "
+                                                    "bytes\n")
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             writer.close()
             return
         header = (
@@ -167,32 +191,41 @@ class AdminServer:
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
         )
         try:
-            writer.write(header.encode() + body)
+            writer.write(header.encode() + (b"" if head_only else body))
             await writer.drain()
         except ConnectionError:
             pass
         finally:
             writer.close()
 
-    def respond(self, head: bytes) -> tuple[int, str, bytes]:
-        """Route one request head to its answer: (status, content type, body)."""
+    def respond(self, head: bytes, local: tuple[Any, ...]) -> Response:
+        """Route one request head, received on the socket address `local`, to its answer.
+        HEAD is answered as GET (the caller leaves the body out)."""
         try:
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
             method, target, _ = request_line.split(" ", 2)
         except ValueError:
             return _text(400, "bad request\n")
+        headers = dict(
+            (k.strip().lower(), v.strip())
+            for k, _, v in (line.partition(":") for line in header_lines if line)
+        )
+        endpoint = Endpoint(self.settings, local)
+        host = headers.get("host")
+        if host is not None and not endpoint.names(host):
+            return _text(403, f"host {host[:100]!r} is not this admin endpoint (list the names "
+                              "it is reached by in metrics.allowed_hosts)\n")
         path = target.split("?", 1)[0]
-        if method == "GET":
-            return self._get(path)
+        if method in ("GET", "HEAD"):
+            return self._get(unquote(path))
         if method == "POST":
-            headers = dict(
-                (k.strip().lower(), v.strip())
-                for k, _, v in (line.partition(":") for line in header_lines if line)
-            )
+            refused = endpoint.refuse_post(headers.get("origin"), host)
+            if refused:
+                return _text(403, refused + "\n")
             return self._post(path, headers.get("authorization", ""))
         return _text(405, "method not allowed\n")
 
-    def _get(self, path: str) -> tuple[int, str, bytes]:
+    def _get(self, path: str) -> Response:
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, self.render_metrics()
         if path == "/healthz":
@@ -206,12 +239,18 @@ class AdminServer:
             return 200, "text/html; charset=utf-8", page
         return _text(404, "not found\n")
 
-    def _post(self, path: str, authorization: str) -> tuple[int, str, bytes]:
+    def _post(self, path: str, authorization: str) -> Response:
+        if self.settings.posts_disabled:
+            return _text(403, "admin POSTs are disabled: metrics.bind is reachable beyond this "
+                              "machine and no metrics.admin_token is set\n")
         if self.token is not None:
             expected = f"Bearer {self.token}"
             if not hmac.compare_digest(authorization.encode(), expected.encode()):
                 return _text(401, "missing or wrong bearer token\n")
-        parts = path.strip("/").split("/")
+        # Split before decoding: an upstream name may hold an encoded "/" (%2F).
+        parts = [unquote(part) for part in path.split("/")[1:]]
+        if parts and not parts[-1]:
+            parts.pop()  # a trailing slash
         if len(parts) != 4 or parts[0] != "servers" or parts[3] not in ("drain", "enable"):
             return _text(404, "not found: use POST /servers/{upstream}/{address}/drain|enable\n")
         _, upstream_name, address, action = parts
@@ -225,5 +264,66 @@ class AdminServer:
         return 200, "application/json", json.dumps(server_status(server)).encode()
 
 
-def _text(status: int, text: str) -> tuple[int, str, bytes]:
+def _text(status: int, text: str) -> Response:
     return status, "text/plain; charset=utf-8", text.encode()
+
+
+class Endpoint:
+    """Who this admin endpoint is, for one connection: the address it was reached on (a
+    wildcard bind answers on every address of the machine), its configured host, `localhost`
+    when that address is loopback, and the operator's `metrics.allowed_hosts`."""
+
+    def __init__(self, settings: MetricsConfig, local: tuple[Any, ...]) -> None:
+        address = ipaddress.ip_address(local[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        self.port: int = local[1]
+        self.hosts = {address.compressed, settings.bind.host.lower(), *settings.allowed_hosts}
+        if address.is_loopback or is_loopback(settings.bind.host):
+            self.hosts.add("localhost")
+
+    def names(self, host: str) -> bool:
+        """Whether a Host header (``name``, ``name:port``, ``[v6]:port``) is this endpoint."""
+        name, port = _split_host(host)
+        return name in self.hosts and port in (None, self.port)
+
+    def refuse_post(self, origin: str | None, host: str | None) -> str | None:
+        """Why a POST is refused, or None: it must come from the endpoint's own pages."""
+        if origin is None:
+            return None if host is not None else "a POST needs an Origin or Host header"
+        if not self._is_origin(origin):
+            return f"cross-origin POST refused: {origin[:100]!r} is not this admin endpoint"
+        return None
+
+    def _is_origin(self, origin: str) -> bool:
+        try:
+            parts = urlsplit(origin)
+            port = parts.port if parts.port is not None else 80
+        except ValueError:  # a malformed URL or port ("null" parses, and fails below)
+            return False
+        name = parts.hostname
+        if parts.scheme != "http" or not name or port != self.port:
+            return False
+        return self.names(f"[{name}]" if ":" in name else name)
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    """(lowercase name without brackets or trailing dot, port or None) of a Host value."""
+    host = host.strip().lower()
+    port: int | None = None
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        if rest.startswith(":") and rest[1:].isdigit() and rest[1:].isascii():
+            port = int(rest[1:])
+        elif rest:
+            return "", -1
+        try:
+            return ipaddress.IPv6Address(name).compressed, port
+        except ValueError:
+            return "", -1
+    name, sep, port_text = host.rpartition(":")
+    if not sep:
+        return host.rstrip("."), None
+    if not (port_text.isdigit() and port_text.isascii()):
+        return "", -1
+    return name.rstrip("."), int(port_text)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import LOOPS, Config, ConfigError, load_config
+from .config import LOOPS, Config, ConfigError, config_warnings, load_config
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    if command in ("check", "reload"):
+        for warning in config_warnings(config):  # allowed, but probably not meant
+            print(f"warning: {warning}", file=sys.stderr)
     if command == "check":
         print("configuration ok")
         return EXIT_OK

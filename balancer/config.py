@@ -7,6 +7,7 @@ the whole file in one go. Only the CLI turns a `ConfigError` into an exit code.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from ._validate import (
     as_mapping,
     child,
     describe,
+    host_name,
     item,
     read_yaml,
     split_host_port,
@@ -136,6 +138,39 @@ class ListenerConfig:
 class MetricsConfig:
     bind: Address
     admin_token: str | None = None
+    # Host names (lowercase, IPv6 without brackets) the admin endpoint also answers to, besides
+    # its own addresses: what operators and Prometheus put in the URL (DNS rebinding defence).
+    allowed_hosts: tuple[str, ...] = ()
+
+    @property
+    def posts_disabled(self) -> bool:
+        """Drain/enable are off when anyone on the network could reach them without a token."""
+        return self.admin_token is None and not is_loopback(self.bind.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a bind address) is reachable from this machine only. A host name
+    other than localhost could resolve to anything, so it is not."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but probably not meant, as ``key: reason`` (`balancer check` prints
+    these; the admin endpoint logs its own when it starts)."""
+    return metrics_warnings(config.metrics)
+
+
+def metrics_warnings(metrics: MetricsConfig | None) -> list[str]:
+    if metrics is None or not metrics.posts_disabled:
+        return []
+    return [f"metrics.bind: {metrics.bind} is reachable beyond this machine and no "
+            "metrics.admin_token is set: the drain/enable POST endpoints are disabled "
+            "(set a token, or bind to a loopback address)"]
 
 
 @dataclass(frozen=True)
@@ -168,7 +203,7 @@ CHECK_KEYS = ("interval", "timeout", "rise", "fall", "type", "path")
 RETRIES_KEYS = ("tries", "timeout")
 POOL_KEYS = ("size", "idle_timeout")
 TIMEOUTS_KEYS = ("connect", "idle")
-METRICS_KEYS = ("bind", "admin_token")
+METRICS_KEYS = ("bind", "admin_token", "allowed_hosts")
 LOG_KEYS = ("access", "format")
 
 # Default instances, so every default lives in exactly one place: the dataclasses above.
@@ -450,12 +485,26 @@ def _metrics(top: Section, listeners: tuple[ListenerConfig, ...]) -> MetricsConf
     section = Section(data, "metrics", top.problems, METRICS_KEYS)
     bind = _metrics_bind(section)
     token = section.string("admin_token")
+    allowed = _allowed_hosts(section)
     if bind is None:
         return None
     for index, listener in enumerate(listeners):
         if bind.port != 0 and listener.bind == bind:
             section.fail("bind", f"same address as {item('listeners', index)}.bind")
-    return MetricsConfig(bind, token)
+    return MetricsConfig(bind, token, allowed)
+
+
+def _allowed_hosts(section: Section) -> tuple[str, ...]:
+    value = section.get("allowed_hosts")
+    items = None if value is None else as_list(value, section.at("allowed_hosts"),
+                                               section.problems)
+    names: list[str] = []
+    for index, raw in enumerate(items or ()):
+        try:
+            names.append(host_name(raw))
+        except ValueError as exc:
+            section.problems.add(item(section.at("allowed_hosts"), index), str(exc))
+    return tuple(names)
 
 
 def _metrics_bind(section: Section) -> Address | None:

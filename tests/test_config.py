@@ -383,6 +383,14 @@ MISTAKES = [
      "metrics.admin_token: must be a string, got 123"),
     ("metrics", {"bind": "127.0.0.1:8080"}, "metrics.bind: same address as listeners[0].bind"),
     ("metrics", "127.0.0.1:9100", "metrics: must be a mapping, got '127.0.0.1:9100'"),
+    ("metrics", {"bind": "127.0.0.1:9100", "allowed_hosts": "lb"},
+     "metrics.allowed_hosts: must be a list, got 'lb'"),
+    ("metrics", {"bind": "127.0.0.1:9100", "allowed_hosts": ["lb", "bad host"]},
+     "metrics.allowed_hosts[1]: invalid host name 'bad host'"),
+    ("metrics", {"bind": "127.0.0.1:9100", "allowed_hosts": [7]},
+     "metrics.allowed_hosts[0]: must be a host name or address, got 7"),
+    ("metrics", {"bind": "127.0.0.1:9100", "allowed_hosts": ["[::1"]},
+     "metrics.allowed_hosts[0]: invalid IPv6 address '[::1'"),
     ("metrics", {"bind": 70000}, "metrics.bind: port must be 0..65535, got 70000"),
     ("metrics", {"bind": ":-1"}, "metrics.bind: port must be 0..65535, got '-1'"),
     ("metrics", {"bind": ":"}, "metrics.bind: missing host in ':'"),
@@ -440,6 +448,32 @@ def test_mistakes_report_only_themselves() -> None:
     """No knock-on noise: a single mistake yields a single line."""
     for path, value, expected in MISTAKES:
         assert problems_of(_set(path, copy.deepcopy(value))) == [expected], path
+
+
+def test_allowed_hosts_are_normalised_as_a_host_header_carries_them() -> None:
+    data = minimal()
+    data["metrics"] = {"bind": "9100", "allowed_hosts": ["LB.Internal.", "[::1]", "10.0.0.1",
+                                                        "0:0::2"]}
+    metrics = parse_config(data).metrics
+    assert metrics is not None
+    assert metrics.allowed_hosts == ("lb.internal", "::1", "10.0.0.1", "::2")
+
+
+@pytest.mark.parametrize(
+    ("bind", "token", "disabled"),
+    [("127.0.0.1:9100", None, False), ("127.1.2.3:9100", None, False),
+     ("[::1]:9100", None, False), ("localhost:9100", None, False),
+     ("0.0.0.0:9100", None, True), ("[::]:9100", None, True), ("10.0.0.1:9100", None, True),
+     ("admin.example:9100", None, True), ("0.0.0.0:9100", "t", False)])
+def test_posts_are_disabled_on_a_reachable_bind_without_a_token(
+        bind: str, token: str | None, disabled: bool) -> None:
+    from balancer.config import config_warnings
+
+    data = minimal()
+    data["metrics"] = {"bind": bind, "admin_token": token}
+    config = parse_config(data)
+    assert config.metrics is not None and config.metrics.posts_disabled is disabled
+    assert len(config_warnings(config)) == disabled
 
 
 def test_longest_host_name_weight_and_label_are_accepted() -> None:

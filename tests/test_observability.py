@@ -36,7 +36,8 @@ async def http(port: int, method: str = "GET", path: str = "/",
                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+    host = "" if "host" in {k.lower() for k in headers or {}} else f"Host: 127.0.0.1:{port}\r\n"
+    writer.write(f"{method} {path} HTTP/1.1\r\n{host}{extra}\r\n".encode())
     response = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
