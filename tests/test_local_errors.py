@@ -24,7 +24,9 @@ ACCEPT_OUT_OF_FDS = [r"socket.accept\(\) out of system resource",
 
 async def echo_once(port: int, payload: bytes) -> bytes:
     """Send `payload` and our FIN; what came back (b"" when the balancer closed on us)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    # No timeout around the connect itself: the kernel completes it from the listen backlog
+    # at once, and a wait_for() that fires just as it completes would drop the open socket.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(payload)
         writer.write_eof()
@@ -38,8 +40,8 @@ async def echo_once(port: int, payload: bytes) -> bytes:
 async def _hold_one(port: int, held: list[asyncio.StreamWriter]) -> bool:
     """Connect, send a line, keep the connection open: True if it was echoed."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-    except (OSError, TimeoutError):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
         return False
     held.append(writer)
     writer.write(b"ping\n")

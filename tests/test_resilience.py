@@ -546,11 +546,19 @@ async def test_pooled_connection_dying_after_the_retry_budget_is_still_replayed(
     """A client takes a pooled connection and stays quiet longer than `retries.timeout`; the
     server then closes that connection unused. The replay is a fresh start with the full
     budget, not an instant timeout on what was left of the accept's budget."""
-    backend = start_backend("idleclose", "ic", "--idle-close", "1.0", "--report")
-    config = make_config([backend.address], pool={"size": 1},
-                         retries={"tries": 2, "timeout": "300ms"})
+    from .test_observability import admin_port, scrape, total, with_metrics
+
+    # The client must take the pooled connection while it is idle: it connects once the
+    # balancer itself counts it idle (the backend's "open" can come first), and 3 s of idle
+    # time leave room for a loaded machine before the backend closes it.
+    backend = start_backend("idleclose", "ic", "--idle-close", "3.0", "--report")
+    config = with_metrics(make_config([backend.address], pool={"size": 1},
+                                      retries={"tries": 2, "timeout": "300ms"}))
     balancer = start_balancer(config, "-v", "debug")
-    assert await read_backend_line(backend) == "open"  # the pool's connection is ready
+    assert await read_backend_line(backend) == "open"
+    port = admin_port(balancer)
+    await wait_until(lambda: scrape(port),
+                     lambda s: total(s, "balancer_pool_idle_connections") == 1)
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     # Quiet past the budget, until the server's idle close kills the pooled connection.
     balancer.wait_for_line("died unused; reconnecting", timeout=10)
