@@ -11,6 +11,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 from ._validate import (
@@ -26,6 +27,17 @@ from ._validate import (
     split_host_port,
 )
 from ._validate import parse_duration as parse_duration  # re-exported: part of the public API
+from .tlsconfig import CERTIFICATE_KEYS as CERTIFICATE_KEYS  # re-exported: the schema
+from .tlsconfig import LISTENER_TLS_KEYS as LISTENER_TLS_KEYS
+from .tlsconfig import UPSTREAM_TLS_KEYS as UPSTREAM_TLS_KEYS
+from .tlsconfig import CertificateConfig as CertificateConfig
+from .tlsconfig import (
+    ListenerTlsConfig,
+    UpstreamTlsConfig,
+    listener_sni,
+    listener_tls,
+    upstream_tls,
+)
 
 # The closed sets of names a config may choose from, each spelled once: the Literal types the
 # rest of the package uses, and the tuples the loader checks against.
@@ -124,14 +136,30 @@ class UpstreamConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     slow_start: float = 0.0  # seconds; 0 = off
+    tls: UpstreamTlsConfig | None = None  # connect to the servers over TLS
 
 
 @dataclass(frozen=True)
 class ListenerConfig:
     name: str
     bind: Address
-    upstream: str
+    upstream: str | None  # None only for an SNI listener without a fallback
     reuse_port: bool = False  # share the address with other processes (SO_REUSEPORT) on purpose
+    tls: ListenerTlsConfig | None = None  # terminate TLS here
+    sni: tuple[tuple[str, str], ...] = ()  # (server name, upstream): route by SNI, unread
+
+    @property
+    def mode(self) -> str:
+        """How accepted connections start: `plain`, `tls` (terminated) or `sni` (routed)."""
+        return "sni" if self.sni else "tls" if self.tls is not None else "plain"
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        """Every upstream this listener may send a connection to."""
+        names = [up for _, up in self.sni]
+        if self.upstream is not None:
+            names.append(self.upstream)
+        return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -195,8 +223,9 @@ class Config:
 
 TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log",
             "worker_timeout")
-LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port")
-UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts")
+LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "tls", "sni")
+UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts",
+                 "tls")
 SERVER_KEYS = ("address", "weight", "max_conns", "backup")
 HEALTH_KEYS = ("max_fails", "fail_timeout", "check")
 CHECK_KEYS = ("interval", "timeout", "rise", "fall", "type", "path")
@@ -233,19 +262,22 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = read_yaml(path)
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), Path(path).parent)
 
 
-def parse_config(data: object, source: str = "<config>") -> Config:
-    """Validate an already-loaded YAML document; ConfigError lists every problem at once."""
+def parse_config(data: object, source: str = "<config>", base: Path | None = None) -> Config:
+    """Validate an already-loaded YAML document; ConfigError lists every problem at once.
+
+    Relative certificate paths are taken from `base` (the config file's directory)."""
+    base = Path.cwd() if base is None else base
     if data is None:
         raise ConfigError([f"{source}: empty configuration"])
     if not isinstance(data, Mapping):
         raise ConfigError([f"{source}: must be a mapping of settings, got {describe(data)}"])
     problems = Problems()
     top = Section(data, "", problems, TOP_KEYS)
-    listeners = _listeners(top, _upstream_names(top.get("upstreams")))
-    upstreams = _upstreams(top)
+    listeners = _listeners(top, _upstream_names(top.get("upstreams")), base)
+    upstreams = _upstreams(top, base)
     metrics = _metrics(top, listeners)
     workers = _workers(top)
     loop = top.choice("loop", _CONFIG.loop, LOOPS)
@@ -278,7 +310,8 @@ def _upstream_names(value: object) -> set[str] | None:
     return {key for key in value if isinstance(key, str)}
 
 
-def _listeners(top: Section, known: set[str] | None) -> tuple[ListenerConfig, ...]:
+def _listeners(top: Section, known: set[str] | None, base: Path
+               ) -> tuple[ListenerConfig, ...]:
     value = top.required("listeners")
     items = None if value is None else as_list(value, "listeners", top.problems)
     if items is None:
@@ -294,7 +327,7 @@ def _listeners(top: Section, known: set[str] | None) -> tuple[ListenerConfig, ..
         if data is None:
             continue
         section = Section(data, path, top.problems, LISTENER_KEYS)
-        listener = _listener(section, known)
+        listener = _listener(section, known, base)
         if listener is None:
             continue
         named = section.get("name") is not None
@@ -305,21 +338,28 @@ def _listeners(top: Section, known: set[str] | None) -> tuple[ListenerConfig, ..
     return tuple(listeners)
 
 
-def _listener(section: Section, known: set[str] | None) -> ListenerConfig | None:
+def _listener(section: Section, known: set[str] | None, base: Path) -> ListenerConfig | None:
     bind = _address(section.host_port("bind"))
     name = section.string("name")
     reuse_port = section.boolean("reuse_port", _LISTENER.reuse_port)
-    upstream = section.required("upstream")
+    sni = listener_sni(section, known)
+    tls = listener_tls(section, base)
+    if sni is not None and section.get("tls") is not None:
+        section.fail("sni", "cannot be combined with tls (sni routes TLS without terminating)")
+    # An SNI listener's upstream is its fallback, and optional.
+    upstream = section.get("upstream") if sni is not None else section.required("upstream")
     if upstream is not None and not isinstance(upstream, str):
         section.fail("upstream", f"must be a string, got {describe(upstream)}")
         upstream = None
     if isinstance(upstream, str) and known and upstream not in known:
         listed = ", ".join(sorted(known))
         section.fail("upstream", f"unknown upstream {upstream!r} (known: {listed})")
-    if bind is None or not isinstance(upstream, str):
+    if bind is None or not (isinstance(upstream, str) or (sni and upstream is None)):
         return None
+    if section.get("tls") is not None and tls is None:
+        return None  # its problems are reported; never serve a TLS port in the clear
     return ListenerConfig(name=name or str(bind), bind=bind, upstream=upstream,
-                          reuse_port=reuse_port)
+                          reuse_port=reuse_port, tls=tls, sni=tuple((sni or {}).items()))
 
 
 def _unique(
@@ -336,7 +376,7 @@ def _unique(
 # --- Upstreams -----------------------------------------------------------------------------
 
 
-def _upstreams(top: Section) -> dict[str, UpstreamConfig]:
+def _upstreams(top: Section, base: Path) -> dict[str, UpstreamConfig]:
     value = top.required("upstreams")
     data = None if value is None else as_mapping(value, "upstreams", top.problems)
     if data is None:
@@ -351,11 +391,12 @@ def _upstreams(top: Section) -> dict[str, UpstreamConfig]:
             continue
         body = as_mapping(raw, path, top.problems)
         if body is not None:
-            upstreams[name] = _upstream(name, Section(body, path, top.problems, UPSTREAM_KEYS))
+            upstreams[name] = _upstream(name, Section(body, path, top.problems, UPSTREAM_KEYS),
+                                        base)
     return upstreams
 
 
-def _upstream(name: str, section: Section) -> UpstreamConfig:
+def _upstream(name: str, section: Section, base: Path) -> UpstreamConfig:
     strategy = section.choice("strategy", _UPSTREAM.strategy, STRATEGIES)
     slow_start = section.duration("slow_start", _UPSTREAM.slow_start)
     servers = _servers(section)
@@ -372,6 +413,7 @@ def _upstream(name: str, section: Section) -> UpstreamConfig:
         pool=_pool(section),
         timeouts=_timeouts(section),
         slow_start=slow_start,
+        tls=upstream_tls(section, base),
     )
 
 

@@ -715,9 +715,16 @@ def test_reference_config_documents_every_key() -> None:
     doc = yaml.safe_load((CONFIGS / "upstream.yaml").read_text())
     upstream = doc["upstreams"]["app"]
     server_keys = set().union(*(s.keys() for s in upstream["servers"]))
+    # tls and sni cannot share a listener: each key is documented on one of them.
+    listener_keys = set().union(*(lst.keys() for lst in doc["listeners"]))
+    tls = doc["listeners"][0]["tls"]
+    certificate_keys = set().union(*(c.keys() for c in tls["certificates"]))
     places = [
         (set(doc), schema.TOP_KEYS),
-        (set(doc["listeners"][0]), schema.LISTENER_KEYS),
+        (listener_keys, schema.LISTENER_KEYS),
+        (set(tls), schema.LISTENER_TLS_KEYS),
+        (certificate_keys, schema.CERTIFICATE_KEYS),
+        (set(upstream["tls"]), schema.UPSTREAM_TLS_KEYS),
         (set(upstream), schema.UPSTREAM_KEYS),
         (server_keys, schema.SERVER_KEYS),
         (set(upstream["health"]), schema.HEALTH_KEYS),
