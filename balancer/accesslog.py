@@ -63,9 +63,21 @@ def format_line(conn: ClientConnection, as_json: bool) -> str:
         "duration_ms": round((conn.clock() - conn.started) * 1000, 1),
         "outcome": conn.outcome,
     }
+    # Connections of TLS and SNI listeners say what the client asked for.
+    sni = getattr(conn, "sni", False)
+    if sni is not False:
+        fields["sni"] = sni or "-"
+        alpn = getattr(conn, "alpn", False)
+        if alpn is not False:
+            fields["alpn"] = alpn or "-"
     if as_json:
         return json.dumps(fields, separators=(",", ":"))
-    return (
+    line = (
         "{time} {listener} {client} -> {upstream}/{server} up={bytes_up} "
         "down={bytes_down} {duration_ms}ms {outcome}".format(**fields)
     )
+    if "sni" in fields:
+        line += f" sni={fields['sni']}"
+        if "alpn" in fields:
+            line += f" alpn={fields['alpn']}"
+    return line

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Address, MetricsConfig, is_loopback, metrics_warnings
+from .sni import FALLBACK
 
 if TYPE_CHECKING:
     from .server import Balancer
@@ -70,15 +71,30 @@ def server_status(server: Server) -> dict[str, Any]:
     }
 
 
+def listener_status(lst: Any) -> dict[str, Any]:
+    """A listener's line in /status; an SNI listener adds its rules with the connections each
+    routed (in this process: the primary of several workers shows the rules only)."""
+    config = lst.config
+    entry: dict[str, Any] = {"name": lst.name, "bind": lst.bound(), "upstream": config.upstream,
+                             "active": lst.active_count()}
+    if config.tls is not None:
+        entry["tls"] = {"certificates": [list(c.names) for c in config.tls.certificates],
+                        "min_version": config.tls.min_version, "alpn": list(config.tls.alpn)}
+    if config.sni:
+        state = getattr(lst, "sni", None)
+        matched = state.router.matched if state is not None else {}
+        rules = [*config.sni, *([(FALLBACK, config.upstream)] if config.upstream else [])]
+        entry["sni"] = [{"name": name, "upstream": upstream, "matched": matched.get(name)}
+                        for name, upstream in rules]
+        entry["sni_rejected"] = dict(state.rejected) if state is not None else None
+    return entry
+
+
 def balancer_status(balancer: Balancer) -> dict[str, Any]:
     """Everything an operator looks at first, as plain JSON-able data."""
     status = {
         "time": time.time(),
-        "listeners": [
-            {"name": lst.name, "bind": lst.bound(), "upstream": lst.config.upstream,
-             "active": lst.active_count()}
-            for lst in balancer.listeners
-        ],
+        "listeners": [listener_status(lst) for lst in balancer.listeners],
         "upstreams": {
             name: {"strategy": up.config.strategy,
                    "servers": [server_status(s) for s in up.servers]}
@@ -96,9 +112,11 @@ def health_problems(balancer: Balancer) -> list[str]:
     """Listeners that have no server able to take a connection now."""
     problems = []
     for listener in balancer.listeners:
-        upstream = balancer.upstreams[listener.config.upstream]
-        if not any(s.up and not s.draining for s in upstream.servers):
-            problems.append(f"listener {listener.name}: no server up in upstream {upstream.name}")
+        for name in listener.config.upstreams:
+            upstream = balancer.upstreams[name]
+            if not any(s.up and not s.draining for s in upstream.servers):
+                problems.append(
+                    f"listener {listener.name}: no server up in upstream {upstream.name}")
     return problems
 
 

@@ -47,6 +47,15 @@ class ConnectionEvents:
     def closed(self, conn: ClientConnection) -> None:
         """`conn` ended; its counters and `outcome` are final."""
 
+    def tls_handshake(self, listener: str, seconds: float) -> None:
+        """A client completed its TLS handshake on a terminating listener."""
+
+    def tls_handshake_failed(self, listener: str) -> None:
+        """A client's TLS handshake failed (bad bytes, version, cipher, timeout, gone)."""
+
+    def sni_rejected(self, listener: str, reason: str) -> None:
+        """An SNI listener closed a client: `not_tls`, `timeout` or `no_route`."""
+
 
 class FanOutEvents(ConnectionEvents):
     """Passes every event to several sinks, in order."""
@@ -70,3 +79,15 @@ class FanOutEvents(ConnectionEvents):
     def closed(self, conn: ClientConnection) -> None:
         for sink in self.sinks:
             sink.closed(conn)
+
+    def tls_handshake(self, listener: str, seconds: float) -> None:
+        for sink in self.sinks:
+            sink.tls_handshake(listener, seconds)
+
+    def tls_handshake_failed(self, listener: str) -> None:
+        for sink in self.sinks:
+            sink.tls_handshake_failed(listener)
+
+    def sni_rejected(self, listener: str, reason: str) -> None:
+        for sink in self.sinks:
+            sink.sni_rejected(listener, reason)

@@ -21,6 +21,7 @@ from .events import ConnectionEvents
 from .health import FAILURE_REASONS
 
 if TYPE_CHECKING:
+    from .config import ListenerConfig
     from .health import FailureReason, ServerHealth
     from .pool import ServerPool
     from .proxy import ClientConnection
@@ -32,9 +33,11 @@ NO_SERVER: Final = "no_server"
 # What became of a reload, the `result` label of balancer_config_reloads_total.
 ReloadResult = Literal["success", "failure"]
 
+SNI_REJECTIONS = ("not_tls", "timeout", "no_route")
 FLUSH_INTERVAL = 1.0  # seconds between byte-counter updates for open connections
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -74,6 +77,17 @@ class Metrics:
         self.pool_requests = Counter(
             "balancer_pool_requests", "Clients that found a pooled connection (hit) or not.",
             ["upstream", "server", "result"], **kw)
+        self.tls_handshake_errors = Counter(
+            "balancer_tls_handshake_errors", "Client TLS handshakes that failed on a "
+            "terminating listener (bad bytes, old version, no shared cipher, timeout).",
+            ["listener"], **kw)
+        self.tls_handshake_seconds = Histogram(
+            "balancer_tls_handshake_seconds", "Time from accept to a completed client TLS "
+            "handshake.", ["listener"], buckets=HANDSHAKE_BUCKETS, **kw)
+        self.sni_rejected = Counter(
+            "balancer_sni_rejected", "Clients an SNI listener closed: not a TLS ClientHello "
+            "(not_tls), none within 5 s (timeout), no upstream for the name (no_route).",
+            ["listener", "reason"], **kw)
         self.config_reloads = Counter(
             "balancer_config_reloads", "Configuration reloads by result.", ["result"], **kw)
         for result in get_args(ReloadResult):
@@ -150,9 +164,18 @@ class MetricsEvents(ConnectionEvents):
             on_health(server.health)
             server.health.listeners.append(on_health)
             for reason in FAILURE_REASONS:
-                self.metrics.errors.labels(upstream.name, server.key, reason)
+                if reason != "tls" or upstream.config.tls is not None:
+                    self.metrics.errors.labels(upstream.name, server.key, reason)
         self.metrics.errors.labels(upstream.name, "", NO_SERVER)
         self.metrics.retries.labels(upstream.name)
+
+    def watch_listener(self, config: ListenerConfig) -> None:
+        """Show a TLS or SNI listener's counters from zero, before the first failure."""
+        if config.tls is not None:
+            self.metrics.tls_handshake_errors.labels(config.name)
+        if config.sni:
+            for reason in SNI_REJECTIONS:
+                self.metrics.sni_rejected.labels(config.name, reason)
 
     def watch_pool(self, pool: ServerPool) -> None:
         """Export a pool's idle count, and count its failed connects with the clients': a
@@ -222,6 +245,15 @@ class MetricsEvents(ConnectionEvents):
 
     def retried(self, conn: ClientConnection) -> None:
         self.metrics.retries.labels(conn.route.upstream.name).inc()
+
+    def tls_handshake(self, listener: str, seconds: float) -> None:
+        self.metrics.tls_handshake_seconds.labels(listener).observe(seconds)
+
+    def tls_handshake_failed(self, listener: str) -> None:
+        self.metrics.tls_handshake_errors.labels(listener).inc()
+
+    def sni_rejected(self, listener: str, reason: str) -> None:
+        self.metrics.sni_rejected.labels(listener, reason).inc()
 
     def closed(self, conn: ClientConnection) -> None:
         counted = self._counted.pop(conn, None)

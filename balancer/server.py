@@ -18,6 +18,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -38,26 +39,78 @@ from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
 from .proc.shared import SYNC_INTERVAL
 from .proxy import ClientConnection, Route
 from .signals import handle_stop_signals, remove_stop_signals
+from .sni import SniListenerState, SniPreread, SniRouter
 from .sockets import LISTEN_BACKLOG, BindError, bind_group
+from .terminate import TlsHandshake
+from .tls import ServerCertificates
 from .upstream import CellFor, Server, Upstream, no_cell
 
 log = logging.getLogger("balancer.server")
 
 class Listener:
-    """One bound address feeding client connections into one upstream."""
+    """One bound address feeding client connections into its upstream(s).
+
+    A plain listener hands accepted sockets straight to `ClientConnection` (nothing else on
+    that path); a TLS listener first runs the handshake (terminate.py), an SNI listener first
+    reads the ClientHello (sni.py). Each upstream a listener sends to has its own `Route`.
+    """
 
     def __init__(
         self,
         config: ListenerConfig,
-        upstream: Upstream,
+        upstreams: dict[str, Upstream],
         loop: asyncio.AbstractEventLoop,
         events: ConnectionEvents,
     ) -> None:
         self.config = config
         self.name = config.name
-        self.route = Route(config.name, upstream, loop, events)
         self.loop = loop
+        self.events = events
+        self.routes: dict[str, Route] = {}  # upstream name -> route; kept while connections use it
+        self.route: Route | None = None  # where plain/TLS clients go; an SNI fallback
+        self.certificates: ServerCertificates | None = None
+        self.sni: SniListenerState | None = None
+        self.handshakes: set[TlsHandshake] = set()
         self.servers: list[asyncio.Server] = []
+        self.use(config, upstreams)
+
+    def use(self, config: ListenerConfig, upstreams: dict[str, Upstream]) -> None:
+        """Point new connections at the (re)loaded config; open ones keep their route. TLS
+        contexts are built anew from the certificates just read."""
+        self.config = config
+        for name in config.upstreams:
+            route = self.routes.get(name)
+            if route is None:
+                route = self.routes[name] = Route(config.name, upstreams[name], self.loop,
+                                                  self.events)
+                if self.servers:
+                    route.start_idle_sweep()
+            else:
+                route.use(upstreams[name])
+        self.route = self.routes[config.upstream] if config.upstream is not None else None
+        self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
+        if config.sni:
+            router = SniRouter(dict(config.sni), config.upstream)
+            if self.sni is None:
+                self.sni = SniListenerState(router, self.routes, self.events, self.name,
+                                            self.loop)
+            else:
+                self.sni.router = router
+
+    def _factory(self) -> Callable[[], asyncio.Protocol]:
+        mode = self.config.mode
+        if mode == "sni":
+            assert self.sni is not None
+            return partial(SniPreread, self.sni)
+        assert self.route is not None
+        if mode == "tls":
+            return self._tls_stage
+        return partial(ClientConnection, self.route)
+
+    def _tls_stage(self) -> TlsHandshake:
+        # Read at accept time, so a reload's new certificates serve the next client.
+        assert self.route is not None and self.certificates is not None
+        return TlsHandshake(self.route, self.certificates, self.handshakes, self.events)
 
     async def start(self, socks: list[socket.socket] | None = None, *,
                     ours: bool = False) -> None:
@@ -65,7 +118,7 @@ class Listener:
         `socks` (a worker's share of a listener the primary bound). The address must be
         free, unless `reuse_port` says to share it or it is `ours` (a reload renaming a
         listener binds next to the old one)."""
-        factory = partial(ClientConnection, self.route)
+        factory = self._factory()
         announce = socks is None
         if socks is None:
             bind = self.config.bind
@@ -84,10 +137,19 @@ class Listener:
             for sock in socks:
                 sock.close()
             raise
-        self.route.start_idle_sweep()
+        for route in self.routes.values():
+            route.start_idle_sweep()
         if announce:
             log.info("listening on %s (%s -> upstream %s)", self.bound(), self.name,
-                     self.route.upstream.name)
+                     self.describe())
+
+    def describe(self) -> str:
+        """Where this listener sends clients, for the start-up line."""
+        config = self.config
+        target = config.upstream or "-"
+        if config.mode == "sni":
+            return f"{target}, by SNI to {', '.join(sorted({up for _, up in config.sni}))}"
+        return f"{target}, TLS terminated" if config.mode == "tls" else target
 
     def address(self) -> tuple[str, int]:
         """The address actually bound (the port is real even when the config said 0)."""
@@ -100,12 +162,16 @@ class Listener:
             server.close()
 
     def stop(self) -> None:
-        """Stop accepting and stop the idle sweep (the process is going away)."""
+        """Stop accepting, end handshakes and hello reads in progress, stop the idle sweeps
+        (the process is going away)."""
         self.stop_accepting()
-        self.route.stop_idle_sweep()
+        for stage in [*self.handshakes, *(self.sni.pending if self.sni else ())]:
+            stage.abort()
+        for route in self.routes.values():
+            route.stop_idle_sweep()
 
     def active_count(self) -> int:
-        return len(self.route.connections)
+        return sum(len(route.connections) for route in self.routes.values())
 
     def bound(self) -> str:
         """`host:port` really bound (the port is real even when the config said 0)."""
@@ -119,7 +185,9 @@ class Listener:
 
     @property
     def connections(self) -> set[ClientConnection]:
-        return self.route.connections
+        if len(self.routes) == 1:
+            return next(iter(self.routes.values())).connections
+        return {conn for route in self.routes.values() for conn in route.connections}
 
 
 class Balancer:
@@ -185,10 +253,12 @@ class Balancer:
 
     async def _open_listener(self, cfg: ListenerConfig) -> Listener:
         assert self._loop is not None
-        listener = Listener(cfg, self.upstreams[cfg.upstream], self._loop, self.events)
+        listener = Listener(cfg, self.upstreams, self._loop, self.events)
         sock = self.sockets.get(cfg.name) if self.sockets is not None else None
         await listener.start(sock)
         self.listeners.append(listener)
+        if self.metrics_events is not None:
+            self.metrics_events.watch_listener(cfg)
         return listener
 
     def _add_event_sinks(self) -> None:
@@ -253,17 +323,18 @@ class Balancer:
         added = {name: Upstream(cfg, self.cell_for)
                  for name, cfg in config.upstreams.items() if name not in self.upstreams}
         current = {listener.name: listener for listener in self.listeners}
-        # A listener given new sockets (the primary bound it anew) is reopened on them.
+        # A listener given new sockets (the primary bound it anew) is reopened on them, as is
+        # one that changes how it starts connections (plain, tls, sni).
         kept = {cfg.name for cfg in config.listeners
                 if cfg.name in current and current[cfg.name].config.bind == cfg.bind
+                and current[cfg.name].config.mode == cfg.mode
                 and (sockets is None or sockets.get(cfg.name) is given.get(cfg.name))}
         held = {listener.address()[1] for listener in self.listeners}  # ports we listen on
         opened: list[Listener] = []
         try:
             for cfg in config.listeners:
                 if cfg.name not in kept:
-                    upstream = added.get(cfg.upstream) or self.upstreams[cfg.upstream]
-                    listener = Listener(cfg, upstream, loop, self.events)
+                    listener = Listener(cfg, {**self.upstreams, **added}, loop, self.events)
                     await listener.start(self.sockets.get(cfg.name) if self.sockets else None,
                                          ours=cfg.bind.port in held)
                     opened.append(listener)
@@ -287,13 +358,15 @@ class Balancer:
                 self.metrics_events.watch_upstream(self.upstreams[name])
         for cfg in config.listeners:
             if cfg.name in kept:
-                current[cfg.name].config = cfg
-                current[cfg.name].route.use(self.upstreams[cfg.upstream])
+                current[cfg.name].use(cfg, self.upstreams)
         retiring = [lst for lst in self.listeners if lst.name not in kept]
         for listener in retiring:
             listener.stop_accepting()
             self.retired.append(listener)
         self.listeners = [current[name] for name in kept] + opened
+        if self.metrics_events is not None:
+            for listener in self.listeners:
+                self.metrics_events.watch_listener(listener.config)
         for name in [n for n in self.upstreams if n not in config.upstreams]:
             removed = self.upstreams.pop(name)
             removed.stop()

@@ -30,18 +30,18 @@ class ListenerView:
     """A listener as the primary sees it: its sockets and the load of its upstream."""
 
     def __init__(self, config: ListenerConfig, sockets: list[list[socket.socket]],
-                 upstream: Upstream) -> None:
+                 upstreams: list[Upstream]) -> None:
         self.config = config
         self.name = config.name
         self.sockets = sockets
-        self.upstream = upstream
+        self.upstreams = upstreams
         # Read now: the primary closes its sockets when a stop begins, and /status still
         # answers while the workers drain. (A slot waiting to restart has its group closed.)
         first = next(group[0] for group in sockets if group[0].fileno() != -1)
         self._bound = str(Address(*first.getsockname()[:2]))
 
     def active_count(self) -> int:
-        return sum(server.active for server in self.upstream.servers)
+        return sum(server.active for up in self.upstreams for server in up.servers)
 
     def bound(self) -> str:
         return self._bound
@@ -83,7 +83,7 @@ class ClusterView:
             upstreams[name] = upstream
         self.upstreams = upstreams
         self.listeners = [
-            ListenerView(cfg, self.sockets[cfg.name], upstreams[cfg.upstream])
+            ListenerView(cfg, self.sockets[cfg.name], [upstreams[n] for n in cfg.upstreams])
             for cfg in config.listeners
         ]
 

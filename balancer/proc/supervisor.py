@@ -494,7 +494,7 @@ class Supervisor:
                 admin = await admin.rebound(config.metrics)
             self.assign_rows(config)
             added = [cfg for cfg in config.listeners if cfg.name not in self.sockets or
-                     self._bind_of(cfg.name) != cfg.bind]
+                     self._bind_of(cfg.name) != (cfg.bind, cfg.mode)]
             new_sockets = self.bind_new_listeners(added)
         except AdminBindError as exc:
             return reject_reload(log, [f"{exc} (the admin endpoint stays where it was)"])
@@ -609,7 +609,9 @@ class Supervisor:
         }
 
     def _bind_of(self, name: str) -> Any:
-        return next((cfg.bind for cfg in self.config.listeners if cfg.name == name), None)
+        """A listener's address and mode: a change of either is a new listener (server.py)."""
+        return next(((cfg.bind, cfg.mode) for cfg in self.config.listeners
+                     if cfg.name == name), None)
 
     # -- stop ---------------------------------------------------------------------------------
 
