@@ -79,7 +79,10 @@ class ActiveChecker:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self.check.timeout):
-                reader, writer = await asyncio.open_connection(address.host, address.port)
+                tls = server.tls  # a TLS upstream's check includes the handshake
+                reader, writer = await asyncio.open_connection(
+                    address.host, address.port, ssl=tls.context if tls else None,
+                    server_hostname=tls.server_hostname if tls else None)
                 if self.check.type == "tcp":
                     return True, "connected"
                 request = (

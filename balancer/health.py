@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Final, Literal, get_args
@@ -30,8 +31,9 @@ DOWN: Final = "down"
 HALF_OPEN: Final = "half_open"
 
 # Why a connect failed, as the metrics' `reason` label and the logs name it. The server's
-# failures are the first three; `local` and `internal` are ours (see NOT_THE_SERVERS).
-FailureReason = Literal["refused", "timeout", "reset", "local", "internal"]
+# failures are refused, timeout, reset and tls (its certificate or handshake failed);
+# `local` and `internal` are ours (see NOT_THE_SERVERS).
+FailureReason = Literal["refused", "timeout", "reset", "local", "internal", "tls"]
 FAILURE_REASONS: tuple[FailureReason, ...] = get_args(FailureReason)
 
 MAX_BACKOFF = 10  # the longest ejection, as a multiple of fail_timeout
@@ -52,6 +54,8 @@ def failure_reason(exc: BaseException) -> FailureReason:
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
+    if isinstance(exc, ssl.SSLError):  # a TLS server's certificate or handshake failed
+        return "tls"
     if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
         return "local"
     return "reset"

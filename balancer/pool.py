@@ -139,10 +139,14 @@ class ServerPool:
         address = self.server.config.address
         health = self.server.health
         trial = health.connect_started()
+        tls = self.server.tls  # a pooled TLS connection has done its handshake
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await self.loop.create_connection(
-                    lambda: IdleConnection(self), address.host, address.port
+                    lambda: IdleConnection(self), address.host, address.port,
+                    ssl=tls.context if tls else None,
+                    server_hostname=tls.server_hostname if tls else None,
+                    ssl_handshake_timeout=self.connect_timeout if tls else None,
                 )
         except (OSError, TimeoutError) as exc:
             self.connecting -= 1

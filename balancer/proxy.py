@@ -212,6 +212,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.client.upstream_ended()
         return True  # keep our write side open: the client may still be sending
 
+    def send_eof(self) -> None:
+        """Pass the client's FIN on. A TLS transport cannot half-close (tls.py): there the
+        FIN is kept back, as the server's answer would otherwise be refused."""
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.upstream_lost(exc)
 
@@ -221,6 +228,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client.transport.resume_reading()
+
+
+class TlsUpstreamConnection(UpstreamConnection):
+    """The upstream half over TLS: the loop's TLS transport closes itself after the server's
+    close_notify whatever eof_received answers (and warns when asked to stay open)."""
+
+    __slots__ = ()
+
+    def eof_received(self) -> bool:
+        self.client.upstream_ended()
+        return False
 
 
 class PooledUpstreamConnection(UpstreamConnection):
@@ -351,12 +369,22 @@ class ClientConnection(asyncio.Protocol):
         self.connect_timer = route.watch_connect(self, timeout)
         address = server.config.address
         self.waiting = None
-        self.connecting = route.loop.create_connection(
-            self._new_upstream, address.host, address.port
-        )
+        tls = server.tls
+        if tls is None:
+            self.connecting = route.loop.create_connection(
+                self._new_upstream, address.host, address.port
+            )
+        else:  # the handshake is part of the connect, within the same timeout
+            self.connecting = route.loop.create_connection(
+                self._new_upstream, address.host, address.port, ssl=tls.context,
+                server_hostname=tls.server_hostname, ssl_handshake_timeout=timeout
+            )
         self._connect_step(None)
 
     def _new_upstream(self) -> UpstreamConnection:
+        server = self.server
+        if server is not None and server.tls is not None:
+            return TlsUpstreamConnection(self)
         return UpstreamConnection(self)
 
     def _connect_step(self, waited: asyncio.Future[object] | None) -> None:
@@ -487,7 +515,7 @@ class ClientConnection(asyncio.Protocol):
         upstream = self.upstream
         if upstream is None or type(upstream) is not PooledUpstreamConnection:
             return
-        plain = UpstreamConnection(self)
+        plain = self._new_upstream()
         plain.transport = upstream.transport
         plain.transport.set_protocol(plain)
         self.upstream = plain
@@ -540,7 +568,7 @@ class ClientConnection(asyncio.Protocol):
             transport.writelines(self.early)
             self.early = []
         if self.client_eof:
-            transport.write_eof()
+            upstream.send_eof()
 
     def _hold_early(self, data: bytes) -> None:
         """Keep bytes that arrive before the upstream is connected.
@@ -564,7 +592,7 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream_eof:  # both directions have ended: close() sends our FIN
             self.close()
         elif self.upstream is not None:  # else _attach forwards it after the early bytes
-            self.upstream.transport.write_eof()
+            self.upstream.send_eof()
         return True  # keep our write side open: the server may still be answering
 
     def upstream_ended(self) -> None:
@@ -620,7 +648,7 @@ class ClientConnection(asyncio.Protocol):
         for transport in transports:
             if abort:
                 transport.abort()
-            else:
+            elif not transport.is_closing():  # a TLS transport breaks when closed twice
                 transport.close()
                 if transport.get_write_buffer_size():
                     route.loop.call_later(route.idle_timeout, transport.abort)

@@ -18,6 +18,7 @@ from .health import DOWN, NOT_THE_SERVERS, UP, FailureReason, ServerHealth
 from .pool import ServerPool
 from .proc.shared import SharedCell
 from .strategies import Strategy, make_strategy
+from .tls import UpstreamTls, client_context
 
 log = logging.getLogger("balancer.upstream")
 
@@ -41,6 +42,7 @@ class Server:
         "pool",
         "ramp_until",
         "slow_start",
+        "tls",
         "upstream_name",
     )
 
@@ -63,6 +65,7 @@ class Server:
         self.slow_start = slow_start
         self.ramp_until = 0.0  # while in slow start: when the ramp ends
         self.cell = cell  # shared with other workers, when there are any
+        self.tls: UpstreamTls | None = None  # how to speak TLS to it, when the upstream does
 
     # -- connection counting (global across workers when shared) ---------------------------
 
@@ -183,6 +186,8 @@ class Upstream:
         self.config = config
         self.name = config.name
         self.needs_client_ip = config.strategy == "ip_hash"
+        # Built anew at every (re)load: a renewed CA or client certificate applies at once.
+        context = client_context(config.tls) if config.tls is not None else None
         servers = []
         for server_config in config.servers:
             server = keep.get(server_config.key)
@@ -195,6 +200,8 @@ class Upstream:
                 if not config.slow_start:  # a ramp in progress ends with slow start itself
                     server.ramp_until = 0.0
                 server.health.reconfigure(config.health)
+            server.tls = None if context is None or config.tls is None else UpstreamTls(
+                context, config.tls.sni or server_config.address.host)
             servers.append(server)
         self.servers = servers
         self.primary: Strategy = make_strategy(
@@ -213,6 +220,11 @@ class Upstream:
         if self.checker is not None:
             self.checker.stop()
         old = {server.key: server for server in self.servers}
+        if config.tls != self.config.tls:  # idle connections made the old way go
+            for server in old.values():
+                if server.pool is not None:
+                    server.pool.close()
+                    server.pool = None
         self.rebuild(config, old)
         kept = {server.key for server in self.servers}
         removed = [server for key, server in old.items() if key not in kept]
