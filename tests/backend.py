@@ -17,6 +17,9 @@ Prints `listening <port>` once bound, then serves until SIGTERM. Modes:
 - http:   a minimal HTTP/1.0 server: any request gets 200 and "<name>\n", then close
 - halfclose: sends "bye\n" and its FIN at once, keeps reading; at EOF prints
           "received <count>" on its stdout (the client's bytes after our FIN still arrive)
+- drain:  reads until EOF, then prints "received <count>" on its stdout and closes
+
+With `--tls-cert FILE --tls-key FILE` every mode is served over TLS (a TLS server).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import sys
 
 CHUNK = 256 * 1024
 MODES = ["name", "echo", "sink", "source", "reply", "abort", "hang", "halfclose", "banner",
-         "resetafter", "idleclose", "http"]
+         "resetafter", "idleclose", "http", "drain"]
 
 
 async def serve_name(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
@@ -145,6 +148,11 @@ async def handle(args: argparse.Namespace, reader: asyncio.StreamReader,
             while data := await reader.read(CHUNK):
                 count += len(data)
             print(f"received {count}", flush=True)
+        elif args.mode == "drain":
+            count = 0
+            while data := await reader.read(CHUNK):
+                count += len(data)
+            print(f"received {count}", flush=True)
         elif args.mode == "hang":
             await asyncio.Event().wait()
     except (ConnectionError, OSError):
@@ -165,9 +173,17 @@ async def main() -> None:
     parser.add_argument("--slow-seconds", type=float, default=0.0)
     parser.add_argument("--idle-close", type=float, default=0.5)
     parser.add_argument("--report", action="store_true", help='print "open"/"closed" lines')
+    parser.add_argument("--tls-cert", help="serve over TLS with this certificate chain")
+    parser.add_argument("--tls-key", help="the key of --tls-cert")
     args = parser.parse_args()
+    context = None
+    if args.tls_cert:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     server = await asyncio.start_server(
-        lambda r, w: handle(args, r, w), args.host, args.port, backlog=1024
+        lambda r, w: handle(args, r, w), args.host, args.port, backlog=1024, ssl=context
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
