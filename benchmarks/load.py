@@ -64,14 +64,14 @@ def parse_wrk(out: str) -> WrkResult:
 
 
 def run_wrk(port: int, seconds: float, connections: int, close: bool = False,
-            latency: bool = False) -> WrkResult:
-    """One wrk thread on CPU 1 against 127.0.0.1:port."""
+            latency: bool = False, url: str | None = None) -> WrkResult:
+    """One wrk thread on CPU 1 against 127.0.0.1:port (or `url`, e.g. https)."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
     if close:
         cmd += ["-H", "Connection: close"]
     if latency:
         cmd.append("--latency")
-    cmd.append(f"http://127.0.0.1:{port}/")
+    cmd.append(url or f"http://127.0.0.1:{port}/")
     try:
         done = subprocess.run(pinned(cmd, CPU_LOAD), capture_output=True, text=True,
                               timeout=seconds + 60, check=False)

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import report
 from benchmarks.load import LoadError, parse_wrk
 from benchmarks.proxies import balancer_command
+from benchmarks.tls import parse_s_time
 
 WRK_LATENCY = """\
 Running 10s test @ http://127.0.0.1:40001/
@@ -104,3 +105,20 @@ def test_noisy_run_is_flagged() -> None:
     loud = {"ok": True, "rate": 1.0, "proxy_cpu_pct": 40.0, "cpu0_busy_pct": 96.0}
     direct = {"ok": True, "rate": 1.0, "proxy_cpu_pct": None, "cpu0_busy_pct": 96.0}
     assert report.summarize([quiet, loud, direct])["noisy_runs"] == [2]
+
+
+S_TIME = """\
+Collecting connection statistics for 10 seconds
+***********************************************
+
+648 connections in 0.43s; 1506.98 connections/user sec, bytes read 439992
+648 connections in 11 real seconds, 679 bytes read per connection
+"""
+
+
+def test_parse_s_time() -> None:
+    assert parse_s_time(S_TIME) == 648
+    with pytest.raises(LoadError):
+        parse_s_time("0 connections in 0.00s; 0.00 connections/user sec, bytes read 0\n")
+    with pytest.raises(LoadError):
+        parse_s_time("connect: Connection refused\n")
