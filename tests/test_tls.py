@@ -25,12 +25,7 @@ from balancer.config import ConfigError, load_config
 from .test_clienthello import refragment
 from .utils import Backend, make_config, read_backend_line, wait_until
 
-LOOPS = ["uvloop", "asyncio"]
-
-
-@pytest.fixture(params=LOOPS)
-def tls_loop(request: pytest.FixtureRequest) -> str:
-    return request.param
+pytestmark = pytest.mark.both_loops
 
 
 class Certs:
@@ -147,13 +142,13 @@ def no_tracebacks(balancer: Any) -> None:
 
 
 async def test_terminates_with_the_certificate_the_client_names(
-        start_backend, start_balancer, certs, tls_loop) -> None:
+        start_backend, start_balancer, certs) -> None:
     backend = start_backend("name", "app")
     a = certs.issue("a", "a.example.com")
     b = certs.issue("b", "b.example.com", "*.b.example.com")
     config = terminating([backend.address], [a, b])
     config["log"] = {"access": "stderr"}
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     context = certs.client()
     for name, expected in [("a.example.com", "a.example.com"), ("b.example.com", "b.example.com"),
                            ("x.b.example.com", "b.example.com")]:
@@ -174,13 +169,12 @@ async def test_terminates_with_the_certificate_the_client_names(
     no_tracebacks(balancer)
 
 
-async def test_alpn_is_negotiated_and_logged(start_backend, start_balancer, certs,
-                                             tls_loop) -> None:
+async def test_alpn_is_negotiated_and_logged(start_backend, start_balancer, certs) -> None:
     backend = start_backend("name", "app")
     config = terminating([backend.address], [certs.issue("a", "a.example.com")],
                          alpn=["h2", "http/1.1"])
     config["log"] = {"access": "stderr", "format": "json"}
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     context = certs.client()
     context.set_alpn_protocols(["http/1.1"])
     reader, writer = await tls_open(balancer.port, context, "a.example.com")
@@ -193,12 +187,11 @@ async def test_alpn_is_negotiated_and_logged(start_backend, start_balancer, cert
                                                                   "app")
 
 
-async def test_old_versions_refused_and_counted(start_backend, start_balancer, certs,
-                                                tls_loop) -> None:
+async def test_old_versions_refused_and_counted(start_backend, start_balancer, certs) -> None:
     backend = start_backend("name", "app")
     config = with_admin(terminating([backend.address], [certs.issue("a", "a.example.com")],
                                     min_version="1.3"))
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     port = admin_port(balancer)
     old = certs.client(maximum_version=ssl.TLSVersion.TLSv1_2)
     with pytest.raises((ssl.SSLError, ConnectionResetError)):
@@ -214,12 +207,11 @@ async def test_old_versions_refused_and_counted(start_backend, start_balancer, c
     no_tracebacks(balancer)
 
 
-async def test_garbage_and_silence_on_a_tls_listener(start_backend, start_balancer, certs,
-                                                     tls_loop) -> None:
+async def test_garbage_and_silence_on_a_tls_listener(start_backend, start_balancer, certs) -> None:
     backend = start_backend("name", "app")
     config = with_admin(terminating([backend.address], [certs.issue("a", "a.example.com")],
                                     handshake_timeout="300ms"))
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     port = admin_port(balancer)
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     writer.write(b"GET / HTTP/1.0\r\n\r\n")  # plain text on a TLS port
@@ -251,11 +243,10 @@ def _blocking_tls_client(port: int, context: ssl.SSLContext, payload: bytes) -> 
             tls.unwrap()
 
 
-async def test_close_notify_is_the_clients_eof(start_backend, start_balancer, certs,
-                                               tls_loop) -> None:
+async def test_close_notify_is_the_clients_eof(start_backend, start_balancer, certs) -> None:
     backend = start_backend("drain", "app")
     config = terminating([backend.address], [certs.issue("a", "a.example.com")])
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     payload = b"x" * (3 * 1024 * 1024)
     thread = threading.Thread(target=_blocking_tls_client,
                               args=(balancer.port, certs.client(), payload), daemon=True)
@@ -265,11 +256,11 @@ async def test_close_notify_is_the_clients_eof(start_backend, start_balancer, ce
     no_tracebacks(balancer)
 
 
-async def test_backpressure_through_tls(start_backend, start_balancer, certs, tls_loop) -> None:
+async def test_backpressure_through_tls(start_backend, start_balancer, certs) -> None:
     total = 48 * 1024 * 1024
     backend = start_backend("source", "app", "--bytes", str(total))
     config = terminating([backend.address], [certs.issue("a", "a.example.com")])
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     before = balancer.status_kib("VmRSS")
     reader, writer = await tls_open(balancer.port, certs.client(), "a.example.com")
     first = await asyncio.wait_for(reader.readexactly(1024), 10)
@@ -290,13 +281,12 @@ async def test_backpressure_through_tls(start_backend, start_balancer, certs, tl
 
 
 async def test_reload_serves_renewed_files_and_refuses_a_bad_pair(
-        start_backend, start_balancer, certs, tls_loop) -> None:
+        start_backend, start_balancer, certs) -> None:
     import signal
 
     backend = start_backend("name", "app")
     cert, key = certs.issue("a", "a.example.com")
-    balancer = start_balancer(terminating([backend.address], [(cert, key)]), loop=tls_loop,
-                              )
+    balancer = start_balancer(terminating([backend.address], [(cert, key)]))
     context = certs.client()
 
     async def serial() -> str:
@@ -408,11 +398,10 @@ def three(start_backend: Any, certs: Certs) -> dict[str, Backend]:
     }
 
 
-async def test_sni_routes_to_three_upstreams_unread(start_balancer, certs, three,
-                                                    tls_loop) -> None:
+async def test_sni_routes_to_three_upstreams_unread(start_balancer, certs, three) -> None:
     config = sni_config({"api.example.com": three["api"], "*.example.com": three["web"]},
                         three["fallback"])
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     port = admin_port(balancer)
     context = certs.client()
     cases = [("api.example.com", "api"), ("www.example.com", "web"), ("a.b.example.com", "web"),
@@ -436,10 +425,9 @@ async def test_sni_routes_to_three_upstreams_unread(start_balancer, certs, three
     no_tracebacks(balancer)
 
 
-async def test_sni_hello_in_pieces_and_many_records(start_balancer, certs, three,
-                                                    tls_loop) -> None:
+async def test_sni_hello_in_pieces_and_many_records(start_balancer, certs, three) -> None:
     config = sni_config({"api.example.com": three["api"]}, three["fallback"])
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
                                                          socket.TCP_NODELAY, 1)
@@ -476,10 +464,9 @@ async def test_sni_hello_in_pieces_and_many_records(start_balancer, certs, three
     await shut(writer)
 
 
-async def test_sni_garbage_silence_and_no_route_are_closed(start_balancer, certs, three,
-                                                           tls_loop) -> None:
+async def test_sni_garbage_silence_and_no_route_are_closed(start_balancer, certs, three) -> None:
     config = sni_config({"api.example.com": three["api"]}, None)
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     port = admin_port(balancer)
     # Half a hello, then silence: closed by the 5 s cap (awaited at the end).
     silent_reader, silent = await asyncio.open_connection("127.0.0.1", balancer.port)
@@ -504,8 +491,7 @@ async def test_sni_garbage_silence_and_no_route_are_closed(start_balancer, certs
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
-async def test_curl_through_sni_and_termination(start_backend, start_balancer, certs,
-                                                tls_loop) -> None:
+async def test_curl_through_sni_and_termination(start_backend, start_balancer, certs) -> None:
     api = tls_backend(start_backend, certs, "http", "api", "api.example.com")
     plain = start_backend("http", "plain")
     config = sni_config({"api.example.com": api}, None)
@@ -514,7 +500,7 @@ async def test_curl_through_sni_and_termination(start_backend, start_balancer, c
                                     {"cert": str(c), "key": str(k)}
                                     for c, k in [certs.issue("t", "t.example.com")]]}})
     config["upstreams"]["plain"] = {"servers": [plain.address]}
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     for name, port, body in [("api.example.com", balancer.ports["sni"], "api"),
                              ("t.example.com", balancer.ports["tls"], "plain")]:
         result = await asyncio.to_thread(subprocess.run, [
@@ -533,13 +519,13 @@ def tls_upstream(servers: list[str], certs: Certs, **tls: Any) -> dict:
     return config
 
 
-async def test_tls_to_servers_with_a_failing_verification(start_backend, start_balancer, certs,
-                                                          tls_loop) -> None:
+async def test_tls_to_servers_with_a_failing_verification(start_backend, start_balancer,
+                                                          certs) -> None:
     bad = tls_backend(start_backend, certs, "name", "bad", ca=certs.other_ca)
     good = tls_backend(start_backend, certs, "name", "good")
     config = tls_upstream([bad.address, good.address], certs)
     config["upstreams"]["app"]["health"] = {"max_fails": 1, "fail_timeout": "30s"}
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     port = admin_port(balancer)
     for _ in range(3):  # round robin starts on the bad one: retried like a refused connect
         reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
@@ -553,12 +539,10 @@ async def test_tls_to_servers_with_a_failing_verification(start_backend, start_b
     no_tracebacks(balancer)
 
 
-async def test_tls_to_servers_verify_false_and_sni(start_backend, start_balancer, certs,
-                                                   tls_loop) -> None:
+async def test_tls_to_servers_verify_false_and_sni(start_backend, start_balancer, certs) -> None:
     untrusted = tls_backend(start_backend, certs, "name", "untrusted", ca=certs.other_ca)
     named = tls_backend(start_backend, certs, "name", "named", "app.internal")
-    balancer = start_balancer(tls_upstream([untrusted.address], certs, verify=False),
-                              loop=tls_loop)
+    balancer = start_balancer(tls_upstream([untrusted.address], certs, verify=False))
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     assert await asyncio.wait_for(reader.readline(), 10) == b"untrusted\n"
     writer.write(b"over tls\n")
@@ -569,16 +553,15 @@ async def test_tls_to_servers_verify_false_and_sni(start_backend, start_balancer
     await shut(writer2)
     await shut(writer)
     no_tracebacks(balancer)
-    balancer = start_balancer(tls_upstream([named.address], certs, sni="app.internal"),
-                              loop=tls_loop)
+    balancer = start_balancer(tls_upstream([named.address], certs, sni="app.internal"))
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     assert await asyncio.wait_for(reader.readline(), 10) == b"named\n"
     await shut(writer)
 
 
-async def test_tls_server_closing_first(start_backend, start_balancer, certs, tls_loop) -> None:
+async def test_tls_server_closing_first(start_backend, start_balancer, certs) -> None:
     backend = tls_backend(start_backend, certs, "reply", "app")
-    balancer = start_balancer(tls_upstream([backend.address], certs), loop=tls_loop)
+    balancer = start_balancer(tls_upstream([backend.address], certs))
     for i in range(3):
         reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
         writer.write(b"line %d\n" % i)
@@ -587,12 +570,11 @@ async def test_tls_server_closing_first(start_backend, start_balancer, certs, tl
     no_tracebacks(balancer)
 
 
-async def test_pools_hold_handshaken_tls_connections(start_backend, start_balancer, certs,
-                                                     tls_loop) -> None:
+async def test_pools_hold_handshaken_tls_connections(start_backend, start_balancer, certs) -> None:
     backend = tls_backend(start_backend, certs, "echo", "app")
     config = tls_upstream([backend.address], certs)
     config["upstreams"]["app"]["pool"] = {"size": 2}
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     port = admin_port(balancer)
 
     async def idle() -> int:
@@ -611,13 +593,13 @@ async def test_pools_hold_handshaken_tls_connections(start_backend, start_balanc
 
 
 async def test_active_checks_of_a_tls_upstream_do_the_handshake(
-        start_backend, start_balancer, certs, tls_loop) -> None:
+        start_backend, start_balancer, certs) -> None:
     good = tls_backend(start_backend, certs, "http", "good")
     bad = tls_backend(start_backend, certs, "http", "bad", ca=certs.other_ca)
     config = tls_upstream([good.address, bad.address], certs)
     config["upstreams"]["app"]["health"] = {
         "max_fails": 0, "check": {"type": "http", "interval": "100ms", "rise": 1, "fall": 1}}
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     port = admin_port(balancer)
 
     async def servers() -> dict[str, tuple[str, str]]:
@@ -632,8 +614,7 @@ async def test_active_checks_of_a_tls_upstream_do_the_handshake(
 
 
 
-async def test_tls_and_sni_listeners_in_workers(start_backend, start_balancer, certs,
-                                                tls_loop) -> None:
+async def test_tls_and_sni_listeners_in_workers(start_backend, start_balancer, certs) -> None:
     """Workers get the certificates inside the config the primary read (not from disk)."""
     backend = start_backend("name", "app")
     api = tls_backend(start_backend, certs, "name", "api", "api.example.com")
@@ -642,7 +623,7 @@ async def test_tls_and_sni_listeners_in_workers(start_backend, start_balancer, c
                                 "sni": {"api.example.com": "api"}})
     config["upstreams"]["api"] = {"servers": [api.address]}
     config["workers"] = 2
-    balancer = start_balancer(config, loop=tls_loop)
+    balancer = start_balancer(config)
     balancer.wait_for_line(r"worker 1 started")
     for _ in range(4):
         reader, writer = await tls_open(balancer.ports["test"], certs.client(), "a.example.com")
