@@ -8,7 +8,11 @@ server that keeps failing costs clients little. `max_fails: 0` turns passive che
 Active checks (HAProxy's `rise`/`fall`) run elsewhere (`checks.py`) and report here; a server
 down by active check gets no traffic whatever its passive state.
 
-Every transition happens in `_set_state`, which logs it once with its reason.
+Every transition happens in `_set_state`, which logs it once with its reason: down at WARNING,
+up again and half-open at INFO. With workers, a change is logged once for the balancer: by
+the worker whose connects decided it (the others, and the primary, follow it at DEBUG), and
+for active checks by the primary, which logs the cluster's verdict (cluster.follow_checks;
+each worker's own verdict is DEBUG: `quiet_checks`).
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ class ServerHealth:
         self.trial_in_flight = False
         self.total_failures = 0
         self.reason = "initial"
+        self.adopted = False  # down because another worker said so: it logged the change
+        self.quiet_checks = False  # a worker's own check verdicts: the primary logs them
         self.changed_at = time.time()
         self.listeners: list[Callable[[ServerHealth], None]] = []
 
@@ -97,7 +103,8 @@ class ServerHealth:
         if not self.active_up:
             return False
         if self.state == DOWN and self.clock() >= self.down_until:
-            self._set_state(HALF_OPEN, f"trying again after {self._down_for():g}s down")
+            self._set_state(HALF_OPEN, f"trying again after {self._down_for():g}s down",
+                            quiet=self.adopted)
         return self.state == HALF_OPEN and not self.trial_in_flight
 
     @property
@@ -135,7 +142,8 @@ class ServerHealth:
         now = self.clock()
         if self.state == HALF_OPEN:
             self.trial_in_flight = False
-            self._eject(now, f"trial connection failed ({reason})")
+            # A follower's failed trial goes on with an outage another worker logged.
+            self._eject(now, f"trial connection failed ({reason})", quiet=self.adopted)
             return
         if self.state == DOWN:
             return
@@ -149,11 +157,12 @@ class ServerHealth:
                 f"{self.fails} connect failures in {self.fail_timeout:g}s (last: {reason})",
             )
 
-    def _eject(self, now: float, reason: str) -> None:
+    def _eject(self, now: float, reason: str, quiet: bool = False) -> None:
+        self.adopted = quiet
         self.ejections += 1
         self.fails = 0
         self.down_until = now + self._down_for()
-        self._set_state(DOWN, f"{reason}; out for {self._down_for():g}s")
+        self._set_state(DOWN, f"{reason}; out for {self._down_for():g}s", quiet=quiet)
 
     def _down_for(self) -> float:
         factor = min(2 ** max(self.ejections - 1, 0), MAX_BACKOFF)
@@ -166,14 +175,15 @@ class ServerHealth:
         if self.state == UP:
             self.down_until = until
             self.fails = 0
-            self._set_state(DOWN, reason)
+            self.adopted = True
+            self._set_state(DOWN, reason, quiet=True)
 
     def adopt_up(self, reason: str) -> None:
         """Another worker's trial brought this server back: follow it."""
         if self.state != UP:
             self.ejections = 0
             self.trial_in_flight = False
-            self._set_state(UP, reason)
+            self._set_state(UP, reason, quiet=True)
 
     def reconfigure(self, config: HealthConfig) -> None:
         """New thresholds from a reload; the current state is kept."""
@@ -193,13 +203,14 @@ class ServerHealth:
             self.fails = 0
             self.ejections = 0
             self.trial_in_flight = False
-        self._set_state(UP if up else self.state, reason, before)
+        self._set_state(UP if up else self.state, reason, before, quiet=self.quiet_checks)
 
     # -- the one place state changes ------------------------------------------------------
 
     def _set_state(self, state: HealthState, reason: str,
-                   before: HealthState | None = None) -> None:
-        """Change state, log the change once with its reason, and tell listeners."""
+                   before: HealthState | None = None, quiet: bool = False) -> None:
+        """Change state, log the change once with its reason (at DEBUG when `quiet`: another
+        process logs it for the balancer), and tell listeners."""
         if before is None:
             before = self.display_state
         self.state = state
@@ -208,7 +219,8 @@ class ServerHealth:
         self.changed_at = time.time()
         after = self.display_state
         if after != before:
-            level = logging.INFO if after == HALF_OPEN else logging.WARNING
+            level = (logging.DEBUG if quiet else
+                     logging.WARNING if after == DOWN else logging.INFO)
             log.log(level, "server %s %s: %s", self.name, after.replace("_", "-"), reason)
         for listener in self.listeners:
             listener(self)

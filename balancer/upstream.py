@@ -61,6 +61,8 @@ class Server:
         self.draining = False  # operator asked for no new connections
         self.health = ServerHealth(f"{upstream_name}/{self.key}", health or HealthConfig())
         self.health.listeners.append(self._health_changed)
+        # A worker's own check verdicts are DEBUG: the primary logs the cluster's.
+        self.health.quiet_checks = cell is not None and cell.column is not None
         self.pool: ServerPool | None = None
         self.slow_start = slow_start
         self.ramp_until = 0.0  # while in slow start: when the ramp ends
@@ -111,8 +113,9 @@ class Server:
         draining = cell.draining
         if draining != self.draining:
             self.draining = draining
-            log.info("server %s/%s %s (shared state)", self.upstream_name, self.key,
-                     "draining" if draining else "enabled")
+            # DEBUG: whoever changed it (the primary's admin endpoint) logged it.
+            log.debug("server %s/%s %s (shared state)", self.upstream_name, self.key,
+                      "draining" if draining else "enabled")
 
     @property
     def up(self) -> bool:

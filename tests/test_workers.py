@@ -365,7 +365,7 @@ async def test_second_sigterm_exits_at_once(start_backend, start_balancer, worke
 async def test_drain_via_admin_reaches_every_worker(start_backend, start_balancer):
     a, b = start_backend("name", "a"), start_backend("name", "b")
     config = with_metrics(make_config([a.address, b.address]), admin_token="t0k")
-    balancer = start_workers(start_balancer, config)
+    balancer = start_workers(start_balancer, config, 2, "-v", "debug")  # followers log at DEBUG
     port = admin_port(balancer)
     path = f"/servers/app/{a.address}/drain"
     assert (await http(port, "POST", path))[0] == 401
@@ -379,6 +379,18 @@ async def test_drain_via_admin_reaches_every_worker(start_backend, start_balance
     await http(port, "POST", f"/servers/app/{a.address}/enable", {"Authorization": "Bearer t0k"})
     followed(balancer, a.address, "enabled")
     assert "a" in {await who_answers(balancer.port) for _ in range(12)}
+    # Each change is logged once for the balancer, by the primary that made it.
+    for state in ("draining", "enabled"):
+        assert announced(balancer, rf"server app/{re.escape(a.address)} {state}") == [
+            ("WARNING", None)], state
+
+
+def announced(balancer, pattern: str) -> list[tuple[str, str | None]]:
+    """(level, worker pid or None for the primary) of every log line above DEBUG that
+    matches `pattern`: what an operator reading the log at INFO sees."""
+    regex = re.compile(rf"^\S+ \S+ (\w+) (?:\[worker (\d+)\] )?\S+: .*{pattern}")
+    return [(m.group(1), m.group(2)) for x in list(balancer.lines)
+            if (m := regex.search(x)) and m.group(1) != "DEBUG"]
 
 
 def followed(balancer, address: str, state: str) -> None:
@@ -457,7 +469,7 @@ async def test_passive_ejection_in_one_worker_reaches_the_other(start_backend, s
     dead = f"127.0.0.1:{free_port()}"
     config = make_config([dead, good.address], "round_robin",
                          health={"max_fails": 1, "fail_timeout": "30s"})
-    balancer = start_workers(start_balancer, config)
+    balancer = start_workers(start_balancer, config, 2, "-v", "debug")  # followers log at DEBUG
     down = re.compile(rf"\[worker (\d+)\] .*server app/{re.escape(dead)} down: (.*)")
 
     def downs() -> list[tuple[str, str]]:
@@ -493,7 +505,7 @@ async def test_active_checks_of_the_workers_reach_the_primarys_status(
     check = {"interval": "100ms", "timeout": "200ms", "rise": 2, "fall": 2, "type": "tcp"}
     config = with_metrics(make_config([backend.address],
                                       health={"max_fails": 0, "check": check}))
-    balancer = start_workers(start_balancer, config)
+    balancer = start_workers(start_balancer, config, 2, "-v", "debug")  # followers log at DEBUG
     port = admin_port(balancer)
     assert await http(port, path="/healthz") == (200, b"ok\n")
     backend_port = backend.port
@@ -674,3 +686,62 @@ async def test_a_hung_worker_is_killed_and_replaced(start_backend, start_balance
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGCONT)
+
+
+async def test_a_passive_ejection_is_logged_once_for_the_balancer(start_backend,
+                                                                 start_balancer):
+    """The worker whose connects ejected the server logs it; the other worker, the primary
+    and a replacement worker follow the shared state at DEBUG (each used to log its own
+    "down" line: three for one outage with two workers, and a fourth from the replacement)."""
+    good = start_backend("name", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = make_config([dead, good.address], "round_robin",
+                         health={"max_fails": 1, "fail_timeout": "30s"})
+    balancer = start_workers(start_balancer, config, 2, "-v", "debug")
+    down = rf"server app/{re.escape(dead)} down: "
+    deadline = time.monotonic() + 10
+    while not announced(balancer, down):  # one client at a time, until one worker ejects
+        assert time.monotonic() < deadline
+        assert await who_answers(balancer.port) == "good"
+        with contextlib.suppress(AssertionError):  # logged before the client was retried
+            balancer.wait_for_log(lambda: bool(announced(balancer, down)), timeout=1.0)
+    [(level, decider)] = announced(balancer, down)
+    assert level == "WARNING"
+    followers = re.compile(rf"DEBUG (?:\[worker (\d+)\] )?\S+: {down}marked down by "
+                           "another worker")
+
+    def following() -> set[str | None]:
+        return {m.group(1) for x in list(balancer.lines) if (m := followers.search(x))}
+
+    other = next(str(pid) for pid in worker_pids(balancer) if str(pid) != decider)
+    balancer.wait_for_log(lambda: {other, None} <= following(), timeout=5)
+    victim = slot_pids(balancer, 0)[-1]
+    os.kill(victim, signal.SIGKILL)
+    await eventually(lambda: len(slot_pids(balancer, 0)) == 2, timeout=10)
+    replacement = str(slot_pids(balancer, 0)[-1])
+    balancer.wait_for_log(lambda: replacement in following(), timeout=5)
+    assert {await who_answers(balancer.port) for _ in range(6)} == {"good"}
+    assert announced(balancer, down) == [("WARNING", decider)]
+
+
+async def test_an_active_check_outage_is_logged_once_by_the_primary(start_backend,
+                                                                   start_balancer):
+    """Every worker runs its own checks and logs their verdict at DEBUG; the primary logs the
+    cluster's once: down at WARNING, up again at INFO."""
+    backend = start_backend("name", "only")
+    check = {"interval": "100ms", "timeout": "200ms", "rise": 2, "fall": 2, "type": "tcp"}
+    config = make_config([backend.address], health={"max_fails": 0, "check": check})
+    balancer = start_workers(start_balancer, config, 2, "-v", "debug")
+    address = re.escape(backend.address)
+    backend_port = backend.port
+    backend.stop()
+    in_both_workers(balancer, rf"server app/{address} down: 2 active checks failed")
+    balancer.wait_for_log(lambda: bool(announced(balancer, rf"server app/{address} down")), 5)
+    start_backend("name", "only", port=backend_port)
+    in_both_workers(balancer, rf"server app/{address} up: 2 active checks passed")
+    balancer.wait_for_log(lambda: bool(announced(balancer, rf"server app/{address} up")), 5)
+    assert announced(balancer, rf"server app/{address} down: 2 active checks failed") == [
+        ("WARNING", None)]
+    assert announced(balancer, rf"server app/{address} up: active checks pass in every "
+                               "worker") == [("INFO", None)]
+    assert len(announced(balancer, rf"server app/{address} (up|down)")) == 2

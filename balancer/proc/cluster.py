@@ -14,6 +14,7 @@ promises that every worker would use it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from ..config import Address, Config, ListenerConfig
 from ..upstream import Server, Upstream
 from .shared import SYNC_INTERVAL, SharedCell, SharedTable
+
+log = logging.getLogger("balancer.cluster")
 
 
 class ListenerView:
@@ -111,6 +114,9 @@ class ClusterView:
         for server in self.upstreams[upstream].servers:
             if server.key == address and server.cell is not None:
                 server.cell.draining = draining  # workers follow within SYNC_INTERVAL
+                if server.draining != draining:
+                    log.warning("server %s/%s %s by operator", upstream, address,
+                                "draining" if draining else "enabled")
                 server.draining = draining
 
 
