@@ -245,3 +245,34 @@ async def test_a_drained_removed_and_readded_server_comes_back_up(start_backend,
     assert [s["state"] for s in state["upstreams"]["app"]["servers"]] == ["up", "up"]
     answers = [await who_answers(balancer.port) for _ in range(40)]
     assert answers.count("a") >= 10, answers.count("a")  # round robin in both workers
+
+
+async def test_a_worker_that_does_not_answer_a_reload_is_replaced(start_backend,
+                                                                  start_balancer):
+    """Its late answer is never read as the answer to the next reload: that one is applied
+    by every worker (the replacement included)."""
+    b1, b2, b3 = (start_backend("name", n) for n in ("b1", "b2", "b3"))
+    balancer = start_workers(start_balancer, with_metrics(make_config([b1.address])))
+    port = admin_port(balancer)
+    stuck = worker_pids(balancer)[1]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        config = with_metrics(make_config([b2.address]))
+        config["workers"] = 2
+        rewrite(balancer, config)
+        balancer.send_signal(signal.SIGHUP)
+        balancer.wait_for_line(rf"worker \d \(pid {stuck}\) could not apply generation 2: no "
+                               r"answer within 15s; replacing it", timeout=25)
+        balancer.wait_for_line(r"worker \d started \(pid \d+\) on generation 2", timeout=20)
+    finally:
+        os.kill(stuck, signal.SIGCONT)  # it answers late, then drains and exits
+    config = with_metrics(make_config([b3.address]))
+    config["workers"] = 2
+    rewrite(balancer, config)
+    balancer.send_signal(signal.SIGHUP)
+    await wait_until(lambda: status(port), converged(3), timeout=20)
+    assert stuck not in worker_pids(balancer)
+    assert [await who_answers(balancer.port) for _ in range(100)] == ["b3"] * 100
+    samples = await scrape(port)
+    assert total(samples, "balancer_config_reloads_total", result="failure") == 1
+    assert total(samples, "balancer_config_reloads_total", result="success") == 1
