@@ -55,6 +55,7 @@ def two_listeners(servers: list[str]) -> dict:
     return config
 
 
+@pytest.mark.both_loops  # the workers' end of the channel runs on their loop
 async def test_a_reload_during_a_worker_restart_reaches_the_new_worker(start_backend,
                                                                        start_balancer):
     b1, b2 = start_backend("name", "b1"), start_backend("name", "b2")
@@ -86,6 +87,7 @@ def many_servers(real: str, count: int) -> dict:
     return config
 
 
+@pytest.mark.both_loops  # the workers' end of the channel runs on their loop
 async def test_5000_servers_start_with_two_workers(start_backend, start_balancer):
     a = start_backend("name", "a")
     balancer = start_workers(start_balancer, many_servers(a.address, 5000))
@@ -95,6 +97,7 @@ async def test_5000_servers_start_with_two_workers(start_backend, start_balancer
     assert [await who_answers(balancer.port) for _ in range(20)] == ["a"] * 20
 
 
+@pytest.mark.both_loops  # the workers' end of the channel runs on their loop
 async def test_a_reload_from_10_to_5000_servers_applies(start_backend, start_balancer):
     a = start_backend("name", "a")
     balancer = start_workers(start_balancer, many_servers(a.address, 10))
