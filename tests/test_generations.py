@@ -225,8 +225,9 @@ async def test_reloads_to_new_addresses_never_fill_the_shared_table(start_backen
             f"(generation {r + 1})" in x or "reload rejected" in x for x in balancer.lines),
             timeout=30)
     assert not [x for x in balancer.lines if "reload rejected" in x]
-    samples = await scrape(port)
-    assert total(samples, "balancer_config_reloads_total", result="success") == rounds
+    # The log, not /metrics: rendering the label sets of 19,000 servers takes the primary
+    # seconds (the metrics of removed servers stay).
+    assert len([x for x in balancer.lines if "configuration reloaded from" in x]) == rounds
     assert converged(rounds + 1)(await status(port))
     assert await who_answers(balancer.port) == "a"
 
