@@ -29,6 +29,7 @@ from .config import (
     Config,
     ConfigError,
     ListenerConfig,
+    LogConfig,
     LoopName,
     load_config,
     reload_problems,
@@ -312,6 +313,8 @@ class Balancer:
         loop = self._loop
         assert loop is not None
         problems = reload_problems(self.config, config)
+        if config.log != self.config.log:
+            problems += _log_problems(config.log)
         if problems:
             raise ConfigError(problems)
         admin = None
@@ -374,9 +377,22 @@ class Balancer:
         if gone or retiring:
             loop.call_later(config.shutdown_timeout, self._end_leftovers, gone, retiring)
         self._watch_pools()
+        if config.log != self.config.log:
+            self._apply_log(config.log)
         self.config = config
         log.info("configuration reloaded: %d listener(s), %d upstream(s)",
                  len(self.listeners), len(self.upstreams))
+
+    def _apply_log(self, config: LogConfig) -> None:
+        """A reload changed `log`: the access log follows at once (for connections that end
+        from now on)."""
+        if self.access_log is not None:
+            self.events.sinks.remove(self.access_log)
+            self.access_log.close()
+            self.access_log = None
+        if config.access is not None:
+            self.access_log = AccessLog(config)
+            self.events.sinks.append(self.access_log)
 
     def _end_leftovers(self, gone: set[Server], retiring: list[Listener]) -> None:
         """`shutdown_timeout` after a reload: close what still runs through a listener or to
@@ -472,6 +488,18 @@ class _DrainWatch(ConnectionEvents):
 
     def closed(self, conn: ClientConnection) -> None:
         self.balancer._connection_closed()
+
+
+def _log_problems(config: LogConfig) -> list[str]:
+    """An access log file a reload names must open before the reload changes anything."""
+    if config.access in (None, "stderr"):
+        return []
+    try:
+        with open(config.access, "a"):
+            pass
+    except OSError as exc:
+        return [f"log.access: cannot open {config.access}: {exc.strerror or exc}"]
+    return []
 
 
 async def read_config(path: str) -> Config:

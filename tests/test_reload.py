@@ -16,7 +16,7 @@ import yaml
 from .test_distribution import who_answers
 from .test_observability import admin_port, http, scrape, total, with_metrics
 from .test_resilience import attempts_on
-from .utils import free_port, make_config, read_backend_line
+from .utils import eventually, free_port, make_config, read_backend_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -316,3 +316,29 @@ async def test_reloading_a_large_config_does_not_stall_traffic(start_backend, st
         slowest = max(slowest, time.perf_counter() - sent)
     writer.close()
     assert slowest < parse_seconds / 3, (slowest, parse_seconds)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_reload_turns_the_access_log_on_and_refuses_a_file_it_cannot_open(
+        start_backend, start_balancer, tmp_path, workers):
+    """`log` used to be reported as reloaded and left as it was."""
+    e = start_backend("echo", "e")
+    config = with_metrics(make_config([e.address]))
+    balancer = start(start_balancer, config, workers)
+    port = admin_port(balancer)
+    access = tmp_path / "access.log"
+    config["log"] = {"access": str(access), "format": "json"}
+    reload(balancer, config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    assert await echo(reader, writer, b"logged") == b"logged"
+    writer.close()
+    await eventually(lambda: access.exists() and access.read_text().count("\n") == 1)
+    assert json.loads(access.read_text())["bytes_up"] == 6
+
+    config["log"] = {"access": str(tmp_path / "missing" / "access.log")}
+    balancer.config_path.write_text(yaml.safe_dump(config))
+    balancer.send_signal(signal.SIGHUP)
+    balancer.wait_for_line(r"log\.access: cannot open .*missing/access\.log: "
+                           r"No such file or directory")
+    samples = await scrape(port)
+    assert total(samples, "balancer_config_reloads_total", result="failure") == 1
