@@ -287,8 +287,8 @@ async def test_a_hostile_file_on_sighup_is_a_counted_failure(start_backend, star
 async def test_reloading_a_large_config_does_not_stall_traffic(start_backend, start_balancer):
     """A valid config of 4,000 servers takes seconds to parse: done on the event loop, every
     connection waited that long. The stall allowed is measured against the parse time on
-    this machine now, so a loaded machine slows both sides alike. (One process: a config
-    this large does not fit the workers' control channel yet, issue 11.)"""
+    this machine now, so a loaded machine slows both sides alike. (One process only: with
+    workers the primary parses, and it carries no client bytes to measure.)"""
     from balancer.config import load_config
 
     e = start_backend("echo", "e")
