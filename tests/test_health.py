@@ -132,9 +132,11 @@ def test_each_state_change_is_logged_once(caplog):
 def test_slow_start_ramps_weight_after_recovery():
     server = Server(ServerConfig(Address("127.0.0.1", 1), weight=20), "app",
                     HealthConfig(max_fails=1, fail_timeout=10.0), slow_start=30.0)
+    clock = Clock()
+    server.health.clock = clock
     assert server.weight == 20  # at start: no ramp (nothing recovered)
     server.health.connect_failed("refused")
-    server.health.down_until = 0.0  # its ejection is over
+    clock.now += 10.0  # its ejection (fail_timeout) is over
     assert server.up  # half-open now
     server.health.connect_started()
     server.health.connect_succeeded()
