@@ -10,9 +10,17 @@ from urllib.parse import quote
 
 import pytest
 
-from .test_observability import admin_port, http, with_metrics
-from .test_reload import reload, start
-from .utils import free_port, make_config
+from .utils import (
+    admin_port,
+    balancer,
+    free_port,
+    http,
+    make_config,
+    reload,
+    start,
+    with_metrics,
+    write,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,7 +185,6 @@ async def test_a_request_head_over_16_kib_is_refused(start_backend, start_balanc
 
 
 def test_check_warns_about_a_reachable_endpoint_without_a_token(tmp_path):
-    from .test_cli import balancer, write
 
     config = with_metrics(make_config(["127.0.0.1:3001"]), bind=f"0.0.0.0:{free_port()}")
     result = balancer("check", "-c", write(tmp_path, config))

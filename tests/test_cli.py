@@ -9,30 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from balancer import __version__
 from balancer.loops import new_event_loop, resolve_loop_name
 
-from .utils import free_port, make_config, stop_process
+from .utils import balancer, free_port, make_config, stop_process, write
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def balancer(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "balancer", *args],
-        capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def write(tmp_path: Path, config: object, name: str = "c.yaml") -> str:
-    path = tmp_path / name
-    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    return str(path)
 
 
 def test_check_accepts_a_valid_config(tmp_path):

@@ -7,19 +7,9 @@ from collections import Counter
 
 import pytest
 
-from .utils import eventually, make_config
+from .utils import eventually, make_config, who_answers
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def who_answers(port: int, local_host: str | None = None) -> str:
-    """Open a connection, read the backend's name line, close."""
-    local = (local_host, 0) if local_host else None
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
-    line = await asyncio.wait_for(reader.readline(), 10)
-    writer.close()
-    await writer.wait_closed()
-    return line.decode().strip()
 
 
 async def test_weighted_exact_counts_per_cycle(start_backend, start_balancer):

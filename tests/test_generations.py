@@ -13,10 +13,22 @@ import socket
 import pytest
 import yaml
 
-from .test_distribution import who_answers
-from .test_observability import admin_port, http, scrape, total, with_metrics
-from .test_workers import echo_round_trip, fd_count, start_workers, worker_pids
-from .utils import LISTENING, eventually, make_config, wait_until
+from .utils import (
+    LISTENING,
+    admin_port,
+    echo_round_trip,
+    eventually,
+    fd_count,
+    http,
+    make_config,
+    scrape,
+    start_workers,
+    total,
+    wait_until,
+    who_answers,
+    with_metrics,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

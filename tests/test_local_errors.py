@@ -11,8 +11,7 @@ import json
 
 import pytest
 
-from .test_observability import admin_port, http, scrape, total, with_metrics
-from .utils import blackhole, eventually, make_config
+from .utils import admin_port, blackhole, eventually, http, make_config, scrape, total, with_metrics
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.both_loops]
 

@@ -16,48 +16,24 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .utils import blackhole, eventually, free_port, make_config, wait_until
+from .utils import (
+    admin_port,
+    blackhole,
+    eventually,
+    free_port,
+    hold_echo_connections,
+    http,
+    make_config,
+    scrape,
+    start_with_a_refusing_pooled_server,
+    total,
+    wait_until,
+    who_answers,
+    with_metrics,
+)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
 ARTIFACTS = Path(__file__).parent / "artifacts"
-
-
-def with_metrics(config: dict, **metrics: object) -> dict:
-    config["metrics"] = {"bind": "127.0.0.1:0", **metrics}
-    return config
-
-
-def admin_port(balancer) -> int:
-    line = balancer.wait_for_line(r"admin endpoint on http://")
-    return int(re.search(r":(\d+)/", line).group(1))
-
-
-async def http(port: int, method: str = "GET", path: str = "/",
-               headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    host = "" if "host" in {k.lower() for k in headers or {}} else f"Host: 127.0.0.1:{port}\r\n"
-    writer.write(f"{method} {path} HTTP/1.1\r\n{host}{extra}\r\n".encode())
-    response = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """All samples, keyed by (name, sorted labels)."""
-    status, body = await http(port, path="/metrics")
-    assert status == 200
-    samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(value for (n, lbls), value in samples.items()
-               if n == name and all(dict(lbls).get(k) == v for k, v in labels.items()))
 
 
 async def echo_once(port: int, payload: bytes) -> bytes:
@@ -92,12 +68,7 @@ async def test_active_gauge_rises_and_returns_to_zero(start_backend, start_balan
     echo = start_backend("echo")
     balancer = start_balancer(with_metrics(make_config([echo.address])))
     port = admin_port(balancer)
-    held = []
-    for _ in range(3):
-        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
-        writer.write(b"x")
-        assert await reader.readexactly(1) == b"x"
-        held.append(writer)
+    held = await hold_echo_connections(balancer.port, 3)
     assert total(await scrape(port), "balancer_active_connections") == 3
     for writer in held:
         writer.close()
@@ -194,7 +165,6 @@ async def test_drain_and_enable_with_token(start_backend, start_balancer):
     assert (await http(port, "POST", path, {"Authorization": "Bearer nope"}))[0] == 401
     status, body = await http(port, "POST", path, {"Authorization": "Bearer s3cret"})
     assert status == 200 and json.loads(body)["state"] == "draining"
-    from .test_distribution import who_answers
 
     assert {await who_answers(balancer.port) for _ in range(6)} == {"b"}
     status, _ = await http(port, "POST", f"/servers/app/{a.address}/enable",
@@ -278,7 +248,6 @@ async def test_status_page_in_headless_chromium(start_backend, start_balancer, t
     config = with_metrics(make_config(servers, health={"max_fails": 1}, pool={"size": 2}))
     balancer = start_balancer(config)
     port = admin_port(balancer)
-    from .test_distribution import who_answers
 
     for _ in range(2):  # the dead one is down by its pool's failed connects, if not by these
         await who_answers(balancer.port)
@@ -368,18 +337,6 @@ async def test_pool_hits_and_misses_are_counted(start_backend, start_balancer):
     assert total(samples, requests, server=echo.address, result="miss") == extra
     assert total(samples, "balancer_upstream_connect_seconds_count") == extra
     await wait_until(pool_idle, lambda n: n == size)
-
-
-def start_with_a_refusing_pooled_server(start_backend, start_balancer):
-    """A balancer (metrics on) whose upstream has a good server and a refusing one, each
-    with a pool of 2; one failure ejects for 30 s. Returns the balancer, the refusing
-    address and the admin port."""
-    good = start_backend("echo", "good")
-    dead = f"127.0.0.1:{free_port()}"
-    config = with_metrics(make_config([dead, good.address], pool={"size": 2},
-                                      health={"max_fails": 1, "fail_timeout": "30s"}))
-    balancer = start_balancer(config)
-    return balancer, dead, admin_port(balancer)
 
 
 async def test_pool_connect_failures_are_counted_as_errors(start_backend, start_balancer):
@@ -563,7 +520,6 @@ async def test_status_shows_half_open_during_a_trial_and_slow_start_weight(
         timeouts={"connect": "30s"}, retries={"timeout": "60s"}))
     balancer = start_balancer(config)
     port = admin_port(balancer)
-    from .test_distribution import who_answers
 
     assert (await status_servers(port))[flaky]["effective_weight"] == 4  # no ramp at start
     assert await who_answers(balancer.port) == "good"  # refused, retried on the other

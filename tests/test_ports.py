@@ -15,8 +15,7 @@ import sys
 import pytest
 import yaml
 
-from .test_distribution import who_answers
-from .utils import free_port, make_config
+from .utils import free_port, make_config, who_answers
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,11 +7,10 @@ import contextlib
 import hashlib
 import os
 import socket
-import struct
 
 import pytest
 
-from .utils import blackhole, eventually, make_config, read_backend_line
+from .utils import blackhole, eventually, make_config, read_backend_line, reset, who_answers
 
 MiB = 1 << 20
 pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
@@ -229,11 +228,6 @@ async def test_traffic_keeps_a_connection_past_the_idle_timeout(start_backend, s
     writer.close()
 
 
-def reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 async def test_client_resetting_during_connect_leaks_nothing(start_balancer):
     sockets = blackhole()
     address = f"127.0.0.1:{sockets[0].getsockname()[1]}"
@@ -313,7 +307,6 @@ async def test_server_given_by_hostname_is_resolved_and_reached(
 ):
     """A server named by host name (as in docker-compose) goes through the resolver on the
     connect path, not only the numeric fast path."""
-    from .test_distribution import who_answers
 
     backend = start_backend("name", "byname")
     balancer = start_balancer(make_config([f"localhost:{backend.port}"]))

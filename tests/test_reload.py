@@ -13,21 +13,23 @@ from collections import Counter
 import pytest
 import yaml
 
-from .test_distribution import who_answers
-from .test_observability import admin_port, http, scrape, total, with_metrics
-from .test_resilience import attempts_on
-from .utils import eventually, free_port, make_config, read_backend_line
+from .utils import (
+    admin_port,
+    attempts_on,
+    eventually,
+    free_port,
+    http,
+    make_config,
+    read_backend_line,
+    reload,
+    scrape,
+    start,
+    total,
+    who_answers,
+    with_metrics,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def reload(balancer, config: dict) -> None:
-    """Write the new config and SIGHUP; return once the balancer says it applied it."""
-    before = sum("configuration reloaded" in line for line in balancer.lines)
-    balancer.config_path.write_text(yaml.safe_dump(config))
-    balancer.send_signal(signal.SIGHUP)
-    balancer.wait_for_log(
-        lambda: sum("configuration reloaded" in line for line in balancer.lines) > before, 10)
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
@@ -165,14 +167,6 @@ def test_reload_turning_slow_start_off_ends_a_ramp_in_progress():
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def start(start_balancer, config: dict, workers: int):
-    """One process, or a primary and `workers` workers (the primary serves admin then)."""
-    from .test_workers import start_workers
-
-    return start_workers(start_balancer, config, workers) if workers > 1 else \
-        start_balancer(config)
 
 
 def rejected(balancer, pattern: str) -> None:

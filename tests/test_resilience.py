@@ -12,23 +12,26 @@ import time
 
 import pytest
 
-from .test_distribution import who_answers
 from .utils import (
     NodeBackend,
+    admin_port,
+    attempts_on,
     blackhole,
     eventually,
     free_port,
+    http,
     make_config,
     read_backend_line,
+    reset,
+    scrape,
+    start_with_a_refusing_pooled_server,
+    total,
     wait_until,
+    who_answers,
+    with_metrics,
 )
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
-
-
-def attempts_on(balancer, address: str) -> int:
-    """Failed connects to `address`, from the balancer's debug log."""
-    return sum(f"connect to app/{address} failed" in line for line in balancer.lines)
 
 
 async def serve_until(port: int, done, timeout: float = 10.0, pause: float = 0.05) -> list[str]:
@@ -268,8 +271,6 @@ async def test_client_leaving_during_connect_is_no_failure_and_leaks_no_slot(
 ):
     """A client that resets while its upstream connect is pending is neither a connect
     failure nor a reason to retry: the server's slot is freed and its record stays clean."""
-    from .test_observability import admin_port, http, scrape, total, with_metrics
-    from .test_proxy import reset
 
     sockets = blackhole()
     slow = f"127.0.0.1:{sockets[0].getsockname()[1]}"
@@ -358,7 +359,6 @@ async def test_retry_budget_caps_each_attempts_timeout(start_balancer, connect_m
     three blackhole servers and a 1 s budget the client is closed at ~1.0 s: 400+400+200 ms,
     or 800+200 ms (the budget, not `tries`, ends it; an uncapped last attempt would take
     1.6 s). Every failure is a timeout."""
-    from .test_observability import admin_port, scrape, total, with_metrics
 
     holes = [blackhole() for _ in range(3)]
     servers = [f"127.0.0.1:{hole[0].getsockname()[1]}" for hole in holes]
@@ -424,7 +424,6 @@ async def test_retry_never_tries_the_same_server_twice_in_a_row(
 async def test_idle_pool_connections_are_replaced_after_idle_timeout(
     start_backend, start_balancer
 ):
-    from .test_observability import admin_port, http, with_metrics
 
     backend = start_backend("echo", "e", "--report")
     config = with_metrics(make_config([backend.address],
@@ -462,8 +461,6 @@ async def test_idle_pool_connections_are_replaced_after_idle_timeout(
 
 async def test_no_pool_connects_to_a_server_while_it_is_down(start_backend, start_balancer):
     from balancer.pool import REFILL_RETRY_DELAY
-
-    from .test_observability import http, start_with_a_refusing_pooled_server
 
     balancer, dead, port = start_with_a_refusing_pooled_server(start_backend, start_balancer)
     balancer.wait_for_line(rf"server app/{re.escape(dead)} down")

@@ -25,30 +25,26 @@ from balancer.proc.cluster import ClusterView
 from balancer.proc.shared import REASON_BYTES, SharedTable
 from balancer.upstream import Upstream
 
-from .test_distribution import who_answers
-from .test_observability import admin_port, http, scrape, total, with_metrics
-from .utils import eventually, free_port, make_config, wait_until
+from .utils import (
+    admin_port,
+    echo_round_trip,
+    eventually,
+    fd_count,
+    free_port,
+    hold_echo_connections,
+    http,
+    make_config,
+    scrape,
+    start_workers,
+    total,
+    wait_until,
+    who_answers,
+    with_metrics,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
-
-
-def worker_pids(balancer) -> list[int]:
-    """The primary's live worker processes."""
-    children = Path(f"/proc/{balancer.pid}/task/{balancer.pid}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
-def start_workers(start_balancer, config: dict, workers: int = 2, *args: str):
-    config["workers"] = workers
-    balancer = start_balancer(config, *args)
-    for slot in range(workers):
-        balancer.wait_for_line(rf"worker {slot} started", timeout=20)
-    return balancer
-
-
-def fd_count(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
 def socket_count(pid: int) -> int:
@@ -70,33 +66,13 @@ async def assert_refused(port: int) -> None:
     raise AssertionError(f"a connection to port {port} was accepted")
 
 
-async def echo_round_trip(port: int, payload: bytes = b"ping") -> bool:
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    try:
-        writer.write(payload)
-        writer.write_eof()
-        return await asyncio.wait_for(reader.read(), 10) == payload
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
-
-
 async def test_two_workers_share_the_port(start_backend, start_balancer):
     echo = start_backend("echo")
     balancer = start_workers(start_balancer, make_config([echo.address]))
     pids = worker_pids(balancer)
     assert len(pids) == 2
     baselines = {pid: fd_count(pid) for pid in pids}
-    held = []
-    for _ in range(24):
-        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
-        writer.write(b"x")
-        assert await reader.readexactly(1) == b"x"
-        held.append(writer)
+    held = await hold_echo_connections(balancer.port, 24)
     # Each worker holds some of the connections (two fds each): the kernel spread them.
     grown = {pid: fd_count(pid) - baselines[pid] for pid in pids}
     assert all(n >= 2 for n in grown.values()), grown

@@ -1,11 +1,15 @@
-"""Test helpers: real backend processes and a real `balancer` process, on ephemeral ports."""
+"""Test helpers: real backend processes and a real `balancer` process, on ephemeral ports,
+and the clients the test modules share to talk to them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).parent
 BACKEND_SCRIPT = HERE / "backend.py"
@@ -93,8 +98,6 @@ class NodeBackend(Backend):
 
 def free_port() -> int:
     """A port that nothing listens on right now (a refusing server, until we start one)."""
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -226,8 +229,6 @@ class BalancerProcess:
 
 async def eventually(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
     """Poll a condition another process makes true (an fd count, a file): bounded in time."""
-    import asyncio
-
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -237,8 +238,6 @@ async def eventually(predicate: Any, timeout: float = 5.0, interval: float = 0.0
 
 async def read_backend_line(backend: Backend, timeout: float = 10.0) -> str:
     """Next line a backend printed on its stdout, without blocking the event loop."""
-    import asyncio
-
     assert backend.proc.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(backend.proc.stdout.readline), timeout)
     return line.strip()
@@ -248,8 +247,6 @@ async def wait_until(probe: Any, accept: Any, timeout: float = 5.0,
                      interval: float = 0.05) -> Any:
     """Await `probe()` until `accept(result)` holds, and return that result: for state another
     process changes and only answers about when asked (an HTTP endpoint). Bounded in time."""
-    import asyncio
-
     deadline = time.monotonic() + timeout
     while True:
         result = await probe()
@@ -263,8 +260,6 @@ async def wait_until(probe: Any, accept: Any, timeout: float = 5.0,
 def blackhole(port: int = 0) -> list[Any]:
     """A listener (on `port`, or any) whose accept queue is full, so a connect to it hangs
     until the connecting side gives up. Returns the listener and its fillers: close them all."""
-    import socket
-
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
@@ -276,3 +271,162 @@ def blackhole(port: int = 0) -> list[Any]:
         filler.connect_ex(listener.getsockname())
         fillers.append(filler)
     return [listener, *fillers]
+
+
+# -- talking to a running balancer ------------------------------------------------------
+
+
+async def who_answers(port: int, local_host: str | None = None) -> str:
+    """Open a connection, read the backend's name line, close."""
+    local = (local_host, 0) if local_host else None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
+    line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return line.decode().strip()
+
+
+def with_metrics(config: dict, **metrics: object) -> dict:
+    """`config` with the admin endpoint (metrics, /status) on an ephemeral loopback port."""
+    config["metrics"] = {"bind": "127.0.0.1:0", **metrics}
+    return config
+
+
+def admin_port(balancer) -> int:
+    """The port the balancer's admin endpoint is on, from its log."""
+    line = balancer.wait_for_line(r"admin endpoint on http://")
+    return int(re.search(r":(\d+)/", line).group(1))
+
+
+async def http(port: int, method: str = "GET", path: str = "/",
+               headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to the admin endpoint: its status and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    host = "" if "host" in {k.lower() for k in headers or {}} else f"Host: 127.0.0.1:{port}\r\n"
+    writer.write(f"{method} {path} HTTP/1.1\r\n{host}{extra}\r\n".encode())
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """All samples, keyed by (name, sorted labels)."""
+    status, body = await http(port, path="/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(value for (n, lbls), value in samples.items()
+               if n == name and all(dict(lbls).get(k) == v for k, v in labels.items()))
+
+
+def start_with_a_refusing_pooled_server(start_backend, start_balancer):
+    """A balancer (metrics on) whose upstream has a good server and a refusing one, each
+    with a pool of 2; one failure ejects for 30 s. Returns the balancer, the refusing
+    address and the admin port."""
+    good = start_backend("echo", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = with_metrics(make_config([dead, good.address], pool={"size": 2},
+                                      health={"max_fails": 1, "fail_timeout": "30s"}))
+    balancer = start_balancer(config)
+    return balancer, dead, admin_port(balancer)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close `sock` with an RST instead of a FIN (SO_LINGER 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def attempts_on(balancer, address: str) -> int:
+    """Failed connects to `address`, from the balancer's debug log."""
+    return sum(f"connect to app/{address} failed" in line for line in balancer.lines)
+
+
+def worker_pids(balancer) -> list[int]:
+    """The primary's live worker processes."""
+    children = Path(f"/proc/{balancer.pid}/task/{balancer.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def start_workers(start_balancer, config: dict, workers: int = 2, *args: str):
+    """A balancer with `workers` workers, returned once every one has started."""
+    config["workers"] = workers
+    balancer = start_balancer(config, *args)
+    for slot in range(workers):
+        balancer.wait_for_line(rf"worker {slot} started", timeout=20)
+    return balancer
+
+
+def fd_count(pid: int) -> int:
+    """Open descriptors of any process (BalancerProcess.fd_count is the primary's)."""
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+async def hold_echo_connections(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """`count` connections through the balancer on `port` to an echo server, each proven
+    paired by a one-byte round trip and left open: close the writers to end them."""
+    held = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        held.append(writer)
+    return held
+
+
+async def echo_round_trip(port: int, payload: bytes = b"ping") -> bool:
+    """True when an echo server behind `port` sends `payload` back (False on any error)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10) == payload
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+# -- talking to a running balancer ------------------------------------------------------
+
+
+def reload(balancer, config: dict) -> None:
+    """Write the new config and SIGHUP; return once the balancer says it applied it."""
+    before = sum("configuration reloaded" in line for line in balancer.lines)
+    balancer.config_path.write_text(yaml.safe_dump(config))
+    balancer.send_signal(signal.SIGHUP)
+    balancer.wait_for_log(
+        lambda: sum("configuration reloaded" in line for line in balancer.lines) > before, 10)
+
+
+def start(start_balancer, config: dict, workers: int):
+    """One process, or a primary and `workers` workers (the primary serves admin then)."""
+    return start_workers(start_balancer, config, workers) if workers > 1 else \
+        start_balancer(config)
+
+
+def balancer(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run the `balancer` command to completion (check, reload, a failing start...)."""
+    return subprocess.run(
+        [sys.executable, "-m", "balancer", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write(tmp_path: Path, config: object, name: str = "c.yaml") -> str:
+    """Write a config (a dict as YAML, or text as is) under `tmp_path`; return its path."""
+    path = tmp_path / name
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return str(path)
