@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from balancer.clienthello import MAX_HELLO, ClientHello, NotTls, parse
 
+from .utils import refragment
+
 
 def python_hello(name: str | None, alpn: list[str] | None = None) -> bytes:
     """The first flight of Python's ssl client, captured in memory."""
@@ -29,21 +31,6 @@ def python_hello(name: str | None, alpn: list[str] | None = None) -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         obj.do_handshake()
     return outgoing.read()
-
-
-def refragment(hello: bytes, sizes: list[int]) -> bytes:
-    """The same handshake message re-cut into TLS records of the given sizes (RFC 8446 5.1)."""
-    message = hello[5:]
-    header = hello[:3]
-    records = []
-    position = 0
-    for size in [*sizes, len(message)]:
-        if position >= len(message):
-            break
-        piece = message[position : position + max(1, size)]
-        records.append(header + len(piece).to_bytes(2, "big") + piece)
-        position += len(piece)
-    return b"".join(records)
 
 
 def feed(data: bytes, cuts: list[int]) -> ClientHello | None:

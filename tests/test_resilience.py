@@ -543,8 +543,6 @@ async def test_pooled_connection_dying_after_the_retry_budget_is_still_replayed(
     """A client takes a pooled connection and stays quiet longer than `retries.timeout`; the
     server then closes that connection unused. The replay is a fresh start with the full
     budget, not an instant timeout on what was left of the accept's budget."""
-    from .test_observability import admin_port, scrape, total, with_metrics
-
     # The client must take the pooled connection while it is idle: it connects once the
     # balancer itself counts it idle (the backend's "open" can come first), and 3 s of idle
     # time leave room for a loaded machine before the backend closes it.

@@ -22,8 +22,7 @@ import yaml
 
 from balancer.config import ConfigError, load_config
 
-from .test_clienthello import refragment
-from .utils import Backend, make_config, read_backend_line, wait_until
+from .utils import Backend, make_config, read_backend_line, refragment, wait_until
 
 pytestmark = pytest.mark.both_loops
 

@@ -430,3 +430,18 @@ def write(tmp_path: Path, config: object, name: str = "c.yaml") -> str:
     path = tmp_path / name
     path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
     return str(path)
+
+
+def refragment(hello: bytes, sizes: list[int]) -> bytes:
+    """The same handshake message re-cut into TLS records of the given sizes (RFC 8446 5.1)."""
+    message = hello[5:]
+    header = hello[:3]
+    records = []
+    position = 0
+    for size in [*sizes, len(message)]:
+        if position >= len(message):
+            break
+        piece = message[position : position + max(1, size)]
+        records.append(header + len(piece).to_bytes(2, "big") + piece)
+        position += len(piece)
+    return b"".join(records)
