@@ -4,23 +4,24 @@ during a reload (a worker restarting, a worker failing, a stop, a config of any 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import resource
 import signal
 import socket
 
 import pytest
-import yaml
 
 from .utils import (
     LISTENING,
     admin_port,
+    admin_status,
+    converged,
     echo_round_trip,
     eventually,
     fd_count,
     http,
     make_config,
+    rewrite,
     scrape,
     start_workers,
     total,
@@ -31,26 +32,6 @@ from .utils import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def status(port: int) -> dict:
-    code, body = await http(port, path="/status")
-    assert code == 200
-    return json.loads(body)
-
-
-def converged(generation: int, workers: int = 2):
-    """A `wait_until` test: the primary is on `generation` and so is every worker."""
-    def accept(state: dict) -> bool:
-        return (state["generation"] == generation
-                and len(state["workers"]) == workers
-                and all(w["generation"] == generation and w["state"] == "serving"
-                        for w in state["workers"]))
-    return accept
-
-
-def rewrite(balancer, config: dict) -> None:
-    balancer.config_path.write_text(yaml.safe_dump(config))
 
 
 def listening_port(balancer, name: str) -> int:
@@ -74,14 +55,14 @@ async def test_a_reload_during_a_worker_restart_reaches_the_new_worker(start_bac
     balancer = start_workers(start_balancer, two_listeners([b1.address]))
     port = admin_port(balancer)
     extra = balancer.ports["extra"]
-    assert converged(1)(await status(port))
+    assert converged(1)(await admin_status(port))
     os.kill(worker_pids(balancer)[0], signal.SIGKILL)
     await asyncio.sleep(0.05)  # the scenario: the replacement is booting when SIGHUP comes
     reloaded = with_metrics(make_config([b2.address]))
     reloaded["workers"] = 2
     rewrite(balancer, reloaded)
     balancer.send_signal(signal.SIGHUP)
-    state = await wait_until(lambda: status(port), converged(2), timeout=20)
+    state = await wait_until(lambda: admin_status(port), converged(2), timeout=20)
     assert [s["address"] for s in state["upstreams"]["app"]["servers"]] == [b2.address]
     answers = [await who_answers(balancer.port) for _ in range(200)]
     assert answers.count("b2") == 200, answers.count("b1")
@@ -103,7 +84,7 @@ def many_servers(real: str, count: int) -> dict:
 async def test_5000_servers_start_with_two_workers(start_backend, start_balancer):
     a = start_backend("name", "a")
     balancer = start_workers(start_balancer, many_servers(a.address, 5000))
-    state = await status(admin_port(balancer))
+    state = await admin_status(admin_port(balancer))
     assert converged(1)(state)
     assert len(state["upstreams"]["app"]["servers"]) == 5000
     assert [await who_answers(balancer.port) for _ in range(20)] == ["a"] * 20
@@ -117,7 +98,7 @@ async def test_a_reload_from_10_to_5000_servers_applies(start_backend, start_bal
     rewrite(balancer, many_servers(a.address, 5000))
     balancer.send_signal(signal.SIGHUP)
     balancer.wait_for_line(r"configuration reloaded from .* \(generation 2\)", timeout=30)
-    state = await status(port)
+    state = await admin_status(port)
     assert converged(2)(state)
     assert len(state["upstreams"]["app"]["servers"]) == 5000
     assert total(await scrape(port), "balancer_config_reloads_total", result="success") == 1
@@ -140,7 +121,7 @@ async def test_a_channel_error_fails_the_reload_and_the_slot_is_restarted(start_
     balancer.send_signal(signal.SIGHUP)
     balancer.wait_for_line(rf"worker \d \(pid {victim}\) could not apply generation 2")
     balancer.wait_for_line(r"reload: generation 2 .* 1 worker\(s\) could not apply it")
-    await wait_until(lambda: status(port), converged(2), timeout=20)
+    await wait_until(lambda: admin_status(port), converged(2), timeout=20)
     assert victim not in worker_pids(balancer)
     assert total(await scrape(port), "balancer_config_reloads_total", result="failure") == 1
     extra = listening_port(balancer, "extra")
@@ -210,7 +191,7 @@ async def test_workers_agree_after_reloads_and_kills(start_backend, start_balanc
         generation += 1
         balancer.send_signal(signal.SIGHUP)
         balancer.wait_for_line(rf"applying generation {generation} ", timeout=10)
-    await wait_until(lambda: status(port), converged(generation), timeout=30)
+    await wait_until(lambda: admin_status(port), converged(generation), timeout=30)
     assert all([await echo_round_trip(balancer.port) for _ in range(20)])
 
 
@@ -240,7 +221,7 @@ async def test_reloads_to_new_addresses_never_fill_the_shared_table(start_backen
     # The log, not /metrics: rendering the label sets of 19,000 servers takes the primary
     # seconds (the metrics of removed servers stay).
     assert len([x for x in balancer.lines if "configuration reloaded from" in x]) == rounds
-    assert converged(rounds + 1)(await status(port))
+    assert converged(rounds + 1)(await admin_status(port))
     assert await who_answers(balancer.port) == "a"
 
 
@@ -256,8 +237,8 @@ async def test_a_drained_removed_and_readded_server_comes_back_up(start_backend,
         config["workers"] = 2
         rewrite(balancer, config)
         balancer.send_signal(signal.SIGHUP)
-        await wait_until(lambda: status(port), converged(generation), timeout=20)
-    state = await status(port)
+        await wait_until(lambda: admin_status(port), converged(generation), timeout=20)
+    state = await admin_status(port)
     assert [s["state"] for s in state["upstreams"]["app"]["servers"]] == ["up", "up"]
     answers = [await who_answers(balancer.port) for _ in range(40)]
     assert answers.count("a") >= 10, answers.count("a")  # round robin in both workers
@@ -286,7 +267,7 @@ async def test_a_worker_that_does_not_answer_a_reload_is_replaced(start_backend,
     config["workers"] = 2
     rewrite(balancer, config)
     balancer.send_signal(signal.SIGHUP)
-    await wait_until(lambda: status(port), converged(3), timeout=20)
+    await wait_until(lambda: admin_status(port), converged(3), timeout=20)
     assert stuck not in worker_pids(balancer)
     assert [await who_answers(balancer.port) for _ in range(100)] == ["b3"] * 100
     samples = await scrape(port)

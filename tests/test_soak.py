@@ -15,10 +15,19 @@ import time
 
 import pytest
 
-from .test_generations import converged, rewrite, status
-from .test_observability import admin_port, scrape, total, with_metrics
-from .test_workers import echo_round_trip, start_workers
-from .utils import make_config, wait_until
+from .utils import (
+    admin_port,
+    admin_status,
+    converged,
+    echo_round_trip,
+    make_config,
+    rewrite,
+    scrape,
+    start_workers,
+    total,
+    wait_until,
+    with_metrics,
+)
 
 SECONDS = float(os.environ.get("BALANCER_SOAK_SECONDS", "60"))
 RELOAD_EVERY = 0.1
@@ -60,7 +69,7 @@ async def test_soak_reloads_and_worker_restarts_under_load(start_backend, start_
                 await asyncio.wait_for(stop.wait(), KILL_EVERY)
             if stop.is_set():
                 break
-            state = await status(port)
+            state = await admin_status(port)
             serving = {w["slot"]: w["pid"] for w in state["workers"] if w["state"] == "serving"}
             if len(serving) == 2:  # never both at once: one always serves
                 os.kill(serving[slot], signal.SIGTERM)
@@ -86,9 +95,9 @@ async def test_soak_reloads_and_worker_restarts_under_load(start_backend, start_
     balancer.wait_for_log(lambda: count(r"configuration reloaded from|reload: generation \d+ ")
                           >= count(r"received SIGHUP"), timeout=60)
     last = 1 + count(r"received SIGHUP")
-    state = await wait_until(lambda: status(port), converged(last), timeout=60)
+    state = await wait_until(lambda: admin_status(port), converged(last), timeout=60)
     assert sorted(s["address"] for s in state["upstreams"]["app"]["servers"]) == sorted(servers)
-    await wait_until(lambda: status(port), lambda s: all(
+    await wait_until(lambda: admin_status(port), lambda s: all(
         server["active"] == 0 for up in s["upstreams"].values() for server in up["servers"])
         and all(listener["active"] == 0 for listener in s["listeners"]), timeout=15)
     samples = await scrape(port)

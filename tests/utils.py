@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -445,3 +446,28 @@ def refragment(hello: bytes, sizes: list[int]) -> bytes:
         records.append(header + len(piece).to_bytes(2, "big") + piece)
         position += len(piece)
     return b"".join(records)
+
+
+# -- talking to a running balancer ------------------------------------------------------
+
+
+async def admin_status(port: int) -> dict:
+    """The admin endpoint's /status document."""
+    code, body = await http(port, path="/status")
+    assert code == 200
+    return json.loads(body)
+
+
+def converged(generation: int, workers: int = 2):
+    """A `wait_until` test: the primary is on `generation` and so is every worker."""
+    def accept(state: dict) -> bool:
+        return (state["generation"] == generation
+                and len(state["workers"]) == workers
+                and all(w["generation"] == generation and w["state"] == "serving"
+                        for w in state["workers"]))
+    return accept
+
+
+def rewrite(balancer, config: dict) -> None:
+    """Replace the balancer's config file (without telling it)."""
+    balancer.config_path.write_text(yaml.safe_dump(config))
