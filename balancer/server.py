@@ -314,7 +314,7 @@ class Balancer:
         assert loop is not None
         problems = reload_problems(self.config, config)
         if config.log != self.config.log:
-            problems += _log_problems(config.log)
+            problems += log_problems(config.log)
         if problems:
             raise ConfigError(problems)
         admin = None
@@ -490,7 +490,7 @@ class _DrainWatch(ConnectionEvents):
         self.balancer._connection_closed()
 
 
-def _log_problems(config: LogConfig) -> list[str]:
+def log_problems(config: LogConfig) -> list[str]:
     """An access log file a reload names must open before the reload changes anything."""
     if config.access in (None, "stderr"):
         return []

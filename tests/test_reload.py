@@ -332,7 +332,10 @@ async def test_reload_turns_the_access_log_on_and_refuses_a_file_it_cannot_open(
     config["log"] = {"access": str(tmp_path / "missing" / "access.log")}
     balancer.config_path.write_text(yaml.safe_dump(config))
     balancer.send_signal(signal.SIGHUP)
-    balancer.wait_for_line(r"log\.access: cannot open .*missing/access\.log: "
-                           r"No such file or directory")
+    rejected(balancer, r"log\.access: cannot open .*missing/access\.log: "
+                       r"No such file or directory")
     samples = await scrape(port)
     assert total(samples, "balancer_config_reloads_total", result="failure") == 1
+    # With workers the primary refuses it: workers refusing it one by one were replaced by
+    # workers that could not boot on it.
+    assert not [line for line in balancer.lines if "could not apply" in line]

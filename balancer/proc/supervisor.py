@@ -475,7 +475,7 @@ class Supervisor:
     async def _reload(self) -> bool:
         from ..admin import AdminBindError
         from ..metrics import count_reload, reject_reload
-        from ..server import read_config
+        from ..server import log_problems, read_config
 
         if self.stopping:
             log.warning("reload ignored: stopping")
@@ -484,6 +484,8 @@ class Supervisor:
         try:
             config = await read_config(self.config_path)
             problems = reload_problems(self.config, config)
+            if config.log != self.config.log:  # checked here, or every worker would refuse it
+                problems += log_problems(config.log)
             if problems:
                 raise ConfigError(problems)
             if (config.workers or self.count) != self.count:
