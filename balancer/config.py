@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ LOOPS: tuple[LoopName, ...] = get_args(LoopName)
 CHECK_TYPES: tuple[CheckType, ...] = get_args(CheckType)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 MIN_WORKER_TIMEOUT = 1.0
+SEND_PROXY = ("v1", "v2")  # PROXY protocol versions we can send (see proxyproto.py)
+RATE_UNITS = {"s": 1.0, "m": 60.0}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m)\s*$")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 METRICS_HOST = "127.0.0.1"  # where `metrics.bind: PORT` listens: loopback only
 # Weights size memory (ip_hash places 160 points per unit of weight on its ring): one server's
 # is capped as HAProxy caps it, and an ip_hash upstream's total so its ring stays ~100 MB.
@@ -82,6 +87,7 @@ class ServerConfig:
     weight: int = 1
     max_conns: int = 0  # 0 = unlimited
     backup: bool = False
+    send_proxy: str | None = None  # v1 | v2 | off; None = as the upstream says
 
     @property
     def key(self) -> str:
@@ -137,6 +143,20 @@ class UpstreamConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     slow_start: float = 0.0  # seconds; 0 = off
     tls: UpstreamTlsConfig | None = None  # connect to the servers over TLS
+    send_proxy: str | None = None  # v1 | v2: a PROXY header first on every server connection
+
+
+@dataclass(frozen=True)
+class PerClientConfig:
+    """Limits per client address (the PROXY one on an accept_proxy listener)."""
+
+    max_conns: int = 0  # open connections; 0 = unlimited
+    rate: float = 0.0  # new connections per second; 0 = unlimited
+
+
+@dataclass(frozen=True)
+class ListenerTimeoutsConfig:
+    proxy_header: float = 3.0  # an accept_proxy client must have sent its header by then
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,12 @@ class ListenerConfig:
     reuse_port: bool = False  # share the address with other processes (SO_REUSEPORT) on purpose
     tls: ListenerTlsConfig | None = None  # terminate TLS here
     sni: tuple[tuple[str, str], ...] = ()  # (server name, upstream): route by SNI, unread
+    accept_proxy: bool = False  # every connection must begin with a PROXY v1 or v2 header
+    max_conns: int = 0  # open client connections; past it, accepting pauses; 0 = unlimited
+    per_client: PerClientConfig | None = None
+    allow: tuple[Network, ...] = ()  # if given, only these sources
+    deny: tuple[Network, ...] = ()  # never these (checked first)
+    timeouts: ListenerTimeoutsConfig = field(default_factory=ListenerTimeoutsConfig)
 
     @property
     def mode(self) -> str:
@@ -160,6 +186,11 @@ class ListenerConfig:
         if self.upstream is not None:
             names.append(self.upstream)
         return tuple(dict.fromkeys(names))
+
+    @property
+    def limited(self) -> bool:
+        """Does any accept-time rule apply (a plain listener pays for none of them)?"""
+        return bool(self.max_conns or self.per_client or self.allow or self.deny)
 
 
 @dataclass(frozen=True)
@@ -223,10 +254,13 @@ class Config:
 
 TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log",
             "worker_timeout")
-LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "tls", "sni")
+LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "tls", "sni", "accept_proxy",
+                 "max_conns", "per_client", "allow", "deny", "timeouts")
+PER_CLIENT_KEYS = ("max_conns", "rate")
+LISTENER_TIMEOUTS_KEYS = ("proxy_header",)
 UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts",
-                 "tls")
-SERVER_KEYS = ("address", "weight", "max_conns", "backup")
+                 "tls", "send_proxy")
+SERVER_KEYS = ("address", "weight", "max_conns", "backup", "send_proxy")
 HEALTH_KEYS = ("max_fails", "fail_timeout", "check")
 CHECK_KEYS = ("interval", "timeout", "rise", "fall", "type", "path")
 RETRIES_KEYS = ("tries", "timeout")
@@ -354,12 +388,85 @@ def _listener(section: Section, known: set[str] | None, base: Path) -> ListenerC
     if isinstance(upstream, str) and known and upstream not in known:
         listed = ", ".join(sorted(known))
         section.fail("upstream", f"unknown upstream {upstream!r} (known: {listed})")
+    accept_proxy = section.boolean("accept_proxy", _LISTENER.accept_proxy)
+    max_conns = section.integer("max_conns", _LISTENER.max_conns, minimum=0)
+    per_client = _per_client(section)
+    allow = _networks(section, "allow")
+    deny = _networks(section, "deny")
+    timeouts = section.sub("timeouts", LISTENER_TIMEOUTS_KEYS)
+    proxy_header = timeouts.duration("proxy_header", _LISTENER.timeouts.proxy_header,
+                                     positive=True)
+    if sni is not None or section.get("tls") is not None:
+        # The accept-time rules (limits.py) run on the plain accept path only, for now.
+        for key in ("accept_proxy", "max_conns", "per_client", "allow", "deny"):
+            if section.get(key) not in (None, False, 0):
+                section.fail(key, "cannot be combined with tls or sni (not supported yet)")
     if bind is None or not (isinstance(upstream, str) or (sni and upstream is None)):
         return None
     if section.get("tls") is not None and tls is None:
         return None  # its problems are reported; never serve a TLS port in the clear
     return ListenerConfig(name=name or str(bind), bind=bind, upstream=upstream,
-                          reuse_port=reuse_port, tls=tls, sni=tuple((sni or {}).items()))
+                          reuse_port=reuse_port, tls=tls, sni=tuple((sni or {}).items()),
+                          accept_proxy=accept_proxy, max_conns=max_conns,
+                          per_client=per_client, allow=allow, deny=deny,
+                          timeouts=ListenerTimeoutsConfig(proxy_header))
+
+
+def _per_client(listener: Section) -> PerClientConfig | None:
+    if listener.get("per_client") is None:
+        return None
+    section = listener.sub("per_client", PER_CLIENT_KEYS)
+    max_conns = section.integer("max_conns", 0, minimum=0)
+    rate = _rate(section)
+    return PerClientConfig(max_conns, rate) if max_conns or rate else None
+
+
+def _rate(section: Section) -> float:
+    """``N/s`` or ``N/m``: new connections per client, as a count per second."""
+    value = section.get("rate")
+    if value is None:
+        return 0.0
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) == 0:
+        section.fail("rate", f"must be a positive rate like 20/s or 600/m, got {describe(value)}")
+        return 0.0
+    return int(match.group(1)) / RATE_UNITS[match.group(2)]
+
+
+def _networks(section: Section, key: str) -> tuple[Network, ...]:
+    """A list of addresses or CIDR networks (``10.0.0.0/8``, ``"2001:db8::/32"``)."""
+    value = section.get(key)
+    if value is None:
+        return ()
+    items = as_list(value, section.at(key), section.problems)
+    networks: list[Network] = []
+    for index, raw in enumerate(items or ()):
+        text = raw.strip() if isinstance(raw, str) else ""
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError as exc:
+            reason = f"must be an address or a CIDR network, got {describe(raw)}"
+            if "has host bits set" in str(exc):
+                reason = (f"host bits set in {raw!r} (did you mean "
+                          f"{ipaddress.ip_network(text, strict=False)}?)")
+            section.problems.add(item(section.at(key), index), reason)
+    return tuple(networks)
+
+
+def _send_proxy(section: Section, default: str | None, *, allow_off: bool) -> str | None:
+    """``v1`` or ``v2`` (and ``off`` on a server, to override its upstream)."""
+    value = section.get("send_proxy")
+    if value is None:
+        return default
+    if value is False or value == "off":
+        if allow_off:
+            return "off"
+        return None
+    if value in SEND_PROXY:
+        return str(value)
+    options = "v1, v2 or off" if allow_off else "v1 or v2 (omit it for off)"
+    section.fail("send_proxy", f"must be {options}, got {describe(value)}")
+    return default
 
 
 def _unique(
@@ -414,6 +521,7 @@ def _upstream(name: str, section: Section, base: Path) -> UpstreamConfig:
         timeouts=_timeouts(section),
         slow_start=slow_start,
         tls=upstream_tls(section, base),
+        send_proxy=_send_proxy(section, _UPSTREAM.send_proxy, allow_off=False),
     )
 
 
@@ -456,9 +564,10 @@ def _server(raw: object, path: str, problems: Problems) -> tuple[ServerConfig | 
                              maximum=(MAX_WEIGHT, "as in HAProxy"))
     max_conns = section.integer("max_conns", _SERVER.max_conns, minimum=0)
     backup = section.boolean("backup", _SERVER.backup)
+    send_proxy = _send_proxy(section, _SERVER.send_proxy, allow_off=True)
     if address is None:
         return None, section.at("address")
-    return ServerConfig(address, weight, max_conns, backup), section.at("address")
+    return ServerConfig(address, weight, max_conns, backup, send_proxy), section.at("address")
 
 
 def _health(upstream: Section) -> HealthConfig:

@@ -436,7 +436,63 @@ MISTAKES = [
     ("upstreams.app.servers", [{"address": "x" * 1000}],
      f"upstreams.app.servers[0].address: missing port in {'x' * 60!r}... (1000 characters) "
      "(expected host:port or [v6]:port)"),
+    # PROXY protocol and listener limits (issue 14)
+    ("listeners.0.accept_proxy", "yes", "listeners[0].accept_proxy: must be a boolean, got 'yes'"),
+    ("listeners.0.max_conns", -1,
+     "listeners[0].max_conns: must be a non-negative integer, got -1"),
+    ("listeners.0.per_client", {"max_conns": 1.5},
+     "listeners[0].per_client.max_conns: must be a non-negative integer, got 1.5"),
+    ("listeners.0.per_client", {"rate": 20},
+     "listeners[0].per_client.rate: must be a positive rate like 20/s or 600/m, got 20"),
+    ("listeners.0.per_client", {"rate": "0/s"},
+     "listeners[0].per_client.rate: must be a positive rate like 20/s or 600/m, got '0/s'"),
+    ("listeners.0.per_client", {"rate": "20/d"},
+     "listeners[0].per_client.rate: must be a positive rate like 20/s or 600/m, got '20/d'"),
+    ("listeners.0.per_client", {"max_con": 5},
+     "listeners[0].per_client.max_con: unknown key (did you mean 'max_conns'?)"),
+    ("listeners.0.per_client", 50, "listeners[0].per_client: must be a mapping, got 50"),
+    ("listeners.0.allow", "10.0.0.0/8", "listeners[0].allow: must be a list, got '10.0.0.0/8'"),
+    ("listeners.0.allow", ["10.0.0.0/8", "10.0.0.1/8"],
+     "listeners[0].allow[1]: host bits set in '10.0.0.1/8' (did you mean 10.0.0.0/8?)"),
+    ("listeners.0.deny", ["10.6.6.0/33"],
+     "listeners[0].deny[0]: must be an address or a CIDR network, got '10.6.6.0/33'"),
+    ("listeners.0.deny", [7], "listeners[0].deny[0]: must be an address or a CIDR network, got 7"),
+    ("listeners.0.timeouts", {"proxy_header": 0},
+     "listeners[0].timeouts.proxy_header: must be greater than 0, got 0"),
+    ("listeners.0.timeouts", {"connect": "1s"}, "listeners[0].timeouts.connect: unknown key"),
+    ("upstreams.app.send_proxy", "v3", "upstreams.app.send_proxy: must be v1 or v2 (omit it for "
+     "off), got 'v3'"),
+    ("upstreams.app.send_proxy", True, "upstreams.app.send_proxy: must be v1 or v2 (omit it for "
+     "off), got True"),
+    ("upstreams.app.servers", [{"address": "127.0.0.1:1", "send_proxy": 2}],
+     "upstreams.app.servers[0].send_proxy: must be v1, v2 or off, got 2"),
 ]
+
+
+def test_proxy_and_limit_keys_parse() -> None:
+    data = minimal()
+    data["listeners"][0].update({
+        "accept_proxy": True, "max_conns": 100, "per_client": {"max_conns": 5, "rate": "600/m"},
+        "allow": ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"], "deny": ["10.6.6.0/24"],
+        "timeouts": {"proxy_header": "500ms"},
+    })
+    data["upstreams"]["app"]["send_proxy"] = "v2"
+    data["upstreams"]["app"]["servers"] = [
+        {"address": "127.0.0.1:1", "send_proxy": "v1"}, {"address": "127.0.0.1:2",
+                                                         "send_proxy": False}, "127.0.0.1:3"]
+    config = parse_config(data)
+    listener = config.listeners[0]
+    assert listener.accept_proxy and listener.max_conns == 100 and listener.limited
+    assert listener.per_client is not None
+    assert (listener.per_client.max_conns, listener.per_client.rate) == (5, 10.0)
+    assert [str(n) for n in listener.allow] == ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+    assert [str(n) for n in listener.deny] == ["10.6.6.0/24"]
+    assert listener.timeouts.proxy_header == 0.5
+    upstream = config.upstreams["app"]
+    assert upstream.send_proxy == "v2"
+    assert [s.send_proxy for s in upstream.servers] == ["v1", "off", None]
+    plain = parse_config(minimal()).listeners[0]
+    assert not plain.accept_proxy and not plain.limited and plain.timeouts.proxy_header == 3.0
 
 
 @pytest.mark.parametrize(("path", "value", "expected"), MISTAKES)
@@ -718,6 +774,7 @@ def test_reference_config_documents_every_key() -> None:
     # tls and sni cannot share a listener: each key is documented on one of them.
     listener_keys = set().union(*(lst.keys() for lst in doc["listeners"]))
     tls = doc["listeners"][0]["tls"]
+    guarded = next(lst for lst in doc["listeners"] if "per_client" in lst)
     certificate_keys = set().union(*(c.keys() for c in tls["certificates"]))
     places = [
         (set(doc), schema.TOP_KEYS),
@@ -725,6 +782,8 @@ def test_reference_config_documents_every_key() -> None:
         (set(tls), schema.LISTENER_TLS_KEYS),
         (certificate_keys, schema.CERTIFICATE_KEYS),
         (set(upstream["tls"]), schema.UPSTREAM_TLS_KEYS),
+        (set(guarded["per_client"]), schema.PER_CLIENT_KEYS),
+        (set(guarded["timeouts"]), schema.LISTENER_TIMEOUTS_KEYS),
         (set(upstream), schema.UPSTREAM_KEYS),
         (server_keys, schema.SERVER_KEYS),
         (set(upstream["health"]), schema.HEALTH_KEYS),
