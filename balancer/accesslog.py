@@ -51,7 +51,9 @@ class AccessLog(ConnectionEvents):
 
 def format_line(conn: ClientConnection, as_json: bool) -> str:
     """The fields an operator needs to find one connection again."""
-    peer = conn.transport.get_extra_info("peername") if conn.transport else None
+    source = conn.source  # the client a PROXY header named, else the socket's peer
+    peer = (source[:2] if source is not None
+            else conn.transport.get_extra_info("peername") if conn.transport else None)
     fields = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "listener": conn.route.listener_name,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .config import CheckConfig
 from .health import failure_reason
+from .proxyproto import LOCAL_HEADERS
 
 if TYPE_CHECKING:
     from .upstream import Server
@@ -83,6 +84,8 @@ class ActiveChecker:
                 reader, writer = await asyncio.open_connection(
                     address.host, address.port, ssl=tls.context if tls else None,
                     server_hostname=tls.server_hostname if tls else None)
+                if server.proxy_version is not None:  # a server that requires the header
+                    writer.write(LOCAL_HEADERS[server.proxy_version])
                 if self.check.type == "tcp":
                     return True, "connected"
                 request = (

@@ -88,6 +88,10 @@ class Metrics:
             "balancer_sni_rejected", "Clients an SNI listener closed: not a TLS ClientHello "
             "(not_tls), none within 5 s (timeout), no upstream for the name (no_route).",
             ["listener", "reason"], **kw)
+        self.rejected = Counter(
+            "balancer_rejected_connections", "Client connections closed before any server was "
+            "picked, by reason: max_conns, client_conns, client_rate, denied, bad_proxy_header.",
+            ["listener", "reason"], **kw)
         self.config_reloads = Counter(
             "balancer_config_reloads", "Configuration reloads by result.", ["result"], **kw)
         for result in get_args(ReloadResult):

@@ -31,7 +31,9 @@ from .events import ConnectionEvents, Outcome
 from .health import NOT_THE_SERVERS, FailureReason, failure_reason
 
 if TYPE_CHECKING:
+    from .limits import Gate
     from .pool import IdleConnection
+    from .proxyproto import Addresses
     from .upstream import Server, Upstream
 
 log = logging.getLogger("balancer.proxy")
@@ -92,6 +94,7 @@ class Route:
         "connect_watch",
         "connections",
         "events",
+        "gate",
         "idle_sweep",
         "idle_timeout",
         "listener_name",
@@ -116,6 +119,7 @@ class Route:
         # Connects in flight, oldest first.
         self.connect_watch: deque[ConnectWatch] = deque()
         self.connect_expiry: asyncio.TimerHandle | None = None
+        self.gate: Gate | None = None  # the listener's accept-time limits, if it has any
         self.use(upstream)
 
     def watch_connect(self, conn: ClientConnection, timeout: float) -> ConnectWatch:
@@ -284,6 +288,7 @@ class ClientConnection(asyncio.Protocol):
         "retry_deadline",
         "route",
         "server",
+        "source",
         "started",
         "transport",
         "trial",
@@ -304,6 +309,7 @@ class ClientConnection(asyncio.Protocol):
         self.early: list[bytes] = []
         self.server: Server | None = None
         self.client_ip = ""
+        self.source: Addresses | None = None  # the client's addresses from a PROXY header
         self.started = 0.0
         self.quiet_since = 0.0  # for the idle sweep: no bytes moved since then...
         self.moved = False  # ...unless bytes moved since the last sweep
@@ -328,11 +334,17 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        route = self.route
-        route.connections.add(self)
-        if route.upstream.needs_client_ip:  # a getpeername() only where it is used
+        if self.route.upstream.needs_client_ip:  # a getpeername() only where it is used
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0] if peer else ""
+        self.start()
+
+    def start(self) -> None:
+        """Pick a server and connect (or take a pooled connection). A listener with a PROXY
+        header or limits (limits.py) calls this itself once the client is admitted, with
+        `transport`, `client_ip` and `source` set."""
+        route = self.route
+        route.connections.add(self)
         self.started = self.quiet_since = self.clock()
         self.tries_left = route.tries
         self.retry_deadline = self.started + route.retry_budget
@@ -559,6 +571,9 @@ class ClientConnection(asyncio.Protocol):
             self.route.events.connected(self, connect_seconds, pooled)
         self.upstream = upstream
         self.upstream_write = transport.write
+        encode = self.server.send_proxy  # type: ignore[union-attr]
+        if encode is not None:  # the first bytes on this server connection, pooled or new
+            transport.write(self._proxy_header(encode))
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.moved = True
@@ -569,6 +584,16 @@ class ClientConnection(asyncio.Protocol):
             self.early = []
         if self.client_eof:
             upstream.send_eof()
+
+    def _proxy_header(self, encode: Callable[[str, int, str, int], bytes]) -> bytes:
+        """The client's addresses: from its own PROXY header, else from its socket."""
+        source = self.source
+        if source is not None:
+            return encode(*source)
+        transport = self.transport
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        return encode(peer[0], peer[1], local[0], local[1])
 
     def _hold_early(self, data: bytes) -> None:
         """Keep bytes that arrive before the upstream is connected.

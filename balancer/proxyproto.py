@@ -14,8 +14,9 @@ path, must not copy what it reads more than once, and is small enough to fuzz co
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -180,3 +181,109 @@ def encode_v2(source: str, source_port: int, dest: str, dest_port: int) -> bytes
 
 ENCODERS = {"v1": encode_v1, "v2": encode_v2}
 LOCAL_HEADERS = {"v1": V1_UNKNOWN, "v2": V2_LOCAL}
+
+
+# -- accepting ------------------------------------------------------------------------------
+
+
+class Admission(Protocol):
+    """What a HeaderReader needs from its listener (limits.Gate provides it)."""
+
+    loop: asyncio.AbstractEventLoop
+    header_timeout: float
+
+    def accepted(self, transport: asyncio.Transport) -> bool: ...
+    def released(self) -> None: ...
+    def reject(self, transport: asyncio.BaseTransport, reason: str, detail: str) -> None: ...
+    def admit_proxied(self, transport: asyncio.Transport, addresses: Addresses | None,
+                      rest: bytes) -> None: ...
+    def header_started(self, reader: HeaderReader) -> None: ...
+    def header_ended(self, reader: HeaderReader) -> None: ...
+
+
+class HeaderReader(asyncio.Protocol):
+    """The first phase of a connection on an `accept_proxy` listener: its PROXY header.
+
+    No server is chosen before the header is complete and valid. A malformed, oversize or
+    late header (`timeouts.proxy_header`) closes this connection only. Once read, the
+    transport is handed to a client connection (`Admission.admit_proxied`) together with
+    whatever the client sent after the header.
+    """
+
+    __slots__ = ("buffer", "gate", "timer", "transport")
+
+    def __init__(self, gate: Admission) -> None:
+        self.gate = gate
+        self.transport: asyncio.Transport | None = None
+        self.buffer: bytearray | None = None  # only when a header arrives in pieces
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self.gate
+        if not gate.accepted(transport):  # type: ignore[arg-type]
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.timer = gate.loop.call_later(gate.header_timeout, self._late)
+        gate.header_started(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        buffer = self.buffer
+        chunk: bytes | bytearray = data
+        if buffer is not None:
+            buffer += data
+            chunk = buffer
+        try:
+            parsed = parse(chunk)
+        except HeaderError as exc:
+            self.fail(str(exc))
+            return
+        if parsed is None:  # parse() waits for at most 4 KiB, so this stays bounded
+            if buffer is None:
+                self.buffer = bytearray(data)
+            return
+        addresses, used = parsed
+        transport = self.transport
+        self._end()
+        self.gate.admit_proxied(transport, addresses, bytes(chunk[used:]))
+
+    def eof_received(self) -> bool:
+        if self.buffer:  # a connect-and-close without a byte is a probe, not an attack
+            self.fail("connection closed inside the PROXY header")
+        else:
+            self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self._end()
+            self.gate.released()
+
+    def _late(self) -> None:
+        self.timer = None
+        self.fail(f"no complete PROXY header within {self.gate.header_timeout:g}s")
+
+    def fail(self, why: str) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._end()
+        self.gate.reject(transport, "bad_proxy_header", why)
+        self.gate.released()
+
+    def close(self) -> None:
+        """Close quietly (shutdown, or a client that left before sending anything)."""
+        transport = self.transport
+        if transport is not None:
+            self._end()
+            transport.close()
+            self.gate.released()
+
+    def _end(self) -> None:
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.buffer = None
+        self.gate.header_ended(self)

@@ -35,6 +35,7 @@ from .config import (
     reload_problems,
 )
 from .events import ConnectionEvents, FanOutEvents
+from .limits import REASONS, Gate, Rejections, raise_fd_limit, uses_gate
 from .loops import new_event_loop, resolve_loop_name
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
 from .proc.shared import SYNC_INTERVAL
@@ -54,6 +55,11 @@ class Listener:
     A plain listener hands accepted sockets straight to `ClientConnection` (nothing else on
     that path); a TLS listener first runs the handshake (terminate.py), an SNI listener first
     reads the ClientHello (sni.py). Each upstream a listener sends to has its own `Route`.
+
+    A plain listener with accept-time rules (limits.py: PROXY headers, max_conns, per-client
+    limits, allow/deny) keeps its sockets and serves a duplicate of each: closing the servers
+    then stops accepting without closing the sockets, so clients wait in the kernel backlog
+    while accepting is paused (max_conns) or the protocol changes on reload.
     """
 
     def __init__(
@@ -62,11 +68,17 @@ class Listener:
         upstreams: dict[str, Upstream],
         loop: asyncio.AbstractEventLoop,
         events: ConnectionEvents,
+        rejections: Rejections | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.loop = loop
         self.events = events
+        self.rejections = rejections or Rejections()
+        self.socks: list[socket.socket] = []
+        self.gate: Gate | None = None
+        self.closed = False
+        self._resuming: asyncio.Task[None] | None = None
         self.routes: dict[str, Route] = {}  # upstream name -> route; kept while connections use it
         self.route: Route | None = None  # where plain/TLS clients go; an SNI fallback
         self.certificates: ServerCertificates | None = None
@@ -74,6 +86,39 @@ class Listener:
         self.handshakes: set[TlsHandshake] = set()
         self.servers: list[asyncio.Server] = []
         self.use(config, upstreams)
+        self._use_gate(config)
+
+    def _use_gate(self, config: ListenerConfig) -> None:
+        """A plain listener keeps the plain protocol; PROXY headers or limits add a Gate."""
+        route = self.route
+        if not uses_gate(config) or route is None or config.mode != "plain":
+            if route is not None:
+                route.gate = None
+            self.gate = None
+            return
+        if self.gate is None:
+            self.gate = Gate(config, route, self.rejections)
+            self.gate.pause = self.pause_accepting
+            self.gate.resume = self.resume_accepting
+        else:
+            self.gate.route = route
+            self.gate.configure(config)
+        route.gate = self.gate
+
+    def apply(self, config: ListenerConfig, upstreams: dict[str, Upstream]) -> None:
+        """A reload of a kept listener: new routes and limits in place; a change of protocol
+        (PROXY headers, or limits where there were none) swaps the servers while clients wait
+        in the backlog."""
+        was_plain = self.gate is None
+        changed = ((config.accept_proxy, uses_gate(config))
+                   != (self.config.accept_proxy, uses_gate(self.config)))
+        self.use(config, upstreams)
+        self._use_gate(config)
+        if changed and not (self.gate is not None and self.gate.paused):
+            if was_plain:  # its servers own the sockets and close them: keep copies
+                self.socks = [sock.dup() for sock in self.socks]
+            self.pause_accepting()
+            self.resume_accepting()
 
     def use(self, config: ListenerConfig, upstreams: dict[str, Upstream]) -> None:
         """Point new connections at the (re)loaded config; open ones keep their route. TLS
@@ -106,6 +151,8 @@ class Listener:
         assert self.route is not None
         if mode == "tls":
             return self._tls_stage
+        if self.gate is not None:
+            return self.gate.factory()
         return partial(ClientConnection, self.route)
 
     def _tls_stage(self) -> TlsHandshake:
@@ -119,7 +166,6 @@ class Listener:
         `socks` (a worker's share of a listener the primary bound). The address must be
         free, unless `reuse_port` says to share it or it is `ours` (a reload renaming a
         listener binds next to the old one)."""
-        factory = self._factory()
         announce = socks is None
         if socks is None:
             bind = self.config.bind
@@ -128,15 +174,11 @@ class Listener:
                                    exclusive=not (ours or self.config.reuse_port))
             except BindError as exc:
                 raise BindError(f"listener {self.name}: {exc}") from exc
+        self.socks = socks
         try:
-            for sock in socks:
-                self.servers.append(
-                    await self.loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
-                )
+            await self._serve()
         except OSError:
             self.stop_accepting()
-            for sock in socks:
-                sock.close()
             raise
         for route in self.routes.values():
             route.start_idle_sweep()
@@ -152,15 +194,50 @@ class Listener:
             return f"{target}, by SNI to {', '.join(sorted({up for _, up in config.sni}))}"
         return f"{target}, TLS terminated" if config.mode == "tls" else target
 
+    async def _serve(self) -> None:
+        # A plain listener's servers own its sockets; a gated one serves duplicates, so that
+        # pausing (closing the servers) leaves the sockets, and their backlog, in place.
+        factory = self._factory()
+        plain = self.gate is None
+        for sock in self.socks:
+            self.servers.append(await self.loop.create_server(
+                factory, sock=sock if plain else sock.dup(), backlog=LISTEN_BACKLOG))
+
     def address(self) -> tuple[str, int]:
         """The address actually bound (the port is real even when the config said 0)."""
-        assert self.servers and self.servers[0].sockets
-        sockname = self.servers[0].sockets[0].getsockname()
+        assert self.socks
+        sockname = self.socks[0].getsockname()
         return sockname[0], sockname[1]
 
-    def stop_accepting(self) -> None:
+    def pause_accepting(self) -> None:
+        """Stop accepting; a gated listener's sockets stay open and queue new clients."""
         for server in self.servers:
             server.close()
+        self.servers = []
+
+    def resume_accepting(self) -> None:
+        if self.closed or self._resuming is not None:
+            return
+        self._resuming = self.loop.create_task(self._resume())
+
+    async def _resume(self) -> None:
+        try:
+            if not self.servers:
+                await self._serve()
+        except OSError as exc:
+            log.error("listener %s: cannot accept again: %s", self.name, exc)
+        finally:
+            self._resuming = None
+        if self.closed or (self.gate is not None and self.gate.paused):
+            self.pause_accepting()  # stopped (or full again) while the servers were made
+
+    def stop_accepting(self) -> None:
+        self.closed = True
+        self.pause_accepting()
+        for sock in self.socks:
+            sock.close()
+        if self.gate is not None:
+            self.gate.close_headers()
 
     def stop(self) -> None:
         """Stop accepting, end handshakes and hello reads in progress, stop the idle sweeps
@@ -176,7 +253,7 @@ class Listener:
 
     def bound(self) -> str:
         """`host:port` really bound (the port is real even when the config said 0)."""
-        if not self.servers or not self.servers[0].sockets:
+        if not self.socks or self.socks[0].fileno() < 0:
             return str(self.config.bind)
         return str(Address(*self.address()))
 
@@ -219,11 +296,13 @@ class Balancer:
         self.metrics_events: MetricsEvents | None = None
         self.access_log: AccessLog | None = None
         self.admin: AdminServer | None = None
+        self.rejections = Rejections()
 
     async def start(self) -> None:
         """Bind every listener; on any failure, release what was bound and raise."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        raise_fd_limit(self.config.listeners)
         self._stop_requested = asyncio.Event()
         self._drained = asyncio.Event()
         self.upstreams = {
@@ -254,7 +333,8 @@ class Balancer:
 
     async def _open_listener(self, cfg: ListenerConfig) -> Listener:
         assert self._loop is not None
-        listener = Listener(cfg, self.upstreams, self._loop, self.events)
+        listener = Listener(cfg, self.upstreams, self._loop, self.events, self.rejections)
+        self._count_rejections(cfg)
         sock = self.sockets.get(cfg.name) if self.sockets is not None else None
         await listener.start(sock)
         self.listeners.append(listener)
@@ -269,10 +349,18 @@ class Balancer:
             for upstream in self.upstreams.values():
                 self.metrics_events.watch_upstream(upstream)
             self.events.sinks.append(self.metrics_events)
+            rejected = self.metrics_events.metrics.rejected
+            self.rejections.on_reject = lambda name, reason: rejected.labels(name, reason).inc()
         if self.config.log.access is not None:
             self.access_log = AccessLog(self.config.log)
             self.events.sinks.append(self.access_log)
         self.events.sinks.append(_DrainWatch(self))
+
+    def _count_rejections(self, cfg: ListenerConfig) -> None:
+        """Export every rejection reason of a listener with rules, from 0."""
+        if self.metrics_events is not None and uses_gate(cfg):
+            for reason in REASONS:
+                self.metrics_events.metrics.rejected.labels(cfg.name, reason)
 
     def _watch_pools(self) -> None:
         if self.metrics_events is None:
@@ -337,7 +425,9 @@ class Balancer:
         try:
             for cfg in config.listeners:
                 if cfg.name not in kept:
-                    listener = Listener(cfg, {**self.upstreams, **added}, loop, self.events)
+                    listener = Listener(cfg, {**self.upstreams, **added}, loop, self.events,
+                                        self.rejections)
+                    self._count_rejections(cfg)
                     await listener.start(self.sockets.get(cfg.name) if self.sockets else None,
                                          ours=cfg.bind.port in held)
                     opened.append(listener)
@@ -361,7 +451,8 @@ class Balancer:
                 self.metrics_events.watch_upstream(self.upstreams[name])
         for cfg in config.listeners:
             if cfg.name in kept:
-                current[cfg.name].use(cfg, self.upstreams)
+                current[cfg.name].apply(cfg, self.upstreams)
+                self._count_rejections(cfg)
         retiring = [lst for lst in self.listeners if lst.name not in kept]
         for listener in retiring:
             listener.stop_accepting()

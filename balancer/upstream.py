@@ -17,6 +17,7 @@ from .config import HealthConfig, ServerConfig, UpstreamConfig
 from .health import DOWN, NOT_THE_SERVERS, UP, FailureReason, ServerHealth
 from .pool import ServerPool
 from .proc.shared import SharedCell
+from .proxyproto import ENCODERS
 from .strategies import Strategy, make_strategy
 from .tls import UpstreamTls, client_context
 
@@ -40,7 +41,9 @@ class Server:
         "key",
         "local_active",
         "pool",
+        "proxy_version",
         "ramp_until",
+        "send_proxy",
         "slow_start",
         "tls",
         "upstream_name",
@@ -68,6 +71,9 @@ class Server:
         self.ramp_until = 0.0  # while in slow start: when the ramp ends
         self.cell = cell  # shared with other workers, when there are any
         self.tls: UpstreamTls | None = None  # how to speak TLS to it, when the upstream does
+        # The PROXY header encoder for connections to it (None: send none); see configure().
+        self.send_proxy: Callable[[str, int, str, int], bytes] | None = None
+        self.proxy_version: str | None = None
 
     # -- connection counting (global across workers when shared) ---------------------------
 
@@ -205,6 +211,9 @@ class Upstream:
                 server.health.reconfigure(config.health)
             server.tls = None if context is None or config.tls is None else UpstreamTls(
                 context, config.tls.sni or server_config.address.host)
+            version = server_config.send_proxy or config.send_proxy
+            server.proxy_version = version = None if version == "off" else version
+            server.send_proxy = ENCODERS[version] if version is not None else None
             servers.append(server)
         self.servers = servers
         self.primary: Strategy = make_strategy(

@@ -399,12 +399,14 @@ FAMILY_LABELS = {
     "balancer_tls_handshake_errors": {"listener"},
     "balancer_tls_handshake_seconds": {"listener"},
     "balancer_sni_rejected": {"listener", "reason"},
+    "balancer_rejected_connections": {"listener", "reason"},
 }
 # Shown only with a TLS or SNI listener (tests/test_tls.py reads them).
 LISTENER_TLS_FAMILIES = {"balancer_tls_handshake_errors", "balancer_tls_handshake_seconds",
                          "balancer_sni_rejected"}
 LABEL_VALUES = {"reason": {"refused", "timeout", "reset", "local", "internal", "tls",
-                           "no_server"},
+                           "no_server", "max_conns", "client_conns", "client_rate", "denied",
+                           "bad_proxy_header"},
                 "direction": {"upstream", "downstream"}}
 
 
@@ -413,6 +415,7 @@ async def test_metric_families_have_exactly_their_label_sets(start_backend, star
     dead = f"127.0.0.1:{free_port()}"
     config = with_metrics(make_config([dead, echo.address], "round_robin", pool={"size": 1},
                                       health={"max_fails": 0}))
+    config["listeners"][0]["max_conns"] = 1000  # a listener with limits exports rejections
     balancer = start_balancer(config)
     port = admin_port(balancer)
     for i in range(4):  # through the pool, a direct connect, and a retry off the dead one

@@ -1,0 +1,187 @@
+"""Listener limits over real sockets: allow/deny, per-client connections and rate, max_conns
+with clients waiting in the backlog, counted rejections; clients come from distinct loopback
+sources (127.0.0.7, 127.0.0.8, ...)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from .test_observability import admin_port, scrape, total, with_metrics
+from .utils import make_config
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def limited(config: dict, **listener: object) -> dict:
+    config["listeners"][0].update(listener)
+    return config
+
+
+async def open_client(port: int, source: str = "127.0.0.1"):
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def served(port: int, source: str = "127.0.0.1", proxy_header: bytes = b""):
+    """A client that got through to the `name` backend: its greeting arrived."""
+    reader, writer = await open_client(port, source)
+    if proxy_header:
+        writer.write(proxy_header)
+    line = await asyncio.wait_for(reader.readline(), 10)
+    assert line == b"a\n", f"{source}: not served ({line!r})"
+    return reader, writer
+
+
+async def refused(port: int, source: str = "127.0.0.1", proxy_header: bytes = b"") -> None:
+    """A client closed at once, without a byte from any server."""
+    reader, writer = await open_client(port, source)
+    if proxy_header:
+        writer.write(proxy_header)
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 10) == b"", f"{source}: was served"
+    await finish(writer)
+
+
+async def finish(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def rejected(balancer, reason: str) -> float:
+    return total(await scrape(admin_port(balancer)), "balancer_rejected_connections_total",
+                 reason=reason)
+
+
+async def test_deny_is_checked_first_then_allow(start_backend, start_balancer):
+    backend = start_backend("name", "a")
+    config = with_metrics(limited(make_config([backend.address]),
+                                  allow=["127.0.0.0/29", "2001:db8::/32"],
+                                  deny=["127.0.0.6/31"]))
+    balancer = start_balancer(config)
+    _, writer = await served(balancer.port, "127.0.0.5")
+    await finish(writer)
+    await refused(balancer.port, "127.0.0.7")  # allowed, but denied first
+    await refused(balancer.port, "127.0.0.9")  # not in the allow list
+    assert await rejected(balancer, "denied") == 2
+
+
+async def test_per_client_max_conns(start_backend, start_balancer):
+    backend = start_backend("name", "a")
+    config = with_metrics(limited(make_config([backend.address]),
+                                  per_client={"max_conns": 2}))
+    balancer = start_balancer(config)
+    held = [await served(balancer.port, "127.0.0.7") for _ in range(2)]
+    await refused(balancer.port, "127.0.0.7")
+    other = await served(balancer.port, "127.0.0.8")  # another client is not affected
+    await finish(held.pop()[1])
+    # The closed one's slot is free again (the balancer may see the close a moment later).
+    for _ in range(100):
+        reader, writer = await open_client(balancer.port, "127.0.0.7")
+        line = await asyncio.wait_for(reader.readline(), 10)
+        await finish(writer)
+        if line == b"a\n":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the slot never came back")
+    for _, writer in [*held, other]:
+        await finish(writer)
+    assert await rejected(balancer, "client_conns") >= 1
+
+
+async def test_per_client_rate(start_backend, start_balancer):
+    backend = start_backend("name", "a")
+    config = with_metrics(limited(make_config([backend.address]),
+                                  per_client={"rate": "5/s"}))
+    balancer = start_balancer(config)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for _ in range(5):  # the bucket holds one second's worth
+        _, writer = await served(balancer.port, "127.0.0.7")
+        await finish(writer)
+    if loop.time() - began < 0.15:  # fast enough that under 1 token has come back
+        await refused(balancer.port, "127.0.0.7")
+        assert await rejected(balancer, "client_rate") == 1
+    _, writer = await served(balancer.port, "127.0.0.8")
+    await finish(writer)
+    await asyncio.sleep(0.25)  # a rate is about time: a token comes back after 200 ms
+    _, writer = await served(balancer.port, "127.0.0.7")
+    await finish(writer)
+
+
+async def test_per_client_key_is_the_proxy_address(start_backend, start_balancer):
+    backend = start_backend("name", "a")
+    config = with_metrics(limited(make_config([backend.address]), accept_proxy=True,
+                                  per_client={"max_conns": 1}))
+    balancer = start_balancer(config)
+    one = b"PROXY TCP4 192.0.2.1 192.0.2.100 1000 80\r\n"
+    two = b"PROXY TCP4 192.0.2.2 192.0.2.100 1000 80\r\n"
+    _, first = await served(balancer.port, proxy_header=one)
+    _, second = await served(balancer.port, proxy_header=two)  # same socket peer, other client
+    await refused(balancer.port, proxy_header=one)
+    assert await rejected(balancer, "client_conns") == 1
+    for writer in (first, second):
+        await finish(writer)
+
+
+async def test_max_conns_makes_clients_wait_then_serves_them(start_backend, start_balancer):
+    backend = start_backend("name", "a")
+    config = with_metrics(limited(make_config([backend.address]), max_conns=2))
+    balancer = start_balancer(config)
+    held = [await served(balancer.port, f"127.0.0.{7 + i}") for i in range(2)]
+    # The third waits in the backlog: connected (the kernel accepted it) but not served...
+    reader, writer = await open_client(balancer.port, "127.0.0.9")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.readline(), 0.5)
+    # ...until one closes, then it is served, not refused.
+    await finish(held.pop()[1])
+    assert await asyncio.wait_for(reader.readline(), 10) == b"a\n"
+    for _, w in [*held, (reader, writer)]:
+        await finish(w)
+    assert await rejected(balancer, "max_conns") == 0
+
+
+async def test_rejections_are_logged_at_most_once_a_second(start_backend, start_balancer):
+    backend = start_backend("name", "a")
+    config = limited(make_config([backend.address]), deny=["127.0.0.7/32"])
+    balancer = start_balancer(config)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for _ in range(20):
+        await refused(balancer.port, "127.0.0.7")
+    elapsed = loop.time() - began
+    await asyncio.to_thread(balancer.wait_for_line, r"rejected \(denied\)")
+    lines = [line for line in balancer.lines if "rejected (denied)" in line]
+    assert 1 <= len(lines) <= int(elapsed) + 1
+    assert "127.0.0.7" in lines[0]
+
+
+async def test_reload_adds_and_removes_limits_on_a_kept_listener(start_backend, start_balancer,
+                                                                 tmp_path):
+    import signal
+
+    import yaml
+
+    backend = start_backend("name", "a")
+    config = make_config([backend.address])
+    balancer = start_balancer(config, "--pid-file", str(tmp_path / "pid"))
+    _, writer = await served(balancer.port, "127.0.0.7")
+    await finish(writer)
+    config["listeners"][0]["bind"] = f"127.0.0.1:{balancer.port}"  # the same listener
+    config["listeners"][0]["deny"] = ["127.0.0.7/32"]
+    balancer.config_path.write_text(yaml.safe_dump(config))
+    balancer.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(balancer.wait_for_line, "configuration reloaded")
+    await refused(balancer.port, "127.0.0.7")
+    _, writer = await served(balancer.port, "127.0.0.8")
+    await finish(writer)
+    del config["listeners"][0]["deny"]
+    balancer.config_path.write_text(yaml.safe_dump(config))
+    balancer.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(balancer.wait_for_log, lambda: sum(
+        "configuration reloaded" in line for line in balancer.lines) >= 2, 10)
+    _, writer = await served(balancer.port, "127.0.0.7")
+    await finish(writer)
