@@ -24,6 +24,9 @@ Outcome = Literal[
     "upstream_reset",  # the server's connection was lost with an error
     "upstream_closed",  # the server closed its connection
     "shutdown",  # closed by a stop or after a reload, past the drain deadline
+    "denied",  # refused by the listener's allow/deny lists (limits.py), before any pick
+    "client_conns",  # refused: the client already had per_client.max_conns open
+    "client_rate",  # refused: the client opened connections faster than per_client.rate
 ]
 
 

@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 from .config import ListenerConfig, Network
 from .proxy import ClientConnection, Route
@@ -33,6 +34,8 @@ from .proxyproto import Addresses, HeaderReader
 
 log = logging.getLogger("balancer.limits")
 
+# Refusals of an accepted connection, which the access log also shows as its outcome.
+AdmitReason = Literal["denied", "client_conns", "client_rate"]
 REASONS = ("max_conns", "client_conns", "client_rate", "denied", "bad_proxy_header")
 MAX_CLIENTS = 100_000
 LOG_INTERVAL = 1.0  # seconds between two log lines for one rejection reason
@@ -179,7 +182,7 @@ class Gate:
         """Apply allow/deny and the per-client limits to an accepted connection; a rejected
         one is closed here (and counted)."""
         ip = conn.client_ip
-        reason = self._check(ip, conn) if self.allow or self.deny else None
+        reason: AdmitReason | None = self._check(ip, conn) if self.allow or self.deny else None
         if reason is None and (self.client_conns or self.client_rate):
             reason = self._per_client(ip, conn)
         if reason is None:
@@ -192,7 +195,7 @@ class Gate:
         self.route.events.closed(conn)  # the access log names the client
         return False
 
-    def _check(self, ip: str, conn: GatedConnection) -> str | None:
+    def _check(self, ip: str, conn: GatedConnection) -> AdmitReason | None:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
@@ -209,7 +212,7 @@ class Gate:
             return "denied"
         return None
 
-    def _per_client(self, ip: str, conn: GatedConnection) -> str | None:
+    def _per_client(self, ip: str, conn: GatedConnection) -> AdmitReason | None:
         clients = self.clients
         now = self.clock()
         client = clients.get(ip)
@@ -296,3 +299,36 @@ def raise_fd_limit(listeners: tuple[ListenerConfig, ...]) -> int:
                     "connection) but the open files limit is %d: raise it (ulimit -n, "
                     "LimitNOFILE=) or lower max_conns", wanted, soft)
     return soft
+
+
+class AcceptErrors:
+    """The event loop's handler for errors nobody awaits, with one case of its own.
+
+    Out of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM), the stdlib loop stops accepting on
+    that socket for a second and reports it, once for every connection still queued: a log
+    flood while the balancer is already struggling. Here that report becomes one warning a
+    second at most; everything else goes to the loop's default handler. (uvloop's libuv
+    handles the same case on its own, quietly: it keeps a spare descriptor to accept and
+    close what is queued, so accepting never spins.)
+    """
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.logged_at = float("-inf")
+        self.unlogged = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if context.get("message") != self.MESSAGE:
+            loop.default_exception_handler(context)
+            return
+        now = self.clock()
+        if now - self.logged_at < LOG_INTERVAL:
+            self.unlogged += 1
+            return
+        self.logged_at = now
+        more = f" ({self.unlogged} more since the last report)" if self.unlogged else ""
+        self.unlogged = 0
+        log.warning("cannot accept: %s; accepting pauses for 1s, open connections are still "
+                    "served%s", context.get("exception"), more)

@@ -35,7 +35,7 @@ from .config import (
     reload_problems,
 )
 from .events import ConnectionEvents, FanOutEvents
-from .limits import REASONS, Gate, Rejections, raise_fd_limit, uses_gate
+from .limits import REASONS, AcceptErrors, Gate, Rejections, raise_fd_limit, uses_gate
 from .loops import new_event_loop, resolve_loop_name
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
 from .proc.shared import SYNC_INTERVAL
@@ -303,6 +303,8 @@ class Balancer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         raise_fd_limit(self.config.listeners)
+        loop.set_exception_handler(AcceptErrors())
+        loop.set_exception_handler(AcceptErrors())
         self._stop_requested = asyncio.Event()
         self._drained = asyncio.Event()
         self.upstreams = {

@@ -91,7 +91,7 @@ async def test_header_is_sent_at_connect_with_the_socket_peer(recorder, start_ba
     assert await asyncio.wait_for(reader.readline(), 10) == b"hi\n"
     encode = encode_v1 if version == "v1" else encode_v2
     header = encode("127.0.0.7", local_port, "127.0.0.1", balancer.port)
-    assert bytes(recorder.received[0]) == header
+    await eventually(lambda: bytes(recorder.received[0]) == header)
     writer.write(b"hello")
     await eventually(lambda: bytes(recorder.received[0]) == header + b"hello")
     await finish(writer)
