@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from balancer import limits
+from balancer.config import Address, ListenerConfig, PerClientConfig, ServerConfig, UpstreamConfig
+from balancer.limits import Gate, Rejections
+from balancer.proxy import Route
+from balancer.upstream import Upstream
+
 from .test_observability import admin_port, scrape, total, with_metrics
 from .utils import eventually, make_config
 
@@ -237,3 +243,41 @@ async def test_out_of_file_descriptors_keeps_cpu_low_and_recovers(start_backend,
         await asyncio.sleep(0.05)
     else:
         raise AssertionError("the balancer never served again")
+
+
+def _gate(**listener: object):
+    """A Gate on a listener config, for the table's own rules (no sockets involved)."""
+    upstream = Upstream(UpstreamConfig("app", (ServerConfig(Address("127.0.0.1", 1)),)))
+    loop = asyncio.new_event_loop()
+    per_client = PerClientConfig(**listener)  # type: ignore[arg-type]
+    config = ListenerConfig("l", Address("127.0.0.1", 0), "app", per_client=per_client)
+    gate = Gate(config, Route("l", upstream, loop), Rejections())
+    loop.close()
+    return gate
+
+
+class _Conn:
+    client = None
+
+
+def test_per_client_table_is_bounded_and_least_recently_seen_goes(monkeypatch):
+    monkeypatch.setattr(limits, "MAX_CLIENTS", 3)
+    gate = _gate(max_conns=10)
+    for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        assert gate._per_client(ip, _Conn()) is None
+    assert gate._per_client("10.0.0.1", _Conn()) is None  # seen again: most recent now
+    assert gate._per_client("10.0.0.4", _Conn()) is None  # evicts 10.0.0.2, the oldest
+    assert list(gate.clients) == ["10.0.0.3", "10.0.0.1", "10.0.0.4"]
+    assert gate.clients["10.0.0.1"].conns == 2
+
+
+def test_per_client_rate_is_a_bucket_of_one_second(monkeypatch):
+    gate = _gate(rate=5.0)
+    now = [100.0]
+    gate.clock = lambda: now[0]
+    results = [gate._per_client("10.0.0.1", _Conn()) for _ in range(6)]
+    assert results == [None] * 5 + ["client_rate"]
+    assert gate._per_client("10.0.0.2", _Conn()) is None  # its own bucket
+    now[0] += 0.2  # one token back
+    assert gate._per_client("10.0.0.1", _Conn()) is None
+    assert gate._per_client("10.0.0.1", _Conn()) == "client_rate"
