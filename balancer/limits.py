@@ -321,6 +321,11 @@ class AcceptErrors:
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         if context.get("message") != self.MESSAGE:
+            if "_start_serving" in repr(context.get("handle")) and isinstance(
+                    context.get("exception"), ValueError):
+                # The stdlib's retry (above) of a socket closed meanwhile: paused or stopped.
+                log.debug("stale accept retry after a listener closed: %s", context)
+                return
             loop.default_exception_handler(context)
             return
         now = self.clock()

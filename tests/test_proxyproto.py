@@ -15,7 +15,7 @@ from balancer.proxyproto import V1_UNKNOWN, V2_LOCAL, encode_v1, encode_v2
 from .test_observability import admin_port, scrape, total, with_metrics
 from .utils import eventually, make_config
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
 
 
 class Recorder:
