@@ -279,3 +279,33 @@ def test_per_client_rate_is_a_bucket_of_one_second(monkeypatch):
     now[0] += 0.2  # one token back
     assert gate._per_client("10.0.0.1", _Conn()) is None
     assert gate._per_client("10.0.0.1", _Conn()) == "client_rate"
+
+
+async def test_max_conns_beyond_the_descriptor_limit_is_warned_about(start_backend,
+                                                                     start_balancer):
+    backend = start_backend("name", "a")
+    config = limited(make_config([backend.address]), max_conns=100)
+    balancer = start_balancer(config, nofile=150)  # 100 connections need 200 descriptors
+    line = await asyncio.to_thread(balancer.wait_for_line, r"max_conns need up to 200 file")
+    assert "open files limit is 150" in line
+    _, writer = await served(balancer.port)  # a warning, not a refusal to start
+    await finish(writer)
+
+
+async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(start_backend,
+                                                                   start_balancer):
+    import resource
+
+    backend = start_backend("name", "a")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"the hard limit ({hard}) is not one to raise to")
+    # The balancer inherits a soft limit below the hard one.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        balancer = start_balancer(make_config([backend.address]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits_text = Path(f"/proc/{balancer.pid}/limits").read_text()
+    line = next(x for x in limits_text.splitlines() if x.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard), str(hard)], line
