@@ -17,8 +17,7 @@ from balancer.limits import Gate, Rejections
 from balancer.proxy import Route
 from balancer.upstream import Upstream
 
-from .test_observability import admin_port, scrape, total, with_metrics
-from .utils import eventually, make_config
+from .utils import admin_port, eventually, make_config, scrape, total, with_metrics
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
 

@@ -12,8 +12,7 @@ import pytest
 
 from balancer.proxyproto import V1_UNKNOWN, V2_LOCAL, encode_v1, encode_v2
 
-from .test_observability import admin_port, scrape, total, with_metrics
-from .utils import eventually, make_config
+from .utils import admin_port, eventually, make_config, scrape, total, with_metrics
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.both_loops]
 
