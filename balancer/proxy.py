@@ -264,7 +264,11 @@ class PooledUpstreamConnection(UpstreamConnection):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client.pooled_failed()
+        client = self.client
+        if client.closed:  # a graceful close that flushed: only its abort timer is left
+            client.upstream_lost(exc)
+        else:
+            client.pooled_failed()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -275,6 +279,7 @@ class ClientConnection(asyncio.Protocol):
         "bytes_up",
         "client_eof",
         "client_ip",
+        "client_linger",
         "clock",
         "closed",
         "connect_began",
@@ -295,6 +300,7 @@ class ClientConnection(asyncio.Protocol):
         "tries_left",
         "upstream",
         "upstream_eof",
+        "upstream_linger",
         "upstream_write",
         "waiting",
     )
@@ -329,6 +335,10 @@ class ClientConnection(asyncio.Protocol):
         self.waiting: asyncio.Future[object] | None = None  # what `connecting` waits on
         self.connect_timer: ConnectWatch | None = None
         self.connect_began = 0.0
+        # After a graceful close with bytes still buffered: the timer that aborts each
+        # transport if its peer never reads them (cancelled once the transport is gone).
+        self.client_linger: asyncio.TimerHandle | None = None
+        self.upstream_linger: asyncio.TimerHandle | None = None
 
     # -- accept and connect -------------------------------------------------------------
 
@@ -647,11 +657,17 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self.outcome = "client_abort"
             self.close(abort=True)
+        elif self.client_linger is not None:  # flushed after all: no abort to wait for
+            self.client_linger.cancel()
+            self.client_linger = None
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if not self.closed:
             self.outcome = "upstream_reset" if exc is not None else "upstream_closed"
             self.close(abort=exc is not None)
+        elif self.upstream_linger is not None:
+            self.upstream_linger.cancel()
+            self.upstream_linger = None
 
     def close(self, abort: bool = False) -> None:
         """End the pair: close both transports now, release the server slot, report once.
@@ -667,16 +683,15 @@ class ClientConnection(asyncio.Protocol):
             self._abandon_connect()
             if self.server is not None:
                 self.server.health.connect_abandoned(self.trial)
-        transports = [self.transport]
-        if self.upstream is not None:
-            transports.append(self.upstream.transport)
-        for transport in transports:
-            if abort:
-                transport.abort()
-            elif not transport.is_closing():  # a TLS transport breaks when closed twice
-                transport.close()
-                if transport.get_write_buffer_size():
-                    route.loop.call_later(route.idle_timeout, transport.abort)
+        upstream = self.upstream
+        if abort:
+            self.transport.abort()
+            if upstream is not None:
+                upstream.transport.abort()
+        else:
+            self.client_linger = self._close_gracefully(self.transport)
+            if upstream is not None:
+                self.upstream_linger = self._close_gracefully(upstream.transport)
         if self.server is not None:
             self.server.release()
         route.connections.discard(self)
@@ -684,3 +699,13 @@ class ClientConnection(asyncio.Protocol):
         # Unlink the pair: with no cycle left, both halves are freed by reference counting
         # as soon as uvloop lets go of them, rather than by the garbage collector.
         self.upstream = None
+
+    def _close_gracefully(self, transport: asyncio.Transport) -> asyncio.TimerHandle | None:
+        """Close after the buffered bytes are sent; if some are left, the timer that aborts
+        the transport should its peer never read them (cancelled when it is lost)."""
+        if transport.is_closing():  # a TLS transport breaks when closed twice
+            return None
+        transport.close()
+        if not transport.get_write_buffer_size():
+            return None
+        return self.route.loop.call_later(self.route.idle_timeout, transport.abort)

@@ -347,3 +347,57 @@ async def test_connect_deadlines_fire_on_time_in_and_out_of_order():
     assert 0.1 <= fired["short"] < 0.25
     assert 0.3 <= fired["first"] < 0.45 and 0.3 <= fired["second"] < 0.45
     assert route.connect_expiry is None and not route.connect_watch  # nothing left armed
+
+
+def receive_window_of_one_segment(port: int) -> socket.socket:
+    """A client that has sent its FIN and reads nothing yet, with a small MSS and receive
+    buffer: the kernel then holds only ~100 KiB for it (on loopback its sender's send buffer
+    otherwise grows to MiBs), so what a server sends beyond that waits in the balancer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
+    sock.connect(("127.0.0.1", port))
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+def read_all_and_close(sock: socket.socket) -> int:
+    total = 0
+    while data := sock.recv(MiB):
+        total += len(data)
+    sock.close()
+    return total
+
+
+async def test_a_close_that_flushes_in_the_end_leaves_nothing_behind(start_backend,
+                                                                     start_balancer):
+    """Both sides have ended while bytes for a slow client are still buffered: the balancer
+    closes at once, aborts the transport if the bytes are never read, and forgets that
+    abort (timer and transport) once they are. 1,000 such closes must not grow memory by
+    the ~1.3 KiB each that a pending timer holds for the idle timeout (10 min)."""
+    payload = 192 * 1024  # a ~100 KiB kernel share, the rest waits in the balancer
+    source = start_backend("source", "src", "--bytes", str(payload))
+    config = make_config([source.address])
+    config["log"] = {"access": "stderr"}  # one line per close: the event to wait for
+    balancer = start_balancer(config)
+
+    def closed() -> int:
+        return sum(line.endswith(" ok") for line in list(balancer.lines))
+
+    async def round_of(clients: int) -> None:
+        before = closed()
+        held = [receive_window_of_one_segment(balancer.port) for _ in range(clients)]
+        # The balancer closes each pair with bytes still buffered for its client...
+        balancer.wait_for_log(lambda: closed() >= before + clients, 20)
+        # ...and every byte still arrives, then the transport is gone.
+        received = await asyncio.gather(*[asyncio.to_thread(read_all_and_close, s)
+                                          for s in held])
+        assert received == [payload] * clients
+
+    for _ in range(30):  # warm-up: allocator and buffers reach their steady state
+        await round_of(10)
+    baseline = balancer.status_kib("VmRSS")
+    for _ in range(100):
+        await round_of(10)
+    growth = balancer.status_kib("VmRSS") - baseline
+    assert growth < 600, f"RSS grew by {growth} KiB over 1,000 flushed closes"
