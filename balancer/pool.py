@@ -4,7 +4,9 @@ A pool hit takes the upstream connect off the client's critical path. The rules:
 
 - Each usable server keeps `pool.size` idle connections; a taken one is replaced in the
   background, and an empty pool is refilled as soon as its server comes back up. No pool
-  connects to a server that is down, draining or full.
+  connects to a server that is down or draining, and idle connections count against
+  `max_conns` with the server's open ones: a server limited to 2 never sees a third.
+  A reload that lowers `pool.size` closes the surplus at once.
 - An idle connection the server closes or resets is dropped at once, so a dead one is never
   handed out. One older than `pool.idle_timeout` is closed and replaced.
 - Bytes a server sends before any client is attached (a banner) are kept and delivered first.
@@ -101,15 +103,16 @@ class ServerPool:
             self.refill()
 
     def take(self) -> IdleConnection | None:
-        """Hand out the freshest live idle connection, or None (a miss)."""
+        """Hand out the freshest live idle connection, or None (a miss). Either way the
+        client is about to count as one more open connection to the server (`acquire`)."""
         while self.idle:
             conn = self.idle.pop()
             if not conn.transport.is_closing():
                 self._changed()
-                self.refill()
+                self.refill(arriving=1)
                 return conn
         self._changed()
-        self.refill()
+        self.refill(arriving=1)
         return None
 
     def drop(self, conn: IdleConnection, why: str) -> None:
@@ -125,11 +128,36 @@ class ServerPool:
 
     # -- background upkeep ----------------------------------------------------------------
 
-    def refill(self) -> None:
-        """Start connects until idle + connecting reaches `size` (only for usable servers)."""
+    def resize(self, size: int, idle_timeout: float) -> None:
+        """New settings from a reload: a smaller pool closes its surplus now, not when the
+        idle connections time out; a larger one fills up."""
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self._trim(self.room())
+        self.refill()
+
+    def room(self, arriving: int = 0) -> int:
+        """How many connections the pool may hold: `size`, or less when `max_conns` counts
+        the server's open connections (and `arriving` clients not yet counted) against it."""
+        limit = self.server.config.max_conns
+        if not limit:
+            return self.size
+        return max(0, min(self.size, limit - self.server.active - arriving))
+
+    def _trim(self, room: int) -> None:
+        """Close the oldest idle connections beyond `room`."""
+        while len(self.idle) > room:
+            conn = self.idle.popleft()
+            log.debug("pool %s: closing a surplus idle connection", self.server.key)
+            conn.transport.close()
+            self._changed()
+
+    def refill(self, arriving: int = 0) -> None:
+        """Start connects until idle + connecting reaches `room()` (only for usable servers)."""
         if self.closed or self._retry_timer is not None:
             return
-        while len(self.idle) + self.connecting < self.size and self._wanted():
+        room = self.room(arriving)
+        while len(self.idle) + self.connecting < room and self._wanted():
             self.connecting += 1
             task = self.loop.create_task(self._connect_one())
             self._tasks.add(task)
@@ -162,7 +190,7 @@ class ServerPool:
             health.connect_abandoned(trial)
             raise
         self.connecting -= 1
-        if self.closed:
+        if self.closed or len(self.idle) >= self.room():  # shrunk or filled up meanwhile
             health.connect_succeeded()
             conn.transport.close()
             return
@@ -194,6 +222,7 @@ class ServerPool:
         if not self._wanted():  # down or draining: hold no connections to it
             for conn in list(self.idle):
                 self.drop(conn, f"server {self.server.health.display_state}")
+        self._trim(self.room())  # other workers' clients may have taken the room
         self.refill()
         if not self.closed:
             self._schedule_sweep()

@@ -289,9 +289,7 @@ class Upstream:
                                          self.config.timeouts.connect, loop)
                 server.pool.start()
             elif pool_config.size and pool is not None:
-                pool.size = pool_config.size
-                pool.idle_timeout = pool_config.idle_timeout
-                pool.refill()
+                pool.resize(pool_config.size, pool_config.idle_timeout)
             elif pool is not None:
                 pool.close()
                 server.pool = None

@@ -84,6 +84,25 @@ async def test_reload_keeps_a_down_server_down_and_the_pools(start_backend, star
     assert lines.count("open") == 1  # the refill after the client took one; no new pool
 
 
+async def test_reload_lowering_pool_size_closes_the_surplus_at_once(start_backend,
+                                                                   start_balancer):
+    """4 -> 1: three idle connections are closed by the reload itself, not a minute later
+    when they reach their idle timeout (60 s by default)."""
+    backend = start_backend("echo", "e", "--report")
+    config = with_metrics(make_config([backend.address], pool={"size": 4}))
+    balancer = start_balancer(config)
+    port = admin_port(balancer)
+    assert [await read_backend_line(backend) for _ in range(4)] == ["open"] * 4
+    config["upstreams"]["app"]["pool"] = {"size": 1}
+    reload(balancer, config)
+    assert [await read_backend_line(backend, timeout=5) for _ in range(3)] == ["closed"] * 3
+    status = json.loads((await http(port, path="/status"))[1])
+    assert status["upstreams"]["app"]["servers"][0]["pool_idle"] == 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    assert await echo(reader, writer, b"pooled") == b"pooled"  # the one kept still serves
+    writer.close()
+
+
 async def test_reload_swaps_a_listener_and_bounds_its_old_connections(
     start_backend, start_balancer
 ):

@@ -562,3 +562,35 @@ async def test_pooled_connection_dying_after_the_retry_budget_is_still_replayed(
     writer.close()
     await writer.wait_closed()
     assert not any("no server available" in line for line in balancer.lines)
+
+
+async def test_a_pool_respects_max_conns(start_backend, start_balancer):
+    """`max_conns: 2` with `pool.size: 4`: idle pooled connections count against the limit
+    with the clients', so two held clients leave the pool no room and the backend never
+    sees a third connection."""
+    backend = start_backend("echo", "e", "--report")
+    config = make_config([{"address": backend.address, "max_conns": 2}], pool={"size": 4})
+    balancer = start_balancer(config)
+    assert [await read_backend_line(backend) for _ in range(2)] == ["open", "open"]
+    held = []
+    try:
+        for _ in range(2):  # each takes a pooled connection; no refill has room
+            reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+            held.append(writer)
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"x"
+        # The server is full: a third client finds no server (and costs it no connect).
+        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # A refill would have been started as a client was placed, before this probe's
+        # connect: the backend's next connection is the probe's own.
+        with socket.create_connection(("127.0.0.1", backend.port)):
+            assert await read_backend_line(backend) == "open"
+        assert await read_backend_line(backend) == "closed"
+    finally:
+        for writer in held:
+            writer.close()
+    # Both clients gone: the pool may use the room again, up to max_conns.
+    lines = [await read_backend_line(backend) for _ in range(2)]
+    assert lines == ["closed", "closed"]
