@@ -208,6 +208,9 @@ class Upstream:
                 server.slow_start = config.slow_start
                 if not config.slow_start:  # a ramp in progress ends with slow start itself
                     server.ramp_until = 0.0
+                elif server.ramp_until:  # a shorter slow_start ends a ramp sooner, not later
+                    server.ramp_until = min(server.ramp_until,
+                                            time.monotonic() + config.slow_start)
                 server.health.reconfigure(config.health)
             server.tls = None if context is None or config.tls is None else UpstreamTls(
                 context, config.tls.sni or server_config.address.host)

@@ -358,3 +358,31 @@ async def test_reload_turns_the_access_log_on_and_refuses_a_file_it_cannot_open(
     # With workers the primary refuses it: workers refusing it one by one were replaced by
     # workers that could not boot on it.
     assert not [line for line in balancer.lines if "could not apply" in line]
+
+
+def test_reload_shortening_slow_start_mid_ramp_ends_the_ramp_in_time():
+    """60 s -> 10 s, 10 s into the ramp: the ramp ends within 10 s, climbing from where the
+    shorter ramp puts it, instead of sitting at the 5% floor for 40 s and then jumping."""
+    from balancer.config import Address, HealthConfig, ServerConfig, UpstreamConfig
+    from balancer.upstream import SLOW_START_FLOOR, Upstream
+
+    def config(slow_start: float) -> UpstreamConfig:
+        servers = (ServerConfig(Address("127.0.0.1", 3001), weight=100),)
+        return UpstreamConfig("app", servers, health=HealthConfig(max_fails=1),
+                              slow_start=slow_start)
+
+    upstream = Upstream(config(60.0))
+    server = upstream.servers[0]
+    server.health.connect_failed("refused")  # down, then back: ramping from the floor
+    server.health.down_until = 0.0
+    server.health.connect_started()
+    server.health.connect_succeeded()
+    server.ramp_until -= 10  # 10 s into the 60 s ramp
+    assert 16 < server.weight < 17.5
+    upstream.reconfigure(config(10.0), loop=None)  # type: ignore[arg-type]
+    assert server.ramp_until <= time.monotonic() + 10.0
+    assert server.weight >= 100 * SLOW_START_FLOOR
+    server.ramp_until -= 5  # halfway through the new 10 s
+    assert 49 < server.weight < 51
+    server.ramp_until -= 5.1
+    assert server.weight == 100 and server.ramp_until == 0.0
