@@ -6,7 +6,14 @@ Success brings it up; failure takes it down again for twice as long (capped at 1
 server that keeps failing costs clients little. `max_fails: 0` turns passive checks off.
 
 Active checks (HAProxy's `rise`/`fall`) run elsewhere (`checks.py`) and report here; a server
-down by active check gets no traffic whatever its passive state.
+down by active check gets no traffic whatever its passive state. Checks that pass again end a
+passive ejection early, as a half-open trial: a real connect still decides.
+
+With workers, what a worker's own connects decide (its passive transitions) is shared through
+`down_until` (see proc/shared.py); its checks' verdict is its own and never written there, so
+one worker's checks cannot undo another worker's fresh ejection. `changed_by` tells listeners
+which kind of news each transition is. Questions (`may_try`, `display_state`) never change
+the state: reports are read-only.
 
 Every transition happens in `_set_state`, which logs it once with its reason: down at WARNING,
 up again and half-open at INFO. With workers, a change is logged once for the balancer: by
@@ -39,6 +46,10 @@ HALF_OPEN: Final = "half_open"
 # `local` and `internal` are ours (see NOT_THE_SERVERS).
 FailureReason = Literal["refused", "timeout", "reset", "local", "internal", "tls"]
 FAILURE_REASONS: tuple[FailureReason, ...] = get_args(FailureReason)
+
+# Who made a transition: this process's connects, its active checks, or another process
+# (a worker following the shared table, or the primary mirroring it).
+ChangedBy = Literal["passive", "checks", "shared"]
 
 MAX_BACKOFF = 10  # the longest ejection, as a multiple of fail_timeout
 
@@ -91,20 +102,33 @@ class ServerHealth:
         self.reason = "initial"
         self.adopted = False  # down because another worker said so: it logged the change
         self.quiet_checks = False  # a worker's own check verdicts: the primary logs them
+        self.changed_by: ChangedBy = "passive"
         self.changed_at = time.time()
         self.listeners: list[Callable[[ServerHealth], None]] = []
 
     # -- questions ------------------------------------------------------------------------
 
     def available(self) -> bool:
-        """May a new connection be tried now? Moves down -> half-open when the time has come."""
+        """May a new connection be tried now? Moves down -> half-open when the time has come
+        (for the data path, which then tries it; reports ask `may_try`)."""
         if self.ok:
             return True
         if not self.active_up:
             return False
         if self.state == DOWN and self.clock() >= self.down_until:
             self._set_state(HALF_OPEN, f"trying again after {self._down_for():g}s down",
-                            quiet=self.adopted)
+                            quiet=self.adopted, changed_by="passive")
+        return self.state == HALF_OPEN and not self.trial_in_flight
+
+    def may_try(self) -> bool:
+        """What `available()` would answer, without changing anything: for /healthz and
+        /status, which must not move a server to half-open (nor take its trial)."""
+        if self.ok:
+            return True
+        if not self.active_up:
+            return False
+        if self.state == DOWN:
+            return self.clock() >= self.down_until
         return self.state == HALF_OPEN and not self.trial_in_flight
 
     @property
@@ -133,15 +157,16 @@ class ServerHealth:
         if self.state != UP:
             self.trial_in_flight = False
             self.ejections = 0
-            self._set_state(UP, "trial connection succeeded")
+            self._set_state(UP, "trial connection succeeded", changed_by="passive")
 
     def connect_failed(self, reason: FailureReason) -> None:
         self.total_failures += 1
+        if self.state == HALF_OPEN:
+            self.trial_in_flight = False  # whatever happens next, this trial is over
         if self.max_fails == 0:
             return
         now = self.clock()
         if self.state == HALF_OPEN:
-            self.trial_in_flight = False
             # A follower's failed trial goes on with an outage another worker logged.
             self._eject(now, f"trial connection failed ({reason})", quiet=self.adopted)
             return
@@ -162,7 +187,8 @@ class ServerHealth:
         self.ejections += 1
         self.fails = 0
         self.down_until = now + self._down_for()
-        self._set_state(DOWN, f"{reason}; out for {self._down_for():g}s", quiet=quiet)
+        self._set_state(DOWN, f"{reason}; out for {self._down_for():g}s", quiet=quiet,
+                        changed_by="passive")
 
     def _down_for(self) -> float:
         factor = min(2 ** max(self.ejections - 1, 0), MAX_BACKOFF)
@@ -171,44 +197,82 @@ class ServerHealth:
     # -- what other workers decided (see shared.py) -----------------------------------------
 
     def adopt_down(self, until: float, reason: str) -> None:
-        """Another worker ejected this server until `until`: follow it."""
-        if self.state == UP:
+        """Another worker ejected this server until `until`: follow it (unless passive
+        checks are off here)."""
+        if self.state == UP and self.max_fails:
             self.down_until = until
             self.fails = 0
             self.adopted = True
-            self._set_state(DOWN, reason, quiet=True)
+            self._set_state(DOWN, reason, quiet=True, changed_by="shared")
 
     def adopt_up(self, reason: str) -> None:
         """Another worker's trial brought this server back: follow it."""
         if self.state != UP:
             self.ejections = 0
             self.trial_in_flight = False
-            self._set_state(UP, reason, quiet=True)
+            self._set_state(UP, reason, quiet=True, changed_by="shared")
+
+    def mirror(self, until: float, now: float, checks_failed: str | None) -> None:
+        """The primary's copy of what its workers decided (it connects nowhere itself): the
+        passive state is what the shared `down_until` says, whatever the state was before
+        (0: up; later than now: down; past: the ejection is over, a worker may try it), and
+        down by active check while any live worker's checks say so (`checks_failed`). The
+        workers log passive changes; the primary logs the cluster's check verdict."""
+        state: HealthState
+        if until == 0.0:
+            state, reason = UP, "marked up by a worker"
+        elif until > now:
+            state, reason = DOWN, "marked down by a worker"
+        else:
+            state, reason = HALF_OPEN, "ejection over: a worker may try it again"
+        active_up = checks_failed is None
+        if state == self.state and active_up == self.active_up and until == self.down_until:
+            return
+        checks_changed = active_up != self.active_up
+        if checks_failed is not None:
+            reason = checks_failed
+        elif checks_changed and state == UP:
+            reason = "active checks pass in every worker"
+        before = self.display_state
+        self.active_up = active_up
+        self.down_until = until
+        self._set_state(state, reason, before, quiet=not checks_changed, changed_by="shared")
 
     def reconfigure(self, config: HealthConfig) -> None:
-        """New thresholds from a reload; the current state is kept."""
+        """New thresholds from a reload; the current state is kept, except that turning
+        passive checks off (`max_fails: 0`) ends an ejection: nothing would end it later."""
         self.max_fails = config.max_fails
         self.fail_timeout = config.fail_timeout
+        if not self.max_fails and self.state != UP:
+            self.fails = 0
+            self.ejections = 0
+            self.trial_in_flight = False
+            self._set_state(UP, "passive checks turned off", changed_by="passive")
 
     # -- active checks ----------------------------------------------------------------------
 
     def set_active(self, up: bool, reason: str) -> None:
-        """An active check crossed its rise/fall threshold."""
+        """An active check crossed its rise/fall threshold (or checks were turned off).
+
+        The passive state is left to connects: a server the checks bring back while it is
+        ejected gets a clean passive record and its half-open trial now, instead of at the
+        end of its ejection; the trial's outcome is what other workers hear of."""
         if up == self.active_up:
             return
         before = self.display_state
         self.active_up = up
-        if up:
-            # A server the checks brought back starts with a clean passive record.
+        state = self.state
+        if up and state != UP:
             self.fails = 0
             self.ejections = 0
-            self.trial_in_flight = False
-        self._set_state(UP if up else self.state, reason, before, quiet=self.quiet_checks)
+            state = HALF_OPEN
+        self._set_state(state, reason, before, quiet=self.quiet_checks, changed_by="checks")
 
     # -- the one place state changes ------------------------------------------------------
 
     def _set_state(self, state: HealthState, reason: str,
-                   before: HealthState | None = None, quiet: bool = False) -> None:
+                   before: HealthState | None = None, quiet: bool = False, *,
+                   changed_by: ChangedBy) -> None:
         """Change state, log the change once with its reason (at DEBUG when `quiet`: another
         process logs it for the balancer), and tell listeners."""
         if before is None:
@@ -216,6 +280,7 @@ class ServerHealth:
         self.state = state
         self.ok = state == UP and self.active_up
         self.reason = reason
+        self.changed_by = changed_by
         self.changed_at = time.time()
         after = self.display_state
         if after != before:

@@ -125,8 +125,9 @@ class Server:
 
     @property
     def up(self) -> bool:
-        """Healthy enough to be offered traffic (up, or half-open with its trial free)."""
-        return self.health.ok or self.health.available()
+        """Healthy enough to be offered traffic (up, or its trial free): a question only,
+        for reports; picking a server is `usable()`."""
+        return self.health.may_try()
 
     @property
     def weight(self) -> float:
@@ -156,13 +157,16 @@ class Server:
         if health.ok and self.slow_start and health.reason != "initial":
             self.ramp_until = time.monotonic() + self.slow_start
         cell = self.cell
-        # Tell the other workers (half-open stays local) and the primary's /status (this
-        # worker's active-check verdict). The primary's own cell has no column: it only reads.
+        # Tell the other workers what this worker's connects decided (half-open stays local;
+        # active checks and what it followed from others are never written back, so its
+        # checks cannot undo another worker's ejection), and tell the primary's /status this
+        # worker's active-check verdict. The primary's own cell has no column: it only reads.
         if cell is not None and cell.column is not None:
-            if health.state == DOWN:
-                cell.down_until = health.down_until
-            elif health.state == UP:
-                cell.down_until = 0.0
+            if health.changed_by == "passive":
+                if health.state == DOWN:
+                    cell.down_until = health.down_until
+                elif health.state == UP:
+                    cell.down_until = 0.0
             cell.set_checked_down(not health.active_up, health.reason)
 
     def __repr__(self) -> str:
@@ -227,6 +231,9 @@ class Upstream:
         )
         check = config.health.check
         self.checker = ActiveChecker(servers, check) if check is not None else None
+        if check is None:  # no checks left to revise their verdict: it goes with them
+            for server in servers:
+                server.health.set_active(True, "active checks turned off")
 
     def reconfigure(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> list[Server]:
         """Apply a reloaded config in place. Servers that stay keep their health state, live

@@ -110,6 +110,84 @@ def test_max_fails_zero_disables_passive_checks():
     assert health.state == UP and health.available()
 
 
+def test_max_fails_zero_set_while_ejected_ends_the_ejection():
+    """A reload turns passive checks off while the server is half-open and its trial is in
+    flight; the trial is then refused. It must not stay half-open with its trial taken for
+    ever (the early return for `max_fails == 0` used to skip freeing the trial)."""
+    health, clock = make(max_fails=1)
+    health.connect_failed("refused")
+    clock.now += 10
+    assert health.available() and health.state == HALF_OPEN
+    assert health.connect_started()  # the trial
+    health.reconfigure(HealthConfig(max_fails=0, fail_timeout=10.0))
+    assert health.state == UP and health.reason == "passive checks turned off"
+    health.connect_failed("refused")  # the trial's answer comes in after all
+    assert health.state == UP and health.available()
+    for _ in range(5):  # and failures go on costing it nothing
+        health.connect_failed("refused")
+    assert health.ok and not health.trial_in_flight
+
+
+def test_a_refused_trial_frees_it_even_with_passive_checks_off():
+    """Half-open with `max_fails: 0` (another worker's ejection, adopted before a reload
+    reached this one): a refused trial frees the trial for the next client."""
+    health, clock = make(max_fails=1)
+    health.connect_failed("refused")
+    clock.now += 10
+    assert health.available() and health.connect_started()
+    health.max_fails = 0  # as if reconfigured without the reset, the way it used to be
+    health.connect_failed("refused")
+    assert health.available() and not health.trial_in_flight
+
+
+def test_questions_do_not_change_the_state():
+    """`may_try` answers what `available` would, for /healthz and /status, and leaves the
+    server down (the data path's `available` moves it to half-open)."""
+    health, clock = make(max_fails=1)
+    health.connect_failed("refused")
+    assert not health.may_try()
+    clock.now += 10
+    for _ in range(3):
+        assert health.may_try() and health.state == DOWN
+    assert health.available() and health.state == HALF_OPEN
+    health.connect_started()
+    assert not health.may_try() and not health.available()
+    health.set_active(False, "2 active checks failed")
+    assert not health.may_try()
+
+
+def test_checks_passing_again_give_an_ejected_server_its_trial_now():
+    """The checks' verdict never decides the passive state: a server they bring back while
+    it is ejected is half-open at once (clean record), and a real connect decides."""
+    health, clock = make(max_fails=1)
+    health.connect_failed("refused")  # ejected for 10 s
+    health.set_active(False, "2 active checks failed")
+    assert health.state == DOWN and health.changed_by == "checks"
+    health.set_active(True, "2 active checks passed")
+    assert health.state == HALF_OPEN and health.display_state == HALF_OPEN
+    assert health.available() and health.connect_started()
+    health.connect_failed("refused")  # the trial fails: out for fail_timeout, not twice it
+    assert health.state == DOWN and health.down_until == clock.now + 10
+    assert health.changed_by == "passive"
+
+
+def test_the_primarys_mirror_follows_the_shared_down_until_from_any_state():
+    health, clock = make()
+    now = clock.now
+    health.mirror(now + 5, now, None)
+    assert health.state == DOWN and not health.may_try()
+    health.mirror(now + 5, now + 6, None)  # the ejection is over: a worker may try it
+    assert health.state == HALF_OPEN and health.may_try()
+    health.mirror(now + 20, now + 7, None)  # re-ejected by a worker's failed trial
+    assert health.state == DOWN and health.down_until == now + 20 and not health.may_try()
+    health.mirror(now + 20, now + 8, "2 active checks failed (last: refused)")
+    assert health.display_state == DOWN and health.reason.startswith("2 active checks")
+    health.mirror(0.0, now + 9, None)
+    assert health.state == UP and health.ok
+    assert health.reason == "active checks pass in every worker"
+    assert health.changed_by == "shared"
+
+
 def test_active_check_down_overrides_passive_up():
     health, _ = make()
     health.set_active(False, "3 failed checks")
@@ -137,7 +215,7 @@ def test_slow_start_ramps_weight_after_recovery():
     assert server.weight == 20  # at start: no ramp (nothing recovered)
     server.health.connect_failed("refused")
     clock.now += 10.0  # its ejection (fail_timeout) is over
-    assert server.up  # half-open now
+    assert server.up  # may be tried now
     server.health.connect_started()
     server.health.connect_succeeded()
     ramped = server.weight

@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import yaml
 
+from .test_resilience import serve_until
 from .utils import (
     admin_port,
     attempts_on,
@@ -25,6 +26,7 @@ from .utils import (
     scrape,
     start,
     total,
+    wait_until,
     who_answers,
     with_metrics,
 )
@@ -386,3 +388,43 @@ def test_reload_shortening_slow_start_mid_ramp_ends_the_ramp_in_time():
     assert 49 < server.weight < 51
     server.ramp_until -= 5.1
     assert server.weight == 100 and server.ramp_until == 0.0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_reload_turning_active_checks_off_clears_their_verdict(start_backend,
+                                                                    start_balancer, workers):
+    """The only server fails its HTTP checks (it does not speak HTTP) and gets no traffic;
+    a reload without checks must bring it back, or nothing ever would."""
+    a = start_backend("name", "a")
+    check = {"type": "http", "interval": "100ms", "timeout": "200ms", "rise": 1, "fall": 1}
+    config = with_metrics(make_config([a.address], health={"check": check}))
+    balancer = start(start_balancer, config, workers)
+    port = admin_port(balancer)
+    await wait_until(lambda: http(port, path="/healthz"), lambda r: r[0] == 503)
+    config["upstreams"]["app"]["health"] = {}
+    reload(balancer, config)
+    assert await wait_until(lambda: http(port, path="/healthz"),
+                            lambda r: r[0] == 200) == (200, b"ok\n")
+    server = json.loads((await http(port, path="/status"))[1])["upstreams"]["app"]["servers"][0]
+    assert server["state"] == "up", server
+    assert {await who_answers(balancer.port) for _ in range(4)} == {"a"}
+
+
+async def test_reload_turning_passive_checks_off_ends_an_ejection(start_backend,
+                                                                   start_balancer):
+    """`max_fails: 0` by reload while a server is ejected: it is back in rotation (every
+    client that tries it is retried elsewhere), instead of half-open with its refused
+    trial held for ever."""
+    good = start_backend("name", "good")
+    dead = f"127.0.0.1:{free_port()}"
+    config = make_config([dead, good.address], "round_robin",
+                         health={"max_fails": 1, "fail_timeout": "1s"})
+    balancer = start_balancer(config, "-v", "debug")
+    await serve_until(balancer.port, lambda: attempts_on(balancer, dead) >= 1)
+    balancer.wait_for_line(rf"server app/{re.escape(dead)} down: 1 connect failures")
+    config["upstreams"]["app"]["health"] = {"max_fails": 0, "fail_timeout": "1s"}
+    reload(balancer, config)
+    balancer.wait_for_line(rf"server app/{re.escape(dead)} up: passive checks turned off")
+    before = attempts_on(balancer, dead)
+    answers = await serve_until(balancer.port, lambda: attempts_on(balancer, dead) >= before + 3)
+    assert set(answers) == {"good"}

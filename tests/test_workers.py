@@ -721,3 +721,110 @@ async def test_an_active_check_outage_is_logged_once_by_the_primary(start_backen
     assert announced(balancer, rf"server app/{address} up: active checks pass in every "
                                "worker") == [("INFO", None)]
     assert len(announced(balancer, rf"server app/{address} (up|down)")) == 2
+
+
+async def knock(port: int) -> bytes:
+    """One client that sends nothing and reads to EOF (b"" when no server could take it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_primary_reports_a_re_ejection_by_the_workers(start_balancer):
+    """The only server is dead: ejected, tried again after fail_timeout, and ejected again
+    by the workers. The primary's /healthz and /status, asked all along, must follow the
+    workers (down, 503) and not move the server to half-open themselves."""
+    dead = f"127.0.0.1:{free_port()}"
+    config = with_metrics(make_config([dead], health={"max_fails": 1, "fail_timeout": "1s"}))
+    balancer = start_workers(start_balancer, config)
+    port = admin_port(balancer)
+    assert await knock(balancer.port) == b""  # its connect is refused: ejected for 1 s
+    await wait_until(lambda: http(port, path="/healthz"), lambda r: r[0] == 503)
+    trial_failed = re.compile(rf"\[worker \d+\] .*server app/{re.escape(dead)} down: "
+                              r"trial connection failed")
+    deadline = time.monotonic() + 10
+    while not any(trial_failed.search(line) for line in list(balancer.lines)):
+        assert time.monotonic() < deadline, "no worker tried the server again"
+        await http(port, path="/healthz")  # reports while the ejection runs out
+        await http(port, path="/status")
+        await knock(balancer.port)  # a client: the trial, once the ejection is over
+        await asyncio.sleep(0.05)  # pacing: the ejection lasts a second
+    # Out again (for 1 or 2 s, by whichever worker failed its trial last): so says the primary.
+    status = await wait_until(lambda: http(port, path="/healthz"), lambda r: r[0] == 503,
+                              timeout=0.9)
+    assert status == (503, b"listener test: no server up in upstream app\n")
+    server = await server_state(port)
+    assert server["state"] == "down", server
+    assert server["reason"] == "marked down by a worker", server
+
+
+async def test_one_workers_check_verdict_leaves_anothers_ejection_alone(tmp_path):
+    """Two workers' Upstreams on two columns of one shared table, without processes: worker
+    0 ejects the server; worker 1, which has not synced yet, sees its checks fail (the same
+    dead server trips both kinds of check at about the same time). The ejection must stay
+    in the table, and worker 1 then follows it."""
+    config = parse_config({
+        "listeners": [{"name": "test", "bind": "127.0.0.1:0", "upstream": "app"}],
+        "upstreams": {"app": {"servers": ["127.0.0.1:1"],
+                              "health": {"max_fails": 1, "fail_timeout": "30s",
+                                         "check": {"type": "tcp"}}}},
+    })
+    table = SharedTable(tmp_path / "shared", 8, 2, create=True)
+    workers = [Upstream(config.upstreams["app"], lambda key, c=column: table.cell(0, c))
+               for column in (0, 1)]
+    ejector, other = (worker.servers[0] for worker in workers)
+    ejector.connect_failed("refused")
+    until = ejector.cell.down_until
+    assert until > time.monotonic() + 29
+    other.health.set_active(False, "2 active checks failed (last: refused)")
+    assert other.cell.down_until == until  # it used to write 0: "up" for everyone
+    other.sync(time.monotonic())
+    assert other.health.state == "down" and not other.usable()  # it follows the ejection
+    other.health.set_active(True, "2 active checks passed")  # nor when they pass again:
+    assert other.cell.down_until == until  # only its own half-open trial would decide
+    assert other.health.state == "half_open"
+    ejector.health.set_active(False, "2 active checks failed (last: refused)")
+    assert ejector.cell.down_until == until
+    table.close()
+
+
+async def test_checks_of_the_workers_never_write_an_ejection_off(start_backend, start_balancer):
+    """A worker ejects a dead server (30 s); the checks of both workers fail, then pass again
+    once it is back. Checks are each worker's own: they end the ejection only as a half-open
+    trial, and only that trial's success, a real connect, tells every worker (and the
+    primary) that the server is up. They used to write the ejection off in the shared table
+    for everyone, whether the server took connections or not."""
+    good = start_backend("name", "good")
+    flappy = start_backend("name", "flappy")
+    flappy_port = flappy.port
+    address = flappy.address
+    check = {"type": "tcp", "interval": "100ms", "timeout": "200ms", "rise": 2, "fall": 2}
+    config = with_metrics(make_config([address, good.address], "round_robin",
+                                      health={"max_fails": 1, "fail_timeout": "30s",
+                                              "check": check}))
+    balancer = start_workers(start_balancer, config)
+    port = admin_port(balancer)
+    flappy.stop()
+    ejected = re.compile(rf"\[worker \d+\] .*server app/{re.escape(address)} down: 1 connect")
+    deadline = time.monotonic() + 10
+    while not any(ejected.search(line) for line in list(balancer.lines)):
+        assert time.monotonic() < deadline, "no worker ejected the server"
+        assert await who_answers(balancer.port) == "good"  # retried elsewhere
+    # Both workers' checks fail (2 x 100 ms) meanwhile; neither logs it (already down).
+    await asyncio.sleep(1.0)  # a configured period: several check rounds
+    start_backend("name", "flappy", port=flappy_port)
+    in_both_workers(balancer, rf"server app/{re.escape(address)} \S+: 2 active checks passed")
+    status = await wait_until(lambda: server_state(port),
+                              lambda s: "active checks failed" not in s["reason"])
+    assert status["state"] == "down", status  # the ejection stands until a trial
+    assert status["reason"] == "marked down by a worker", status
+    answers = set()
+    for _ in range(20):  # the first client a worker sends there is its trial
+        answers.add(await who_answers(balancer.port))
+        if "flappy" in answers:
+            break
+    assert "flappy" in answers
+    status = await wait_until(lambda: server_state(port), lambda s: s["state"] == "up")
+    assert status["reason"] == "marked up by a worker", status

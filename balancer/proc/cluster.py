@@ -8,7 +8,9 @@ pools or checks, and nothing here writes health to the table: the primary's cell
 Active checks run in every worker, each on its own. The primary shows a server down by
 active check as soon as one live worker's checks say so (with that worker's reason), and up
 again once none does: a worker that failed its checks sends the server nothing, so "up"
-promises that every worker would use it.
+promises that every worker would use it. Its passive state is the shared `down_until`, read
+afresh at every sync whatever the mirror showed before, and /healthz and /status only read
+it: a re-ejection by the workers shows as down here too.
 """
 
 from __future__ import annotations
@@ -102,8 +104,7 @@ class ClusterView:
         now = time.monotonic()
         for upstream in self.upstreams.values():
             for server in upstream.servers:
-                follow_checks(server)
-                server.sync(now)  # after: a passive ejection outlives an active recovery
+                follow(server, now)
 
     def _sync(self) -> None:
         self.refresh()
@@ -120,15 +121,15 @@ class ClusterView:
                 server.draining = draining
 
 
-def follow_checks(server: Server) -> None:
-    """Mirror the live workers' active-check verdicts: down if any of them says so."""
-    if server.cell is None:
+def follow(server: Server, now: float) -> None:
+    """Mirror one server's row: the workers' passive verdict (`down_until`), their
+    active-check verdicts (down if any live worker's checks say so) and the drain flag."""
+    cell = server.cell
+    if cell is None:
         return
-    reasons = server.cell.checked_down()
-    if reasons:
-        server.health.set_active(False, reasons[0])
-    else:
-        server.health.set_active(True, "active checks pass in every worker")
+    reasons = cell.checked_down()
+    server.health.mirror(cell.down_until, now, reasons[0] if reasons else None)
+    server.draining = cell.draining
 
 
 def render_cluster_metrics() -> bytes:
