@@ -537,6 +537,21 @@ async def test_a_pool_connect_that_brings_its_server_back_does_not_overfill_the_
         await listener.wait_closed()
 
 
+async def pooled_in_balancer(balancer, idle: int) -> None:
+    """Wait until the balancer holds `idle` pooled connections (or more). The backend's
+    "open" comes first, and a client accepted before the balancer has seen its connect
+    complete finds the pool empty (the stdlib loop takes a few passes over a connect)."""
+    from .test_observability import admin_port, http
+
+    port = admin_port(balancer)
+
+    async def pool_idle() -> int:
+        body = json.loads((await http(port, path="/status"))[1])
+        return body["upstreams"]["app"]["servers"][0]["pool_idle"]
+
+    await wait_until(pool_idle, lambda n: n >= idle)
+
+
 async def test_pooled_connection_dying_after_the_retry_budget_is_still_replayed(
     start_backend, start_balancer
 ):
@@ -568,10 +583,14 @@ async def test_a_pool_respects_max_conns(start_backend, start_balancer):
     """`max_conns: 2` with `pool.size: 4`: idle pooled connections count against the limit
     with the clients', so two held clients leave the pool no room and the backend never
     sees a third connection."""
+    from .test_observability import with_metrics
+
     backend = start_backend("echo", "e", "--report")
-    config = make_config([{"address": backend.address, "max_conns": 2}], pool={"size": 4})
+    config = with_metrics(make_config([{"address": backend.address, "max_conns": 2}],
+                                      pool={"size": 4}))
     balancer = start_balancer(config)
     assert [await read_backend_line(backend) for _ in range(2)] == ["open", "open"]
+    await pooled_in_balancer(balancer, 2)
     held = []
     try:
         for _ in range(2):  # each takes a pooled connection; no refill has room
