@@ -800,7 +800,9 @@ async def test_checks_of_the_workers_never_write_an_ejection_off(start_backend, 
     flappy = start_backend("name", "flappy")
     flappy_port = flappy.port
     address = flappy.address
-    check = {"type": "tcp", "interval": "100ms", "timeout": "200ms", "rise": 2, "fall": 2}
+    # fall 3 x 300 ms: clients reach the dead server (and a worker ejects it) well before
+    # the checks of either worker can say it is down.
+    check = {"type": "tcp", "interval": "300ms", "timeout": "200ms", "rise": 2, "fall": 3}
     config = with_metrics(make_config([address, good.address], "round_robin",
                                       health={"max_fails": 1, "fail_timeout": "30s",
                                               "check": check}))
@@ -812,8 +814,8 @@ async def test_checks_of_the_workers_never_write_an_ejection_off(start_backend, 
     while not any(ejected.search(line) for line in list(balancer.lines)):
         assert time.monotonic() < deadline, "no worker ejected the server"
         assert await who_answers(balancer.port) == "good"  # retried elsewhere
-    # Both workers' checks fail (2 x 100 ms) meanwhile; neither logs it (already down).
-    await asyncio.sleep(1.0)  # a configured period: several check rounds
+    # Both workers' checks fail (3 x 300 ms) meanwhile; neither logs it (already down).
+    await asyncio.sleep(2.0)  # a configured period: the checks' fall, with a margin
     start_backend("name", "flappy", port=flappy_port)
     in_both_workers(balancer, rf"server app/{re.escape(address)} \S+: 2 active checks passed")
     status = await wait_until(lambda: server_state(port),
