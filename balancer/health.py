@@ -220,9 +220,9 @@ class ServerHealth:
         workers log passive changes; the primary logs the cluster's check verdict."""
         state: HealthState
         if until == 0.0:
-            state, reason = UP, "marked up by a worker"
+            state, reason = UP, "marked up by another worker"
         elif until > now:
-            state, reason = DOWN, "marked down by a worker"
+            state, reason = DOWN, "marked down by another worker"
         else:
             state, reason = HALF_OPEN, "ejection over: a worker may try it again"
         active_up = checks_failed is None

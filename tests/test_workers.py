@@ -738,7 +738,7 @@ async def test_primary_reports_a_re_ejection_by_the_workers(start_balancer):
     workers (down, 503) and not move the server to half-open themselves."""
     dead = f"127.0.0.1:{free_port()}"
     config = with_metrics(make_config([dead], health={"max_fails": 1, "fail_timeout": "2s"}))
-    balancer = start_workers(start_balancer, config)
+    balancer = start_workers(start_balancer, config, 2, "-v", "debug")  # followers: DEBUG
     port = admin_port(balancer)
     assert await knock(balancer.port) == b""  # its connect is refused: ejected for 2 s
     await wait_until(lambda: http(port, path="/healthz"), lambda r: r[0] == 503)
@@ -757,7 +757,7 @@ async def test_primary_reports_a_re_ejection_by_the_workers(start_balancer):
     assert status == (503, b"listener test: no server up in upstream app\n")
     server = await server_state(port)
     assert server["state"] == "down", server
-    assert server["reason"] == "marked down by a worker", server
+    assert server["reason"] == "marked down by another worker", server
 
 
 async def test_one_workers_check_verdict_leaves_anothers_ejection_alone(tmp_path):
@@ -806,7 +806,7 @@ async def test_checks_of_the_workers_never_write_an_ejection_off(start_backend, 
     config = with_metrics(make_config([address, good.address], "round_robin",
                                       health={"max_fails": 1, "fail_timeout": "30s",
                                               "check": check}))
-    balancer = start_workers(start_balancer, config)
+    balancer = start_workers(start_balancer, config, 2, "-v", "debug")  # own checks: DEBUG
     port = admin_port(balancer)
     flappy.stop()
     ejected = re.compile(rf"\[worker \d+\] .*server app/{re.escape(address)} down: 1 connect")
@@ -814,14 +814,14 @@ async def test_checks_of_the_workers_never_write_an_ejection_off(start_backend, 
     while not any(ejected.search(line) for line in list(balancer.lines)):
         assert time.monotonic() < deadline, "no worker ejected the server"
         assert await who_answers(balancer.port) == "good"  # retried elsewhere
-    # Both workers' checks fail (3 x 300 ms) meanwhile; neither logs it (already down).
+    # Both workers' checks fail (3 x 300 ms) meanwhile; neither says so (already down).
     await asyncio.sleep(2.0)  # a configured period: the checks' fall, with a margin
     start_backend("name", "flappy", port=flappy_port)
     in_both_workers(balancer, rf"server app/{re.escape(address)} \S+: 2 active checks passed")
     status = await wait_until(lambda: server_state(port),
                               lambda s: "active checks failed" not in s["reason"])
     assert status["state"] == "down", status  # the ejection stands until a trial
-    assert status["reason"] == "marked down by a worker", status
+    assert status["reason"] == "marked down by another worker", status
     answers = set()
     for _ in range(20):  # the first client a worker sends there is its trial
         answers.add(await who_answers(balancer.port))
@@ -829,4 +829,4 @@ async def test_checks_of_the_workers_never_write_an_ejection_off(start_backend, 
             break
     assert "flappy" in answers
     status = await wait_until(lambda: server_state(port), lambda s: s["state"] == "up")
-    assert status["reason"] == "marked up by a worker", status
+    assert status["reason"] == "marked up by another worker", status
