@@ -107,7 +107,8 @@ class Variant:
         return f"{self.proxy} (256k buf)" if self.big_buffers else self.proxy
 
 
-def haproxy_conf(port: int, upstreams: list[int], big_buffers: bool) -> str:
+def haproxy_conf(port: int, upstreams: list[int], big_buffers: bool, bind_extra: str = "") -> str:
+    """HAProxy's benchmark config; `bind_extra` adds words to its `bind` line (`ssl crt F`)."""
     servers = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
     tune = "    tune.bufsize 262144\n" if big_buffers else ""
     return f"""\
@@ -121,7 +122,7 @@ global
     timeout server 10m
     maxconn {MAX_CONN}
 frontend bench
-    bind 127.0.0.1:{port} backlog 4096
+    bind 127.0.0.1:{port}{bind_extra} backlog 4096
     default_backend app
 backend app
     balance leastconn
@@ -159,14 +160,16 @@ stream {{
 """
 
 
-def balancer_conf(port: int, upstreams: list[int]) -> str:
+def balancer_conf(port: int, upstreams: list[int], listener_extra: str = "") -> str:
+    """The balancer's benchmark config; `listener_extra` adds keys to the listener (indented
+    four spaces, e.g. a `tls:` block)."""
     servers = "\n".join(f"      - address: 127.0.0.1:{p}" for p in upstreams)
     return f"""\
 listeners:
   - name: bench
     bind: 127.0.0.1:{port}
     upstream: app
-upstreams:
+{listener_extra}upstreams:
   app:
     strategy: least_conn
     servers:

@@ -30,7 +30,13 @@ from pathlib import Path
 
 from .load import LoadError, run_wrk
 from .procs import CPU_LOAD, CPU_PROXY, Proc, Supervisor, cpu_seconds, free_port, pinned, wait_port
-from .proxies import MAX_CONN, REPO, balancer_command, start_nginx_backend
+from .proxies import (
+    REPO,
+    balancer_command,
+    balancer_conf,
+    haproxy_conf,
+    start_nginx_backend,
+)
 from .setup_latency import publish
 
 PROXIES = ("haproxy", "balancer")
@@ -49,44 +55,12 @@ def make_certificate(workdir: Path) -> tuple[Path, Path, Path]:
 
 
 def haproxy_tls_conf(port: int, upstreams: list[int], both: Path) -> str:
-    servers = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
-    return f"""\
-global
-    nbthread 1
-    maxconn {MAX_CONN}
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 10m
-    timeout server 10m
-    maxconn {MAX_CONN}
-frontend bench
-    bind 127.0.0.1:{port} ssl crt {both} backlog 4096
-    default_backend app
-backend app
-    balance leastconn
-{servers}
-"""
+    return haproxy_conf(port, upstreams, False, f" ssl crt {both}")
 
 
 def balancer_tls_conf(port: int, upstreams: list[int], cert: Path, key: Path) -> str:
-    servers = "\n".join(f"      - address: 127.0.0.1:{p}" for p in upstreams)
-    return f"""\
-listeners:
-  - name: bench
-    bind: 127.0.0.1:{port}
-    upstream: app
-    tls:
-      certificates: [{{cert: {cert}, key: {key}}}]
-upstreams:
-  app:
-    strategy: least_conn
-    servers:
-{servers}
-    timeouts: {{connect: 2s, idle: 10m}}
-workers: 1
-loop: uvloop
-"""
+    tls = f"    tls:\n      certificates: [{{cert: {cert}, key: {key}}}]\n"
+    return balancer_conf(port, upstreams, tls)
 
 
 def start(sup: Supervisor, workdir: Path, proxy: str, upstreams: list[int],

@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 import yaml
@@ -176,14 +177,19 @@ def test_reload_turning_slow_start_off_ends_a_ramp_in_progress():
 
     upstream = Upstream(config(30.0))
     first = upstream.servers[0]
-    first.health.connect_failed("refused")  # down, then back: ramping from the floor
-    first.health.down_until = 0.0
-    first.health.connect_started()
-    first.health.connect_succeeded()
+    bring_back(first)
     assert first.weight < 4
     upstream.reconfigure(config(0.0), loop=None)  # type: ignore[arg-type]
     assert first.weight == 4
     assert upstream.pick("10.0.0.1") is not None
+
+
+def bring_back(server: Any) -> None:
+    """Take a server down and bring it back, so that its slow start ramps from the floor."""
+    server.health.connect_failed("refused")
+    server.health.down_until = 0.0
+    server.health.connect_started()
+    server.health.connect_succeeded()
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -375,10 +381,7 @@ def test_reload_shortening_slow_start_mid_ramp_ends_the_ramp_in_time():
 
     upstream = Upstream(config(60.0))
     server = upstream.servers[0]
-    server.health.connect_failed("refused")  # down, then back: ramping from the floor
-    server.health.down_until = 0.0
-    server.health.connect_started()
-    server.health.connect_succeeded()
+    bring_back(server)
     server.ramp_until -= 10  # 10 s into the 60 s ramp
     assert 16 < server.weight < 17.5
     upstream.reconfigure(config(10.0), loop=None)  # type: ignore[arg-type]

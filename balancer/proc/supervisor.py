@@ -80,6 +80,11 @@ class WorkerDied(Exception):
         self.code = code
 
 
+# A slot that waits this long or more to restart closes its sockets meanwhile: closing resets
+# the clients already queued on them, which is worth it only when they would wait longer.
+PARK_AFTER = 1.0
+
+
 @dataclass
 class SlotBackoff:
     """How long a slot waits before its next worker starts: nothing after a first crash, then
@@ -440,7 +445,8 @@ class Supervisor:
             log.info("worker %d had served for %.0fs: restarting it at once again", slot,
                      ran_for)
         if delay:
-            self._park(slot)
+            if delay >= PARK_AFTER:  # a short wait is cheaper than resetting queued clients
+                self._park(slot)
             await asyncio.sleep(delay)
 
     def _park(self, slot: int) -> None:
