@@ -452,6 +452,10 @@ class ClientConnection(asyncio.Protocol):
             connecting.close()
             return
         waiting.remove_done_callback(self._connect_step)
+        if waiting.done() and not waiting.cancelled():
+            # It failed in this same loop pass, before our step ran: mark its exception
+            # seen, since the coroutine it belonged to will never read it.
+            waiting.exception()
         waiting.cancel()
         waiting.add_done_callback(partial(_cancel_connect, connecting))
 
