@@ -58,6 +58,7 @@ def server_status(server: Server) -> dict[str, Any]:
     state = "draining" if server.draining else health.display_state
     return {
         "address": server.key,
+        "source": server.config.source,
         "state": state,
         "active": server.active,
         "weight": server.config.weight,

@@ -88,6 +88,7 @@ class ServerConfig:
     max_conns: int = 0  # 0 = unlimited
     backup: bool = False
     send_proxy: str | None = None  # v1 | v2 | off; None = as the upstream says
+    source: str = "static"  # how it was found: the file, `dns NAME`, a managed instance
 
     @property
     def key(self) -> str:

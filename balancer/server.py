@@ -37,6 +37,7 @@ from .config import (
 from .events import ConnectionEvents, FanOutEvents
 from .limits import REASONS, AcceptErrors, Gate, Rejections, raise_fd_limit, uses_gate
 from .loops import new_event_loop, resolve_loop_name
+from .membership import Apply, Membership, Reason
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
 from .proc.shared import SYNC_INTERVAL
 from .proxy import ClientConnection, Route
@@ -286,6 +287,8 @@ class Balancer:
         self.upstreams: dict[str, Upstream] = {}
         self.listeners: list[Listener] = []
         self.retired: list[Listener] = []  # removed by a reload, finishing their connections
+        # Servers a reload removed whose connections may still run: "upstream/key" -> server.
+        self.departed: dict[str, Server] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
@@ -467,6 +470,8 @@ class Balancer:
             removed = self.upstreams.pop(name)
             removed.stop()
             gone.update(removed.servers)
+        for server in gone:
+            self.departed[f"{server.upstream_name}/{server.key}"] = server
         if gone or retiring:
             loop.call_later(config.shutdown_timeout, self._end_leftovers, gone, retiring)
         self._watch_pools()
@@ -497,6 +502,9 @@ class Balancer:
         for conn in leftovers:
             conn.outcome = "shutdown"
             conn.close(abort=True)
+        for name, server in list(self.departed.items()):
+            if server in gone:
+                del self.departed[name]
         for listener in retiring:
             listener.stop()
             if listener in self.retired:
@@ -511,6 +519,17 @@ class Balancer:
                     server.cell.draining = draining
                 log.warning("server %s/%s %s by operator", upstream, address,
                             "draining" if draining else "enabled")
+
+    def server_active(self, upstream: str, key: str) -> int:
+        """Open connections to a server, counting one a reload removed that still finishes."""
+        count = 0
+        current = self.upstreams.get(upstream)
+        if current is not None:
+            count += sum(s.local_active for s in current.servers if s.key == key)
+        departed = self.departed.get(f"{upstream}/{key}")
+        if departed is not None:
+            count += departed.local_active
+        return count
 
     # -- stop ---------------------------------------------------------------------------------
 
@@ -609,28 +628,44 @@ async def read_config(path: str) -> Config:
         raise ConfigError([f"{path}: cannot load: {exc!r}"]) from None
 
 
-async def reload_from(balancer: Balancer, path: str) -> bool:
+async def reload_from(membership: Membership, path: str) -> bool:
     """SIGHUP in a single process: re-read `path`; a bad file leaves the old config serving."""
     try:
         config = await read_config(path)
     except ConfigError as exc:
         return reject_reload(log, exc.problems)
-    try:
-        await balancer.reload(config)
-    except ConfigError as exc:
-        return reject_reload(log, exc.problems)
-    except AdminBindError as exc:
-        return reject_reload(log, [f"{exc} (the admin endpoint stays where it was)"])
-    except OSError as exc:
-        return reject_reload(log, [f"cannot open a new listener: {exc}"])
-    count_reload("success")
-    return True
+    return await membership.reload(config)
+
+
+def applier(balancer: Balancer) -> Apply:
+    """How a single process applies a config: a reload of its one `Balancer`."""
+
+    async def apply(config: Config, reason: Reason) -> bool:
+        try:
+            await balancer.reload(config)
+        except ConfigError as exc:
+            problems = exc.problems
+        except AdminBindError as exc:
+            problems = [f"{exc} (the admin endpoint stays where it was)"]
+        except OSError as exc:
+            problems = [f"cannot open a new listener: {exc}"]
+        else:
+            if reason == "reload":
+                count_reload("success")
+            return True
+        if reason == "reload":
+            return reject_reload(log, problems)
+        log.error("could not apply the servers found: %s", "; ".join(problems))
+        return False
+
+    return apply
 
 
 async def serve(config: Config, config_path: str | None = None) -> int:
     """Run one balancer until SIGINT/SIGTERM; a second signal skips the drain; SIGHUP
     reloads `config_path`."""
     balancer = Balancer(config)
+    membership = Membership(config, applier(balancer), balancer.server_active)
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
 
@@ -639,16 +674,22 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             log.warning("received SIGHUP, but there is no config file to reload")
             return
         log.info("received SIGHUP, reloading %s", config_path)
-        task = loop.create_task(reload_from(balancer, config_path))
+        task = loop.create_task(reload_from(membership, config_path))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     handle_stop_signals(loop, balancer.request_stop, balancer.close_all, log)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
-        await balancer.start()
-        await balancer.wait_stopped()
-        await balancer.shutdown()
+        try:
+            await membership.start()
+            balancer.config = membership.effective()
+            await balancer.start()
+            membership.go_live()
+            await balancer.wait_stopped()
+            await balancer.shutdown()
+        finally:  # after the clients drained: managed instances are stopped last
+            await membership.stop()
     finally:
         remove_stop_signals(loop)
         loop.remove_signal_handler(signal.SIGHUP)

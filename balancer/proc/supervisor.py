@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Address, Config, ConfigError, ListenerConfig, reload_problems
+from ..membership import Membership, Reason
 from ..signals import handle_stop_signals, remove_stop_signals
 from ..sockets import BindError, bind_group
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_pair
@@ -156,6 +157,7 @@ class Supervisor:
                                  create=True)
         self.view: Any = None
         self.admin: Any = None
+        self.membership = Membership(config, self.apply, self.server_active)
 
     # -- sockets and rows -----------------------------------------------------------------------
 
@@ -473,22 +475,36 @@ class Supervisor:
     # -- reload -------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the config file; make it the next generation and apply it in every
-        worker, or change nothing. Reloads run one at a time, in the order they came."""
-        async with self._reload_lock:
-            return await self._reload()
-
-    async def _reload(self) -> bool:
-        from ..admin import AdminBindError
-        from ..metrics import count_reload, reject_reload
-        from ..server import log_problems, read_config
+        """Re-read the config file; make it (with the servers found at run time) the next
+        generation and apply it in every worker, or change nothing."""
+        from ..metrics import reject_reload
+        from ..server import read_config
 
         if self.stopping:
             log.warning("reload ignored: stopping")
             return False
-        admin = self.admin
         try:
             config = await read_config(self.config_path)
+        except ConfigError as exc:
+            return reject_reload(log, exc.problems)
+        return await self.membership.reload(config)
+
+    async def apply(self, config: Config, reason: Reason) -> bool:
+        """Make `config` the next generation and apply it in every worker, or change
+        nothing. Applies run one at a time, in the order they came."""
+        async with self._reload_lock:
+            return await self._apply(config, reason)
+
+    async def _apply(self, config: Config, reason: Reason) -> bool:
+        from ..admin import AdminBindError
+        from ..metrics import count_reload
+        from ..server import log_problems
+
+        if self.stopping:
+            log.warning("%s ignored: stopping", "reload" if reason == "reload" else "update")
+            return False
+        admin = self.admin
+        try:
             problems = reload_problems(self.config, config)
             if config.log != self.config.log:  # checked here, or every worker would refuse it
                 problems += log_problems(config.log)
@@ -505,13 +521,13 @@ class Supervisor:
                      self._bind_of(cfg.name) != (cfg.bind, cfg.mode)]
             new_sockets = self.bind_new_listeners(added)
         except AdminBindError as exc:
-            return reject_reload(log, [f"{exc} (the admin endpoint stays where it was)"])
+            return self._refuse(reason, [f"{exc} (the admin endpoint stays where it was)"])
         except (ConfigError, OSError) as exc:
             if admin is not None and admin is not self.admin:
                 await admin.stop()  # moved for this reload: back where it was
             if isinstance(exc, ConfigError):
-                return reject_reload(log, exc.problems)
-            return reject_reload(log, [f"cannot open a new listener: {exc}"])
+                return self._refuse(reason, exc.problems)
+            return self._refuse(reason, [f"cannot open a new listener: {exc}"])
         if self.admin is not None and config.metrics is not None:
             await self.admin.replace_by(admin, config.metrics)
             self.admin = admin
@@ -538,15 +554,35 @@ class Supervisor:
         self.view.apply(config)
         self.free_unused_rows()
         failed = results.count(False)
-        count_reload("failure" if failed else "success")
+        source = f"from {self.config_path}" if reason == "reload" else "with the servers found"
+        if reason == "reload":
+            count_reload("failure" if failed else "success")
         if failed:
-            log.error("reload: generation %d from %s is current, but %d worker(s) could not "
-                      "apply it (replaced by workers started on it)", generation,
-                      self.config_path, failed)
-        else:
+            log.error("%s: generation %d %s is current, but %d worker(s) could not apply it "
+                      "(replaced by workers started on it)", reason, generation, source, failed)
+        elif reason == "reload":
             log.info("configuration reloaded from %s (generation %d)", self.config_path,
                      generation)
-        return not failed
+        else:
+            log.info("servers found applied (generation %d)", generation)
+        return True  # current either way: the workers that failed are replaced on it
+
+    @staticmethod
+    def _refuse(reason: Reason, problems: list[str]) -> bool:
+        """A config that cannot be applied: a reload says so (and counts it) as every reload
+        does; servers found at run time that cannot be added are an error of their own."""
+        from ..metrics import reject_reload
+
+        if reason == "reload":
+            return reject_reload(log, problems)
+        log.error("could not apply the servers found: %s", "; ".join(problems))
+        return False
+
+    def server_active(self, upstream: str, key: str) -> int:
+        """Open connections to a server over all workers (its row outlives its removal
+        until they have ended)."""
+        row = self.rows.get(f"{upstream}/{key}")
+        return 0 if row is None else self.table.active(row)
 
     async def _converge(self, worker: WorkerProcess) -> bool:
         """Bring one worker to the current generation. False if it could not: then it is
@@ -669,10 +705,13 @@ class Supervisor:
         handle_stop_signals(loop, self.request_stop, self.force_stop, log, "stopping workers")
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
+            await self.membership.start()
+            self.config = self.membership.effective()
             try:
                 self.assign_rows(self.config)
             except ConfigError as exc:
                 log.error("cannot start: %s", "; ".join(exc.problems))
+                await self.membership.stop()
                 return 1
             self._spawn_task(self._sweep_rows())
             self._spawn_task(self._watch_heartbeats())
@@ -681,16 +720,21 @@ class Supervisor:
             await self._start_admin()
             for slot in range(self.count):
                 await self.start_slot(slot)
+            self.membership.go_live()
             await self._done.wait()
         except GiveUp as exc:
             self.failure = str(exc)
             log.error("giving up: %s", exc)
             self.request_stop()
             await self._wait_workers()
+        except BaseException:  # nothing we started may outlive us
+            await self.membership.stop()
+            raise
         finally:
             remove_stop_signals(loop)
             loop.remove_signal_handler(signal.SIGHUP)
         await self._wait_workers()
+        await self.membership.stop()  # managed instances stop once the workers have drained
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
