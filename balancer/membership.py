@@ -45,11 +45,6 @@ class Source(Protocol):
     def reconfigure(self, config: Config) -> None:
         """A file reload was applied: follow its new settings (names, instances, ...)."""
 
-    async def settled(self) -> None:
-        """Return once every change made so far is applied (or could not be)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.wait([self._task])
-
     async def stop(self) -> None:
         """The balancer is stopping and its clients have drained: end all background work."""
 
