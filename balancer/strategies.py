@@ -13,12 +13,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .config import MAX_IP_HASH_WEIGHT
+
 if TYPE_CHECKING:
-    from .config import StrategyName
+    from .config import HashName, StrategyName
     from .upstream import Server
 
 Usable = Callable[["Server"], bool]
@@ -174,13 +177,19 @@ class IpHash(Strategy):
     since moving them elsewhere meanwhile would break the stickiness this strategy is for."""
 
     VNODES_PER_WEIGHT = 160
+    # The config caps a ring's total weight (MAX_IP_HASH_WEIGHT); servers found at run time
+    # (DNS) bypass that check, so the ring itself never grows past the cap's point count
+    # (4.4 s to build): beyond it every server gets proportionally fewer points.
+    MAX_POINTS = VNODES_PER_WEIGHT * MAX_IP_HASH_WEIGHT
 
     def __init__(self, servers: Sequence[Server]) -> None:
         super().__init__(servers)
         points: list[tuple[int, int]] = []
+        total = sum(server.config.weight for server in self.servers)
+        per_weight = min(self.VNODES_PER_WEIGHT, max(1, self.MAX_POINTS // max(total, 1)))
         for index, server in enumerate(self.servers):
             # Configured weight, not the slow-start one: the ring must not depend on timing.
-            for replica in range(self.VNODES_PER_WEIGHT * server.config.weight):
+            for replica in range(per_weight * server.config.weight):
                 points.append((_hash(f"{server.key}#{replica}"), index))
         points.sort()
         self.hashes: list[int] = [point for point, _ in points]
@@ -222,6 +231,114 @@ class IpHash(Strategy):
             if seen[owner] == walk:
                 continue
             server = self.servers[owner]
+            if usable(server):
+                return server
+            seen[owner] = walk
+            left -= 1
+        return None
+
+
+MAGLEV_TABLE_SIZE = 65537  # prime, as Maglev's paper and Envoy's default use
+
+
+def maglev_table(keys: Sequence[str], weights: Sequence[int],
+                 size: int = MAGLEV_TABLE_SIZE) -> list[int]:
+    """Maglev's lookup table (Eisenbud et al., NSDI 2016), weighted as Envoy weights it.
+
+    Entry j holds the index (into `keys`) of the server that owns hash slot j. Every server
+    walks its own permutation of the slots (offset + i * skip, mod the prime `size`) and the
+    servers take turns claiming their next free slot; a server of weight w takes a turn on
+    w of every max(weights) rounds, so each owns about its weight's share of the table.
+    The table depends on the order of `keys`: callers sort them (see `Maglev`)."""
+    count = len(keys)
+    if not count:
+        return []
+    offsets: list[int] = []
+    skips: list[int] = []
+    for key in keys:
+        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        offsets.append(int.from_bytes(digest[:8], "big") % size)
+        skips.append(int.from_bytes(digest[8:], "big") % (size - 1) + 1)
+    table = [-1] * size
+    position = offsets  # each server's next slot in its permutation
+    target = [0] * count  # rounds * weight must reach this before the server's next turn
+    most = max(weights)
+    filled = 0
+    rounds = 0
+    while True:
+        for index in range(count):
+            if rounds * weights[index] < target[index]:
+                continue
+            target[index] += most
+            slot = position[index]
+            skip = skips[index]
+            while table[slot] >= 0:  # the bulk of the build: mostly taken slots, late on
+                slot += skip
+                if slot >= size:
+                    slot -= size
+            table[slot] = index
+            slot += skip
+            position[index] = slot - size if slot >= size else slot
+            filled += 1
+            if filled == size:
+                return table
+        rounds += 1
+
+
+class Maglev(Strategy):
+    """ip_hash through Maglev's lookup table (`hash: maglev`): near-perfect balance (each
+    server owns its weight's share of 65,537 slots within one slot) and a pick that is one
+    hash and one list index. The table is built from the servers sorted by address, so
+    every balancer and worker given the same servers in any order builds the same table.
+
+    A client whose server is unusable takes the next usable server after its slot; the
+    table is never rebuilt for health flaps, so every other client stays put and the
+    server's own clients come back when it does. Removing a server moves its clients and,
+    unlike the ring, a small share of others' (see benchmarks/hashing.py for the figures).
+    Slow start does not apply, as with the ring."""
+
+    def __init__(self, servers: Sequence[Server]) -> None:
+        super().__init__(servers)
+        ordered = sorted(self.servers, key=lambda server: server.key)
+        # Configured weight, not the slow-start one: the table must not depend on timing.
+        positions = maglev_table([s.key for s in ordered], [s.config.weight for s in ordered])
+        index_of = {id(server): index for index, server in enumerate(self.servers)}
+        by_position = [index_of[id(server)] for server in ordered]
+        self.table: list[int] = [by_position[position] for position in positions]
+        self.seen: list[int] = [0] * len(self.servers)  # as IpHash: marks without clearing
+        self.walks = 0
+
+    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+        table = self.table
+        if not table:
+            return None
+        # CRC-32 is stable across processes and costs 0.15 µs to blake2b's 0.6; modulo the
+        # prime table size it spreads sequential and random addresses as evenly as blake2b
+        # (measured). The ring keeps blake2b: changing it would move its clients.
+        slot = zlib.crc32(_client_key(client_ip).encode()) % MAGLEV_TABLE_SIZE
+        server = self.servers[table[slot]]
+        if usable(server):
+            return server
+        return self._walk(slot, usable)
+
+    def _walk(self, slot: int, usable: Usable) -> Server | None:
+        """The next distinct server after `slot` that `usable` accepts: the slots are in
+        no server's order, so a down server's clients spread over all the others."""
+        self.walks += 1
+        walk = self.walks
+        seen = self.seen
+        table = self.table
+        servers = self.servers
+        seen[table[slot]] = walk
+        left = len(servers) - 1
+        size = len(table)
+        for step in range(1, size):
+            if not left:
+                break
+            owner = table[(slot + step) % size]
+            if seen[owner] == walk:
+                continue
+            server = servers[owner]
             if usable(server):
                 return server
             seen[owner] = walk
@@ -273,8 +390,15 @@ STRATEGIES: dict[StrategyName, type[Strategy]] = {
 }
 
 
-def make_strategy(name: StrategyName, servers: Sequence[Server]) -> Strategy:
-    """Build the strategy called `name` (validated by the config loader) for `servers`."""
+HASHES: dict[HashName, type[Strategy]] = {"ring": IpHash, "maglev": Maglev}
+
+
+def make_strategy(name: StrategyName, servers: Sequence[Server],
+                  hash: HashName = "ring") -> Strategy:
+    """Build the strategy called `name` (validated by the config loader) for `servers`;
+    `hash` chooses ip_hash's table (the others ignore it)."""
+    if name == "ip_hash":
+        return HASHES[hash](servers)
     return STRATEGIES[name](servers)
 
 

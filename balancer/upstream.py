@@ -224,10 +224,10 @@ class Upstream:
             servers.append(server)
         self.servers = servers
         self.primary: Strategy = make_strategy(
-            config.strategy, [s for s in servers if not s.config.backup]
+            config.strategy, [s for s in servers if not s.config.backup], config.hash
         )
         self.backup: Strategy = make_strategy(
-            config.strategy, [s for s in servers if s.config.backup]
+            config.strategy, [s for s in servers if s.config.backup], config.hash
         )
         check = config.health.check
         self.checker = ActiveChecker(servers, check) if check is not None else None

@@ -544,9 +544,9 @@ def test_ip_hash_total_weight_is_capped() -> None:
     """256 servers of weight 16 is a 655,360-point ring; one more unit is refused."""
     servers = [{"address": f"127.0.{i // 250}.{i % 250 + 1}:80", "weight": 16}
                for i in range(256)]
-    assert parse_config(with_upstream(strategy="ip_hash", servers=servers))
+    assert parse_config(with_upstream(strategy="ip_hash", hash="ring", servers=servers))
     servers[0]["weight"] = 17
-    assert problems_of(with_upstream(strategy="ip_hash", servers=servers)) == [
+    assert problems_of(with_upstream(strategy="ip_hash", hash="ring", servers=servers)) == [
         "upstreams.app.servers: ip_hash allows a total weight of at most 4096 (its ring has "
         "160 points per unit), got 4097"]
     assert parse_config(with_upstream(strategy="weighted", servers=servers))
@@ -784,7 +784,7 @@ def test_reference_config_documents_every_key() -> None:
         (set(upstream["tls"]), schema.UPSTREAM_TLS_KEYS),
         (set(guarded["per_client"]), schema.PER_CLIENT_KEYS),
         (set(guarded["timeouts"]), schema.LISTENER_TIMEOUTS_KEYS),
-        (set(upstream), schema.UPSTREAM_KEYS),
+        (set().union(*doc["upstreams"].values()), schema.UPSTREAM_KEYS),
         (server_keys, schema.SERVER_KEYS),
         (set(upstream["health"]), schema.HEALTH_KEYS),
         (set(upstream["health"]["check"]), schema.CHECK_KEYS),
@@ -796,3 +796,27 @@ def test_reference_config_documents_every_key() -> None:
     ]
     for documented, accepted in places:
         assert documented == set(accepted)
+
+
+def test_ip_hash_table_is_maglev_unless_told_ring() -> None:
+    assert parse_config(with_upstream(strategy="ip_hash")).upstreams["app"].hash == "maglev"
+    for name in ("ring", "maglev"):
+        data = with_upstream(strategy="ip_hash", hash=name)
+        assert parse_config(data).upstreams["app"].hash == name
+    assert problems_of(with_upstream(strategy="ip_hash", hash="ketama")) == [
+        "upstreams.app.hash: must be one of ring, maglev, got 'ketama'"]
+
+
+def test_hash_without_ip_hash_is_an_error() -> None:
+    assert problems_of(with_upstream(strategy="least_conn", hash="maglev")) == [
+        "upstreams.app.hash: only applies to strategy: ip_hash, got strategy: least_conn"]
+    assert problems_of(with_upstream(hash="ring")) == [
+        "upstreams.app.hash: only applies to strategy: ip_hash, got strategy: round_robin"]
+
+
+def test_maglev_has_no_total_weight_cap() -> None:
+    """Its table is 65,537 slots whatever the weights: 256 servers of weight 256 build it."""
+    servers = [{"address": f"127.0.{i // 250}.{i % 250 + 1}:80", "weight": 256}
+               for i in range(256)]
+    assert parse_config(with_upstream(strategy="ip_hash", hash="maglev", servers=servers))
+    assert parse_config(with_upstream(strategy="ip_hash", servers=servers))

@@ -69,17 +69,41 @@ async def test_ip_hash_sticky_and_bounded_remap(start_backend, start_balancer):
     # A connect that times out on a loaded machine would be retried on the next server of
     # the ring and look like lost stickiness: give connects time, and never eject.
     patient = {"timeouts": {"connect": "10s"}, "health": {"max_fails": 0}}
-    full = start_balancer(make_config([b.address for b in backends], "ip_hash", **patient))
+    full = start_balancer(make_config([b.address for b in backends], "ip_hash", hash="ring",
+                                      **patient))
     first = await ip_hash_map(full.port, hosts)
     assert await ip_hash_map(full.port, hosts) == first  # sticky
     assert set(first.values()) == set("abcd")  # spread over every server
     # Remove server "d": only its clients may move, and about 1/N of all clients at most.
     reduced = start_balancer(make_config([b.address for b in backends[:3]], "ip_hash",
-                                         **patient))
+                                         hash="ring", **patient))
     second = await ip_hash_map(reduced.port, hosts)
     moved = [h for h in hosts if first[h] != second[h]]
     assert all(first[h] == "d" for h in moved)
     assert len(moved) / len(hosts) <= 1 / 4 + 0.05
+
+
+async def test_ip_hash_maglev_by_default_sticky_and_bounded_remap(start_backend, start_balancer):
+    backends = [start_backend("name", n) for n in "abcd"]
+    hosts = [f"127.0.{i // 250}.{i % 250 + 2}" for i in range(1000)]
+    patient = {"timeouts": {"connect": "10s"}, "health": {"max_fails": 0}}
+    full = start_balancer(make_config([b.address for b in backends], "ip_hash", **patient))
+    first = await ip_hash_map(full.port, hosts)
+    assert await ip_hash_map(full.port, hosts) == first  # sticky
+    counts = Counter(first.values())
+    assert set(counts) == set("abcd")
+    assert max(counts.values()) <= 1.2 * len(hosts) / 4, counts  # Maglev's even shares
+    # The same servers listed in another order: the same table, every client where it was.
+    shuffled = start_balancer(make_config([b.address for b in backends[::-1]], "ip_hash",
+                                          **patient))
+    assert await ip_hash_map(shuffled.port, hosts) == first
+    reduced = start_balancer(make_config([b.address for b in backends[:3]], "ip_hash",
+                                         **patient))
+    second = await ip_hash_map(reduced.port, hosts)
+    moved = [h for h in hosts if first[h] != second[h]]
+    assert "d" not in second.values()
+    assert len(moved) / len(hosts) <= 1 / 4 + 0.05
+    assert sum(1 for h in moved if first[h] != "d") <= 0.02 * len(hosts)  # Maglev's price
 
 
 async def test_backup_only_when_primaries_unusable(start_backend, start_balancer):

@@ -14,9 +14,11 @@ import pytest
 from balancer import config
 from balancer.config import Address, ServerConfig
 from balancer.strategies import (
+    MAGLEV_TABLE_SIZE,
     STRATEGIES,
     IpHash,
     LeastConn,
+    Maglev,
     RandomTwo,
     RoundRobin,
     Strategy,
@@ -520,3 +522,135 @@ def test_every_strategy_uses_backups_only_when_no_primary_is_usable(strategy: st
     assert upstream.pick(ips[0]) is None
     primaries[1].release()  # a primary has room again: backups are left alone
     assert {upstream.pick(ip) for ip in ips} == {primaries[1]}
+
+
+# -- ip hash through Maglev (hash: maglev) and what both tables share ---------------------
+
+
+def spread_servers(count: int, weight: int = 1) -> list[Server]:
+    """Servers on distinct hosts (10.0.x.y:3000), as discovered replicas would be."""
+    return [Server(ServerConfig(Address(f"10.0.{i // 250}.{i % 250 + 1}", 3000), weight=weight))
+            for i in range(count)]
+
+
+def test_make_strategy_chooses_the_ip_hash_table():
+    servers = make_servers(1, 1)
+    assert type(make_strategy("ip_hash", servers, "maglev")) is Maglev
+    assert type(make_strategy("ip_hash", servers, "ring")) is IpHash
+    assert type(make_strategy("least_conn", servers, "maglev")) is LeastConn
+
+
+@pytest.mark.parametrize("count", [10, 50])
+def test_maglev_table_gives_each_server_its_share_within_two_percent(count: int):
+    strategy = Maglev(spread_servers(count))
+    entries = Counter(strategy.table)
+    assert len(strategy.table) == MAGLEV_TABLE_SIZE
+    assert set(entries) == set(range(count))
+    assert max(entries.values()) / (MAGLEV_TABLE_SIZE / count) <= 1.02, entries
+
+
+@pytest.mark.parametrize("weights", [(1, 2, 3), (5, 1, 1, 1), (256, 1), (3, 3, 7, 1, 16)])
+def test_maglev_table_honours_weights(weights: tuple[int, ...]):
+    strategy = Maglev(make_servers(*weights))
+    entries = Counter(strategy.table)
+    total = sum(weights)
+    for index, weight in enumerate(weights):
+        expected = MAGLEV_TABLE_SIZE * weight / total
+        assert abs(entries[index] - expected) <= 0.01 * expected + 2, (index, entries)
+
+
+@pytest.mark.parametrize("table", [IpHash, Maglev])
+def test_ip_hash_tables_do_not_depend_on_server_order(table: type[Strategy]):
+    """Two balancers given the same servers in another order (a DNS answer, a config
+    edited) send every client to the same server, also while one of them is down."""
+    servers = spread_servers(12) + make_servers(1, 3, 2)
+    shuffled = servers[:]
+    random.Random(10).shuffle(shuffled)
+    ips = random_ipv4(random.Random(11), 3000) + random_ipv6(random.Random(11), 500)
+    first, second = table(servers), table(shuffled)
+    assert [first.pick(ip, always) for ip in ips] == [second.pick(ip, always) for ip in ips]
+    set_up(servers[3], False)
+    set_up(servers[13], False)
+    assert ([first.pick(ip, Server.usable) for ip in ips]
+            == [second.pick(ip, Server.usable) for ip in ips])
+
+
+def test_maglev_is_sticky_and_the_same_in_every_instance():
+    servers = make_servers(1, 2, 3)
+    strategy = Maglev(servers)
+    for ip in random_ipv4(random.Random(12), 100) + random_ipv6(random.Random(12), 100):
+        first = strategy.pick(ip, Server.usable)
+        assert all(strategy.pick(ip, Server.usable) is first for _ in range(5))
+        assert Maglev(servers).pick(ip, Server.usable) is first
+        if "." in ip:
+            assert strategy.pick(f"::ffff:{ip}", always) is strategy.pick(ip, always)
+
+
+@pytest.mark.parametrize("count", [4, 10, 50])
+def test_maglev_removing_one_of_n_moves_about_its_share(count: int):
+    servers = spread_servers(count)
+    ips = random_ipv4(random.Random(13), 20_000)
+
+    def keys(strategy: Strategy) -> dict[str, str]:
+        return {ip: strategy.pick(ip, always).key for ip in ips}  # type: ignore[union-attr]
+
+    before = keys(Maglev(servers))
+    for removed in random.Random(count).sample(range(count), 3):
+        gone = servers[removed].key
+        after = keys(Maglev(servers[:removed] + servers[removed + 1:]))
+        moved = [ip for ip in ips if after[ip] != before[ip]]
+        others = [ip for ip in moved if before[ip] != gone]
+        assert gone not in after.values()
+        assert len(moved) / len(ips) <= 1 / count + 0.02, (removed, len(moved))
+        # Maglev's known price: a few of the other servers' clients move too.
+        assert len(others) / len(ips) <= 0.01, (removed, len(others))
+
+
+def test_maglev_down_server_spreads_its_clients_and_takes_them_back():
+    servers = spread_servers(8)
+    strategy = Maglev(servers)
+    ips = random_ipv4(random.Random(14), 8000)
+    before = assignment(strategy, servers, ips)
+    set_up(servers[2], False)
+    during = assignment(strategy, servers, ips)
+    assert "c" not in during.values()
+    assert all(during[ip] == before[ip] for ip in ips if before[ip] != "c")  # no rebuild
+    heirs = Counter(during[ip] for ip in ips if before[ip] == "c")
+    assert len(heirs) == 7, heirs  # spread over every other server, not one neighbour
+    set_up(servers[2], True)
+    assert assignment(strategy, servers, ips) == before
+
+
+def test_maglev_walks_past_several_unusable_servers():
+    servers = spread_servers(6)
+    strategy = Maglev(servers)
+    ips = random_ipv4(random.Random(15), 2000)
+    for alive in range(6):
+        def usable(server: Server, alive: int = alive) -> bool:
+            return server is servers[alive]
+
+        assert set(assignment(strategy, servers, ips, usable).values()) == {NAMES[alive]}
+    assert strategy.pick(ips[0], never) is None
+    assert Maglev([]).pick(ips[0], always) is None
+
+
+def test_upstream_builds_the_configured_ip_hash_table():
+    from balancer.config import UpstreamConfig
+    from balancer.upstream import Upstream
+
+    servers = tuple(ServerConfig(Address("127.0.0.1", 3001 + i), backup=i == 2)
+                    for i in range(3))
+    assert type(Upstream(UpstreamConfig("app", servers, strategy="ip_hash")).primary) is Maglev
+    upstream = Upstream(UpstreamConfig("app", servers, strategy="ip_hash", hash="ring"))
+    assert type(upstream.primary) is IpHash and type(upstream.backup) is IpHash
+
+
+def test_ip_hash_ring_stays_bounded_for_servers_beyond_the_config_cap(monkeypatch):
+    """Discovered servers bypass the config's weight cap: the ring scales its points down."""
+    monkeypatch.setattr(IpHash, "MAX_POINTS", 160 * 20)
+    servers = spread_servers(40, weight=2)  # total weight 80, four times the (patched) cap
+    strategy = IpHash(servers)
+    assert len(strategy.hashes) == 40 * 2 * 40  # 40 points per unit instead of 160
+    assert {strategy.pick(ip, always) for ip in random_ipv4(random.Random(16), 4000)} == set(
+        servers)
+    assert len(IpHash(servers[:10]).hashes) == 10 * 2 * 160  # within the cap: as before
