@@ -3,9 +3,11 @@
 A strategy is built once for a fixed list of servers (a reload builds a new one) and asked,
 per client connection, for a server that `usable(server)` accepts. `usable` folds in health,
 draining, `max_conns` and the server a retry must avoid, so every strategy honours them the
-same way. `pick` is on the per-connection path: O(servers) at most, no logging, and no
-allocation on the common path. Weights are read from `server.weight` at every pick (never
-cached) because slow start changes them over time.
+same way. `pick` is on the per-connection path: no logging, and no allocation on the
+common path. Small upstreams are scanned (O(servers)); above a few dozen servers least_conn
+keeps them in order instead (loadindex.py), as HAProxy keeps its servers in trees, because
+discovery brings upstreams of hundreds. Weights are read from `server.weight` at every pick
+(or, in the index, re-read on a short clock) because slow start changes them over time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .config import MAX_IP_HASH_WEIGHT
+from .loadindex import LoadIndex
 
 if TYPE_CHECKING:
     from .config import HashName, StrategyName
@@ -136,13 +139,25 @@ class Weighted(Strategy):
 
 class LeastConn(Strategy):
     """Fewest active connections relative to weight. Among equals the scan starts after the
-    last server chosen, so idle servers take turns instead of the first one taking all."""
+    last server chosen, so idle servers take turns instead of the first one taking all.
 
-    def __init__(self, servers: Sequence[Server]) -> None:
+    Above `SCAN_UP_TO` servers the same choice comes from a `LoadIndex` (loadindex.py),
+    which keeps the servers in order of load instead of scanning them all: within one
+    process the choices are the scan's; with workers it may use other workers' counts up
+    to `LoadIndex.refresh_period` old (20 ms at 1,000 servers), see its docstring."""
+
+    SCAN_UP_TO = 32  # at this size the scan costs about what the index does
+
+    def __init__(self, servers: Sequence[Server], indexed: bool | None = None) -> None:
         super().__init__(servers)
         self.cursor = 0
+        if indexed is None:
+            indexed = len(self.servers) > self.SCAN_UP_TO
+        self.index: LoadIndex | None = LoadIndex(self.servers) if indexed else None
 
     def pick(self, client_ip: str, usable: Usable) -> Server | None:
+        if self.index is not None:
+            return self.index.pick(usable)
         servers = self.servers
         count = len(servers)
         best = -1

@@ -34,9 +34,9 @@ class Server:
     """One upstream server as the data path sees it."""
 
     __slots__ = (
+        "_draining",
         "cell",
         "config",
-        "draining",
         "health",
         "key",
         "local_active",
@@ -47,6 +47,7 @@ class Server:
         "slow_start",
         "tls",
         "upstream_name",
+        "watchers",
     )
 
     def __init__(
@@ -61,7 +62,10 @@ class Server:
         self.key = config.key
         self.upstream_name = upstream_name
         self.local_active = 0  # this process's connections proxied to (or connecting to) it
-        self.draining = False  # operator asked for no new connections
+        # Told of every change a pick depends on (count, health, drain): the strategies that
+        # keep servers in order (loadindex.py). Upstream.rebuild clears it for a new build.
+        self.watchers: list[Callable[[Server], None]] = []
+        self._draining = False  # operator asked for no new connections
         self.health = ServerHealth(f"{upstream_name}/{self.key}", health or HealthConfig())
         self.health.listeners.append(self._health_changed)
         # A worker's own check verdicts are DEBUG: the primary logs the cluster's.
@@ -87,11 +91,27 @@ class Server:
         self.local_active += 1
         if self.cell is not None:
             self.cell.add_active(1)
+        for watcher in self.watchers:
+            watcher(self)
 
     def release(self) -> None:
         self.local_active -= 1
         if self.cell is not None:
             self.cell.add_active(-1)
+        for watcher in self.watchers:
+            watcher(self)
+
+    @property
+    def draining(self) -> bool:
+        """Operator asked for no new connections."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, draining: bool) -> None:
+        if draining != self._draining:
+            self._draining = draining
+            for watcher in self.watchers:
+                watcher(self)
 
     def connect_failed(self, reason: FailureReason) -> None:
         """A connect to this server failed; `local`/`internal` failures are ours, not its."""
@@ -168,6 +188,8 @@ class Server:
                 elif health.state == UP:
                     cell.down_until = 0.0
             cell.set_checked_down(not health.active_up, health.reason)
+        for watcher in self.watchers:
+            watcher(self)
 
     def __repr__(self) -> str:
         return f"Server({self.upstream_name}/{self.key}, active={self.active}, up={self.up})"
@@ -223,6 +245,8 @@ class Upstream:
             server.send_proxy = ENCODERS[version] if version is not None else None
             servers.append(server)
         self.servers = servers
+        for server in servers:  # the old generation's strategies stop following them
+            server.watchers.clear()
         self.primary: Strategy = make_strategy(
             config.strategy, [s for s in servers if not s.config.backup], config.hash
         )
