@@ -48,7 +48,7 @@ class LoadIndex:
         self.block = block = max(8, math.isqrt(count))
         self.position = {server: index for index, server in enumerate(self.servers)}
         self.keys: list[float] = [INF] * count
-        self.mins: list[float] = [INF] * (-(-count // block))
+        self.mins: list[float] = [INF] * max(1, -(-count // block))  # never empty: min()
         self.cursor = 0
         self.parked: set[int] = set()
         self.recheck_at = INF

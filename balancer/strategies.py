@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .config import MAX_IP_HASH_WEIGHT
 from .loadindex import LoadIndex
+from .smoothindex import SmoothIndex
 
 if TYPE_CHECKING:
     from .config import HashName, StrategyName
@@ -37,8 +38,11 @@ class Strategy(ABC):
         self.servers: list[Server] = list(servers)
 
     @abstractmethod
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
-        """Return a server for which `usable(server)` is true, or None if there is none."""
+    def pick(self, client_ip: str, usable: Usable,
+             exclude: Server | None = None) -> Server | None:
+        """Return a server for which `usable(server)` is true, or None if there is none.
+        `usable` already refuses `exclude` (the server a retry avoids); it is named too for
+        the strategies whose state follows each server (smooth credit in the index)."""
 
 
 def smooth_pick(servers: list[Server], current: list[float], usable: Usable,
@@ -87,7 +91,8 @@ class RoundRobin(Strategy):
         self.current: list[float] = [0.0] * len(self.servers)  # smooth-WRR credit, ramping
         self.smooth = False  # the last pick was a ramping one: `current` holds live credit
 
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+    def pick(self, client_ip: str, usable: Usable,
+             exclude: Server | None = None) -> Server | None:
         servers = self.servers
         if self.slow_start:
             for server in servers:
@@ -126,13 +131,25 @@ class RoundRobin(Strategy):
 class Weighted(Strategy):
     """Smooth weighted round robin (nginx): over sum(weights) picks each server gets exactly
     its weight, interleaved rather than in bursts (5,1,1 gives a a b a c a a). Unusable
-    servers neither gain nor lose credit, so they rejoin without a burst."""
+    servers neither gain nor lose credit, so they rejoin without a burst.
 
-    def __init__(self, servers: Sequence[Server]) -> None:
+    Above `SCAN_UP_TO` servers the same sequence comes from a `SmoothIndex`
+    (smoothindex.py), which keeps credits lazily per weight class instead of adding to
+    every server at every pick."""
+
+    SCAN_UP_TO = 32
+
+    def __init__(self, servers: Sequence[Server], indexed: bool | None = None) -> None:
         super().__init__(servers)
         self.current: list[float] = [0.0] * len(self.servers)
+        if indexed is None:
+            indexed = len(self.servers) > self.SCAN_UP_TO
+        self.index: SmoothIndex | None = SmoothIndex(self.servers) if indexed else None
 
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+    def pick(self, client_ip: str, usable: Usable,
+             exclude: Server | None = None) -> Server | None:
+        if self.index is not None:
+            return self.index.pick(usable, exclude)
         best = smooth_pick(self.servers, self.current, usable, share=False)
         return self.servers[best] if best >= 0 else None
 
@@ -155,7 +172,8 @@ class LeastConn(Strategy):
             indexed = len(self.servers) > self.SCAN_UP_TO
         self.index: LoadIndex | None = LoadIndex(self.servers) if indexed else None
 
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+    def pick(self, client_ip: str, usable: Usable,
+             exclude: Server | None = None) -> Server | None:
         if self.index is not None:
             return self.index.pick(usable)
         servers = self.servers
@@ -214,7 +232,8 @@ class IpHash(Strategy):
         self.seen: list[int] = [0] * len(self.servers)
         self.walks = 0
 
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+    def pick(self, client_ip: str, usable: Usable,
+             exclude: Server | None = None) -> Server | None:
         hashes = self.hashes
         size = len(hashes)
         if not size:
@@ -323,7 +342,8 @@ class Maglev(Strategy):
         self.seen: list[int] = [0] * len(self.servers)  # as IpHash: marks without clearing
         self.walks = 0
 
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+    def pick(self, client_ip: str, usable: Usable,
+             exclude: Server | None = None) -> Server | None:
         table = self.table
         if not table:
             return None
@@ -372,7 +392,8 @@ class RandomTwo(Strategy):
         # Reused across picks for a partial Fisher-Yates shuffle: samples without a new list.
         self.order: list[int] = list(range(len(self.servers)))
 
-    def pick(self, client_ip: str, usable: Usable) -> Server | None:
+    def pick(self, client_ip: str, usable: Usable,
+             exclude: Server | None = None) -> Server | None:
         servers = self.servers
         order = self.order
         count = len(order)

@@ -293,9 +293,9 @@ class Upstream:
             def usable(server: Server) -> bool:
                 return server is not exclude and server.usable()
 
-        server = self.primary.pick(client_ip, usable)
+        server = self.primary.pick(client_ip, usable, exclude)
         if server is None:
-            server = self.backup.pick(client_ip, usable)
+            server = self.backup.pick(client_ip, usable, exclude)
         return server
 
     def note_no_server(self) -> None:

@@ -1,9 +1,12 @@
-"""least_conn's LoadIndex against the straightforward scan: the same choice at every pick,
-through random sequences of picks, retries, connections opening and closing, ejections,
-recoveries, active checks, drains and max_conns, on a fake clock."""
+"""The indexes of large upstreams (least_conn's LoadIndex, weighted's SmoothIndex) against
+the straightforward scans: the same choice at every pick, through random sequences of picks,
+retries, connections opening and closing, ejections, recoveries, active checks, drains and
+max_conns, on a fake clock."""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -11,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.config import Address, HealthConfig, ServerConfig
-from balancer.strategies import LeastConn
+from balancer.strategies import LeastConn, Strategy, Weighted, smooth_pick
 from balancer.upstream import Server
 
 
@@ -42,6 +45,30 @@ def reference_pick(servers: list[Server], cursor: list[int],
     return servers[best]
 
 
+class ReferenceWeighted:
+    """weighted as it was: smooth weighted round robin over every server at every pick."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self.servers = servers
+        self.current = [0.0] * len(servers)
+
+    def pick(self, usable: Callable[[Server], bool]) -> Server | None:
+        best = smooth_pick(self.servers, self.current, usable, share=False)
+        return self.servers[best] if best >= 0 else None
+
+
+class ReferenceLeastConn:
+    def __init__(self, servers: list[Server]) -> None:
+        self.servers = servers
+        self.cursor = [0]
+
+    def pick(self, usable: Callable[[Server], bool]) -> Server | None:
+        return reference_pick(self.servers, self.cursor, usable)
+
+
+KINDS = {"least_conn": (ReferenceLeastConn, LeastConn), "weighted": (ReferenceWeighted, Weighted)}
+
+
 def world(specs: list[tuple[int, int, int]], clock: Clock) -> list[Server]:
     servers = []
     for i, (weight, max_conns, max_fails) in enumerate(specs):
@@ -68,17 +95,19 @@ OPS = st.lists(st.one_of(
 ), max_size=80)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
 @settings(max_examples=400, deadline=None)
 @given(specs=st.one_of(st.lists(SERVER_SPEC, min_size=1, max_size=6),
                        st.lists(SERVER_SPEC, min_size=1, max_size=40)), ops=OPS)
-def test_load_index_chooses_as_the_scan_does(specs, ops):
-    check_same_choices(specs, ops)
+def test_index_chooses_as_the_scan_does(kind, specs, ops):
+    check_same_choices(kind, specs, ops)
 
 
 ONE = [(1, 0, 1), (1, 0, 1), (2, 0, 1)]
 FULL = [(1, 1, 1), (1, 0, 1), (1, 0, 1)]
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize(("specs", "ops"), [
     # active checks take a server out and bring it back: back at once, not after a recheck
     (ONE, [("checks", 0, False), ("pick", -1, False), ("checks", 0, True), ("pick", -1, False),
@@ -96,17 +125,18 @@ FULL = [(1, 1, 1), (1, 0, 1), (1, 0, 1)]
     (ONE, [("pick", 0, True), ("pick", 1, True), ("pick", 2, False), ("pick", -1, False),
            ("pick", -1, False)]),
 ])
-def test_load_index_follows_each_kind_of_change(specs, ops):
-    check_same_choices(specs, ops)
+def test_index_follows_each_kind_of_change(kind, specs, ops):
+    check_same_choices(kind, specs, ops)
 
 
-def check_same_choices(specs, ops):
+def check_same_choices(kind, specs, ops):
     clocks = (Clock(), Clock())
     worlds = (world(specs, clocks[0]), world(specs, clocks[1]))
-    strategy = LeastConn(worlds[1], indexed=True)
+    reference_type, indexed_type = KINDS[kind]
+    reference = reference_type(worlds[0])
+    strategy: Strategy = indexed_type(worlds[1], indexed=True)
     assert strategy.index is not None
     strategy.index.clock = clocks[1]
-    cursor = [0]
     held: tuple[list[Server], list[Server]] = ([], [])
     count = len(specs)
     for op, arg, flag in ops:
@@ -120,9 +150,9 @@ def check_same_choices(specs, ops):
                     return server is not exclude and server.usable()
 
                 if side == 0:
-                    server = reference_pick(servers, cursor, usable)
+                    server = reference.pick(usable)
                 else:
-                    server = strategy.pick("10.0.0.1", usable)
+                    server = strategy.pick("10.0.0.1", usable, exclude)
                 chosen.append(None if server is None else servers.index(server))
                 if server is not None and flag:  # as the proxy does with a chosen server
                     server.health.connect_started()
@@ -148,8 +178,46 @@ def check_same_choices(specs, ops):
                 clocks[side].now += 0.4 * arg
 
 
-def test_load_index_is_used_for_large_upstreams_only():
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_index_is_used_for_large_upstreams_only(kind):
     small = [Server(ServerConfig(Address("10.0.0.1", 3000 + i))) for i in range(32)]
     large = [Server(ServerConfig(Address("10.0.0.2", 3000 + i))) for i in range(33)]
-    assert LeastConn(small).index is None
-    assert LeastConn(large).index is not None
+    assert KINDS[kind][1](small).index is None
+    assert KINDS[kind][1](large).index is not None
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_index_of_no_servers_gives_none(kind):
+    strategy = KINDS[kind][1]([], indexed=True)
+    assert strategy.pick("10.0.0.1", Server.usable) is None
+
+
+def test_smooth_index_follows_slow_start_and_the_ramp_end():
+    servers = [Server(ServerConfig(Address("10.0.0.1", 3000 + i), weight=10 if i == 0 else 1))
+               for i in range(40)]
+    for server in servers:
+        server.slow_start = 1000.0
+    servers[0].ramp_until = time.monotonic() + 999.0  # at the 5% floor: weight 0.5
+    strategy = Weighted(servers, indexed=True)
+    counts = Counter(strategy.pick("10.0.0.1", Server.usable) for _ in range(39 * 2 * 10 + 10))
+    assert abs(counts[servers[0]] - 10) <= 2, counts[servers[0]]  # 0.5 : 39
+    servers[0].ramp_until = time.monotonic() - 1  # the ramp is over: weight 10 again
+    counts = Counter(strategy.pick("10.0.0.1", Server.usable) for _ in range(49 * 4))
+    assert counts[servers[0]] == 40 and all(counts[s] == 4 for s in servers[1:]), counts
+
+
+def test_load_index_follows_slow_start():
+    servers = [Server(ServerConfig(Address("10.0.0.1", 3000 + i))) for i in range(40)]
+    for server in servers:
+        server.slow_start = 1000.0
+        server.acquire()
+        server.acquire()  # every server holds 2
+    servers[0].ramp_until = time.monotonic() + 500.0  # half way: weight 0.5, key 4
+    strategy = LeastConn(servers, indexed=True)
+    for _ in range(39):  # the others go to 3 each (key 3 < 4) before it gets one
+        chosen = strategy.pick("10.0.0.1", Server.usable)
+        assert chosen is not servers[0]
+        chosen.acquire()  # type: ignore[union-attr]
+    servers[0].ramp_until = 0.0  # ramp over (as reading the weight at its end does)
+    servers[0].release()  # an event: re-keyed at weight 1, key 1
+    assert strategy.pick("10.0.0.1", Server.usable) is servers[0]
