@@ -5,7 +5,9 @@ off the data path, and a scrape only reads state the data path already keeps.
 
     GET  /metrics                         Prometheus text format (prometheus-client)
     GET  /healthz                         200 "ok", or 503 naming the listener with no server
-    GET  /status                          JSON: listeners, upstreams, servers and their state
+    GET  /status[?history=1]              JSON: listeners, upstreams, servers, workers, with
+                                          totals and rates (status.py); history=1 adds the
+                                          5-minute samples of every server
     GET  /                                the HTML status page (refreshes from /status)
     POST /servers/{upstream}/{address}/drain | enable
                                           no new connections for a server / back in rotation
@@ -28,7 +30,6 @@ import ipaddress
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -37,11 +38,13 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Address, MetricsConfig, is_loopback, metrics_warnings
-from .sni import FALLBACK
+from .history import History
+from .status import balancer_status, readings, server_status
 
 if TYPE_CHECKING:
     from .server import Balancer
-    from .upstream import Server
+
+__all__ = ["AdminServer", "balancer_status", "health_problems", "server_status"]
 
 log = logging.getLogger("balancer.admin")
 
@@ -51,62 +54,6 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
            503: "Service Unavailable"}
 Response = tuple[int, str, bytes]  # status, content type, body
-
-
-def server_status(server: Server) -> dict[str, Any]:
-    health = server.health
-    state = "draining" if server.draining else health.display_state
-    return {
-        "address": server.key,
-        "source": server.config.source,
-        "state": state,
-        "active": server.active,
-        "weight": server.config.weight,
-        "effective_weight": round(server.weight, 3),
-        "max_conns": server.config.max_conns,
-        "backup": server.config.backup,
-        "failures": server.failures,
-        "last_change": health.changed_at,
-        "reason": health.reason,
-        "pool_idle": len(server.pool.idle) if server.pool is not None else None,
-    }
-
-
-def listener_status(lst: Any) -> dict[str, Any]:
-    """A listener's line in /status; an SNI listener adds its rules with the connections each
-    routed (in this process: the primary of several workers shows the rules only)."""
-    config = lst.config
-    entry: dict[str, Any] = {"name": lst.name, "bind": lst.bound(), "upstream": config.upstream,
-                             "active": lst.active_count()}
-    if config.tls is not None:
-        entry["tls"] = {"certificates": [list(c.names) for c in config.tls.certificates],
-                        "min_version": config.tls.min_version, "alpn": list(config.tls.alpn)}
-    if config.sni:
-        state = getattr(lst, "sni", None)
-        matched = state.router.matched if state is not None else {}
-        rules = [*config.sni, *([(FALLBACK, config.upstream)] if config.upstream else [])]
-        entry["sni"] = [{"name": name, "upstream": upstream, "matched": matched.get(name)}
-                        for name, upstream in rules]
-        entry["sni_rejected"] = dict(state.rejected) if state is not None else None
-    return entry
-
-
-def balancer_status(balancer: Balancer) -> dict[str, Any]:
-    """Everything an operator looks at first, as plain JSON-able data."""
-    status = {
-        "time": time.time(),
-        "listeners": [listener_status(lst) for lst in balancer.listeners],
-        "upstreams": {
-            name: {"strategy": up.config.strategy,
-                   "servers": [server_status(s) for s in up.servers]}
-            for name, up in balancer.upstreams.items()
-        },
-    }
-    # With workers: the current config generation and the one each worker runs.
-    cluster = getattr(balancer, "cluster_status", None)
-    if cluster is not None:
-        status.update(cluster())
-    return status
 
 
 def health_problems(balancer: Balancer) -> list[str]:
@@ -139,6 +86,8 @@ class AdminServer:
         self.token = settings.admin_token
         self.render_metrics = render_metrics or generate_latest
         self.server: asyncio.Server | None = None
+        # The last minutes of every server, sampled each second while this endpoint runs.
+        self.history = History(lambda: readings(self.balancer))
 
     async def start(self) -> None:
         bind = self.settings.bind
@@ -151,6 +100,7 @@ class AdminServer:
         bound = Address(*self.server.sockets[0].getsockname()[:2])
         log.info("admin endpoint on http://%s/ (metrics, status)", bound)
         self._warn()
+        self.history.start()
 
     def configure(self, settings: MetricsConfig) -> None:
         """Apply reloaded settings that need no new socket (the token: at once)."""
@@ -178,7 +128,9 @@ class AdminServer:
         not the same."""
         new.configure(settings)
         if new is not self:
-            await self.stop()
+            new.history.stop()  # the samples stay with the balancer, not with the socket
+            new.history = self.history
+            await self.stop(keep_history=True)
             log.info("admin endpoint moved from %s to %s", self.settings.bind, settings.bind)
 
     def address(self) -> tuple[str, int]:
@@ -186,7 +138,9 @@ class AdminServer:
         sockname = self.server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
-    async def stop(self) -> None:
+    async def stop(self, keep_history: bool = False) -> None:
+        if not keep_history:
+            self.history.stop()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -234,9 +188,9 @@ class AdminServer:
         if host is not None and not endpoint.names(host):
             return _text(403, f"host {host[:100]!r} is not this admin endpoint (list the names "
                               "it is reached by in metrics.allowed_hosts)\n")
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         if method in ("GET", "HEAD"):
-            return self._get(unquote(path))
+            return self._get(unquote(path), "history=1" in query.split("&"))
         if method == "POST":
             refused = endpoint.refuse_post(headers.get("origin"), host)
             if refused:
@@ -244,14 +198,15 @@ class AdminServer:
             return self._post(path, headers.get("authorization", ""))
         return _text(405, "method not allowed\n")
 
-    def _get(self, path: str) -> Response:
+    def _get(self, path: str, with_history: bool = False) -> Response:
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, self.render_metrics()
         if path == "/healthz":
             problems = health_problems(self.balancer)
             return _text(503, "\n".join(problems) + "\n") if problems else _text(200, "ok\n")
         if path == "/status":
-            body = json.dumps(balancer_status(self.balancer), indent=1).encode()
+            status = balancer_status(self.balancer, self.history, with_history)
+            body = json.dumps(status, indent=None if with_history else 1).encode()
             return 200, "application/json", body
         if path in ("/", "/index.html"):
             page = resources.files("balancer").joinpath("static/status.html").read_bytes()

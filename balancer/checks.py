@@ -48,10 +48,13 @@ class ActiveChecker:
         check = self.check
         passes = fails = 0
         failing = False  # the last round raised: its error was logged, do not repeat it
+        loop = asyncio.get_running_loop()
         await asyncio.sleep(self._random.uniform(0, check.interval))  # spread the first round
         while True:
             try:
+                began = loop.time()
                 ok, detail = await self.probe(server)
+                server.stats.note_check(detail, loop.time() - began)  # for /status
                 if detail == "local":
                     pass  # we ran out of descriptors or ports: no verdict on the server
                 elif ok:

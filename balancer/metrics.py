@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .events import ConnectionEvents
 from .health import FAILURE_REASONS
+from .stats import ListenerStats, ServerStats
 
 if TYPE_CHECKING:
     from .config import ListenerConfig
@@ -127,9 +128,12 @@ class _Children:
     """The labelled children one (listener, server) pair needs, bound once."""
 
     __slots__ = ("active", "bytes_down", "bytes_up", "connect", "connections", "duration",
-                 "pool_hit", "pool_miss")
+                 "listener", "pool_hit", "pool_miss", "stats")
 
-    def __init__(self, metrics: Metrics, listener: str, upstream: str, server: str) -> None:
+    def __init__(self, metrics: Metrics, listener: str, upstream: str, server: str,
+                 stats: ServerStats, listener_stats: ListenerStats) -> None:
+        self.stats = stats  # the same counts as plain ints, for /status
+        self.listener = listener_stats
         self.connections = metrics.connections.labels(listener, upstream, server)
         self.active = metrics.active.labels(listener, upstream, server)
         self.connect = metrics.connect_seconds.labels(upstream, server)
@@ -150,6 +154,8 @@ class MetricsEvents(ConnectionEvents):
         self._counted: dict[ClientConnection, tuple[int, int, _Children]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._watched: dict[tuple[str, str], Server] = {}
+        self.listeners: dict[str, ListenerStats] = {}  # for /status, by listener name
+        self._failed: Server | None = None  # the server of the last failed connect
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -210,12 +216,20 @@ class MetricsEvents(ConnectionEvents):
         for conn, (up, down, children) in list(self._counted.items()):
             self._count_bytes(conn, up, down, children)
 
+    def listener(self, name: str) -> ListenerStats:
+        stats = self.listeners.get(name)
+        if stats is None:
+            stats = self.listeners[name] = ListenerStats()
+        return stats
+
     def _count_bytes(self, conn: ClientConnection, up: int, down: int,
                      children: _Children) -> None:
         if conn.bytes_up > up:
             children.bytes_up.inc(conn.bytes_up - up)
+            children.stats.bytes_in += conn.bytes_up - up
         if conn.bytes_down > down:
             children.bytes_down.inc(conn.bytes_down - down)
+            children.stats.bytes_out += conn.bytes_down - down
         self._counted[conn] = (conn.bytes_up, conn.bytes_down, children)
 
     def _children_for(self, conn: ClientConnection, server: Server) -> _Children:
@@ -223,7 +237,7 @@ class MetricsEvents(ConnectionEvents):
         children = self._children.get(key)
         if children is None:
             children = _Children(self.metrics, conn.route.listener_name, server.upstream_name,
-                                 server.key)
+                                 server.key, server.stats, self.listener(key[0]))
             self._children[key] = children
         return children
 
@@ -235,10 +249,15 @@ class MetricsEvents(ConnectionEvents):
         children = self._children_for(conn, server)
         children.connections.inc()
         children.active.inc()
+        stats = children.stats
+        stats.connections += 1
+        children.listener.connections += 1
         if pooled:
             children.pool_hit.inc()
         else:
             children.connect.observe(connect_seconds)
+            stats.connect_us += int(connect_seconds * 1_000_000)
+            stats.connect_count += 1
             if server.pool is not None:
                 children.pool_miss.inc()
         self._counted[conn] = (0, 0, children)
@@ -246,15 +265,21 @@ class MetricsEvents(ConnectionEvents):
     def connect_failed(self, conn: ClientConnection, server: Server,
                        reason: FailureReason) -> None:
         self.metrics.errors.labels(server.upstream_name, server.key, reason).inc()
+        server.stats.connect_errors += 1
+        self._failed = server  # a retry, if one follows, is reported next (proxy.py)
 
     def retried(self, conn: ClientConnection) -> None:
         self.metrics.retries.labels(conn.route.upstream.name).inc()
+        if self._failed is not None:
+            self._failed.stats.retries += 1
+            self._failed = None
 
     def tls_handshake(self, listener: str, seconds: float) -> None:
         self.metrics.tls_handshake_seconds.labels(listener).observe(seconds)
 
     def tls_handshake_failed(self, listener: str) -> None:
         self.metrics.tls_handshake_errors.labels(listener).inc()
+        self.listener(listener).tls_handshake_errors += 1
 
     def sni_rejected(self, listener: str, reason: str) -> None:
         self.metrics.sni_rejected.labels(listener, reason).inc()

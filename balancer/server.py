@@ -39,7 +39,7 @@ from .limits import REASONS, AcceptErrors, Gate, Rejections, raise_fd_limit, use
 from .loops import new_event_loop, resolve_loop_name
 from .membership import Apply, Membership, Reason
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
-from .proc.shared import SYNC_INTERVAL
+from .proc.shared import COUNTERS, SYNC_INTERVAL, SharedCell
 from .proxy import ClientConnection, Route
 from .signals import handle_stop_signals, remove_stop_signals
 from .sni import SniListenerState, SniPreread, SniRouter
@@ -49,6 +49,8 @@ from .tls import ServerCertificates
 from .upstream import CellFor, Server, Upstream, no_cell
 
 log = logging.getLogger("balancer.server")
+
+PUBLISH_EVERY = round(1 / SYNC_INTERVAL)  # syncs between two copies of the totals (1 s)
 
 class Listener:
     """One bound address feeding client connections into its upstream(s).
@@ -300,6 +302,8 @@ class Balancer:
         self.access_log: AccessLog | None = None
         self.admin: AdminServer | None = None
         self.rejections = Rejections()
+        self._syncs = 0
+        self._listener_cells: dict[str, SharedCell | None] = {}  # with workers
 
     async def start(self) -> None:
         """Bind every listener; on any failure, release what was bound and raise."""
@@ -355,7 +359,14 @@ class Balancer:
                 self.metrics_events.watch_upstream(upstream)
             self.events.sinks.append(self.metrics_events)
             rejected = self.metrics_events.metrics.rejected
-            self.rejections.on_reject = lambda name, reason: rejected.labels(name, reason).inc()
+            stats = self.metrics_events.listener
+
+            def on_reject(name: str, reason: str) -> None:
+                rejected.labels(name, reason).inc()
+                counts = stats(name).rejected
+                counts[reason] = counts.get(reason, 0) + 1
+
+            self.rejections.on_reject = on_reject
         if self.config.log.access is not None:
             self.access_log = AccessLog(self.config.log)
             self.events.sinks.append(self.access_log)
@@ -375,14 +386,40 @@ class Balancer:
                 if server.pool is not None and server.pool.on_change is None:
                     self.metrics_events.watch_pool(server.pool)
 
+    def listener_totals(self, name: str) -> tuple[int, ...]:
+        """A listener's running totals, in proc/shared.py LISTENER_COUNTERS order."""
+        if self.metrics_events is None:
+            return (0,) * COUNTERS
+        return self.metrics_events.listener(name).totals(REASONS)
+
     def _sync(self) -> None:
-        """Follow the shared state other workers write (see shared.py)."""
+        """Follow the shared state other workers write (see shared.py), and once a second
+        (when the byte counts were flushed) publish this worker's totals there."""
         now = time.monotonic()
         for upstream in self.upstreams.values():
             for server in upstream.servers:
                 server.sync(now)
+        self._syncs += 1
+        if self._syncs % PUBLISH_EVERY == 0:
+            self._publish()
         assert self._loop is not None
         self._sync_timer = self._loop.call_later(SYNC_INTERVAL, self._sync)
+
+    def _publish(self) -> None:
+        """Copy this worker's totals and last checks into its column of the shared table."""
+        for upstream in self.upstreams.values():
+            for server in upstream.servers:
+                if server.cell is not None:
+                    stats = server.stats
+                    server.cell.publish(stats.totals())
+                    server.cell.publish_last((stats.check_code, stats.check_us, server.peak))
+        cells = self._listener_cells
+        for listener in self.listeners:
+            if listener.name not in cells:
+                cells[listener.name] = self.cell_for(f"listener {listener.name}")
+            cell = cells[listener.name]
+            if cell is not None:
+                cell.publish(self.listener_totals(listener.name))
 
     # -- reload -------------------------------------------------------------------------------
 
@@ -475,6 +512,7 @@ class Balancer:
         if gone or retiring:
             loop.call_later(config.shutdown_timeout, self._end_leftovers, gone, retiring)
         self._watch_pools()
+        self._listener_cells = {}  # rows may have moved
         if config.log != self.config.log:
             self._apply_log(config.log)
         self.config = config
@@ -577,6 +615,8 @@ class Balancer:
             await listener.wait_closed()
         if self.metrics_events is not None:
             self.metrics_events.stop()
+        if self.cell_for is not no_cell:
+            self._publish()  # the last second's counts, flushed just now
         if self.admin is not None:
             await self.admin.stop()
         if self.access_log is not None:

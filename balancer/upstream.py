@@ -18,6 +18,7 @@ from .health import DOWN, NOT_THE_SERVERS, UP, FailureReason, ServerHealth
 from .pool import ServerPool
 from .proc.shared import SharedCell
 from .proxyproto import ENCODERS
+from .stats import ServerStats, StateClock
 from .strategies import Strategy, make_strategy
 from .tls import UpstreamTls, client_context
 
@@ -40,11 +41,14 @@ class Server:
         "health",
         "key",
         "local_active",
+        "peak",
         "pool",
         "proxy_version",
         "ramp_until",
         "send_proxy",
         "slow_start",
+        "state_clock",
+        "stats",
         "tls",
         "upstream_name",
         "watchers",
@@ -66,8 +70,11 @@ class Server:
         # keep servers in order (loadindex.py). Upstream.rebuild clears it for a new build.
         self.watchers: list[Callable[[Server], None]] = []
         self._draining = False  # operator asked for no new connections
+        self.peak = 0  # the most open at once (HAProxy smax): here, or sampled by a primary
+        self.stats = ServerStats()  # this process's totals, for /status
         self.health = ServerHealth(f"{upstream_name}/{self.key}", health or HealthConfig())
         self.health.listeners.append(self._health_changed)
+        self.state_clock = StateClock(self.health)
         # A worker's own check verdicts are DEBUG: the primary logs the cluster's.
         self.health.quiet_checks = cell is not None and cell.column is not None
         self.pool: ServerPool | None = None
@@ -89,6 +96,8 @@ class Server:
 
     def acquire(self) -> None:
         self.local_active += 1
+        if self.local_active > self.peak:
+            self.peak = self.local_active
         if self.cell is not None:
             self.cell.add_active(1)
         for watcher in self.watchers:

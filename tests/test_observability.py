@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from balancer.status import REJECT_REASONS
+
 from .utils import (
     admin_port,
     blackhole,
@@ -143,8 +145,12 @@ async def test_status_json(start_backend, start_balancer):
     writer.close()
     assert status == 200
     data = json.loads(body)
-    assert data["listeners"] == [{"name": "test", "bind": f"127.0.0.1:{balancer.port}",
-                                  "upstream": "app", "active": 1}]
+    (listener,) = data["listeners"]
+    assert {k: listener[k] for k in ("name", "bind", "upstream", "active")} == {
+        "name": "test", "bind": f"127.0.0.1:{balancer.port}", "upstream": "app", "active": 1}
+    assert listener["connections"] == 1 and listener["max_conns"] == 0
+    assert listener["rejected"] == dict.fromkeys(REJECT_REASONS, 0)
+    assert listener["tls_handshake_errors"] is None
     upstream = data["upstreams"]["app"]
     assert upstream["strategy"] == "weighted"
     first, second = upstream["servers"]
@@ -269,13 +275,13 @@ async def test_status_page_in_headless_chromium(start_backend, start_balancer, t
     # The counters per server: active (of max_conns), failures and idle pooled connections.
     cells = {}
     for address, row in re.findall(r'<tr data-server="([^"]+)"[^>]*>(.*?)</tr>', rendered, re.S):
-        cells[address] = [re.sub(r"<[^>]+>", "", cell).strip()
-                          for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
-    assert cells[a.address][2] == "0 / 50" and cells[dead][2] == "0", cells
+        cells[address] = {col: re.sub(r"<[^>]+>", "", cell).strip() for col, cell in
+                          re.findall(r'<td data-col="([^"]+)"[^>]*>(.*?)</td>', row, re.S)}
+    assert cells[a.address]["open"] == "0 / 50" and cells[dead]["open"] == "0", cells
     for address in (a.address, dead):
-        assert cells[address][5] == str(expected[address]["failures"]), cells
-        assert cells[address][6] == str(expected[address]["pool_idle"]), cells
-    assert int(cells[dead][5]) >= 1 and cells[a.address][6] == "2", cells
+        assert cells[address]["failures"] == str(expected[address]["failures"]), cells
+        assert cells[address]["pool"] == str(expected[address]["pool_idle"]), cells
+    assert int(cells[dead]["failures"]) >= 1 and cells[a.address]["pool"] == "2", cells
     shot = ARTIFACTS / "status.png"
     await asyncio.to_thread(
         subprocess.run, [*common, f"--screenshot={shot}", url], capture_output=True,

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 
 from ..config import Address, Config, ListenerConfig
 from ..upstream import Server, Upstream
-from .shared import SYNC_INTERVAL, SharedCell, SharedTable
+from .shared import COUNTERS, SYNC_INTERVAL, SharedCell, SharedTable
 
 log = logging.getLogger("balancer.cluster")
 
@@ -70,6 +70,16 @@ class ClusterView:
     def cluster_status(self) -> dict[str, Any]:
         """The primary's generation and each worker's, for /status."""
         return self.workers() if self.workers is not None else {}
+
+    def worker_columns(self) -> dict[int, tuple[int, int]]:
+        """pid -> (open connections, new connections so far) of every worker, for History."""
+        return {w["pid"]: (w["active"], w["connections"])
+                for w in self.cluster_status().get("workers", [])}
+
+    def listener_totals(self, name: str) -> tuple[int, ...]:
+        """A listener's totals over every worker (LISTENER_COUNTERS order)."""
+        cell = self.cell_for(f"listener {name}")
+        return tuple(cell.totals()) if cell is not None else (0,) * COUNTERS
 
     def cell_for(self, key: str) -> SharedCell | None:
         row = self.rows.get(key)
@@ -130,6 +140,8 @@ def follow(server: Server, now: float) -> None:
     reasons = cell.checked_down()
     server.health.mirror(cell.down_until, now, reasons[0] if reasons else None)
     server.draining = cell.draining
+    # HAProxy's smax: the most seen at a sync, or by one worker alone (a lower bound).
+    server.peak = max(server.peak, cell.total_active(), cell.peak())
 
 
 def render_cluster_metrics() -> bytes:

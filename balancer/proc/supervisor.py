@@ -147,6 +147,8 @@ class Supervisor:
         self.leaving: list[socket.socket] = []  # of listeners a reload in progress removes
         self._reload_lock = asyncio.Lock()
         self.backoff: dict[int, SlotBackoff] = {}  # slot -> its restart delay
+        self.restarts: dict[int, tuple[int, str]] = {}  # slot -> (restarts, why the last one)
+        self.started_at = time.monotonic()
         self.failure: str | None = None
         self.stopping = False
         self._done = asyncio.Event()
@@ -401,11 +403,10 @@ class Supervisor:
             log.info("worker %d (pid %d) exited", worker.slot, worker.process.pid)
             self._check_done()
             return
-        if worker.hung:
-            log.error("worker %d (pid %d) was killed: hung", worker.slot, worker.process.pid)
-        else:
-            log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid,
-                      describe_exit(code))
+        why = "was killed: hung" if worker.hung else describe_exit(code)
+        log.error("worker %d (pid %d) %s", worker.slot, worker.process.pid, why)
+        count, _ = self.restarts.get(worker.slot, (0, ""))
+        self.restarts[worker.slot] = (count + 1, why)
         try:
             await self._after_crash(worker.slot, code, time.monotonic() - worker.ready_at)
             await self.start_slot(worker.slot)
@@ -643,14 +644,22 @@ class Supervisor:
         workers = [(w, "serving") for w in self.workers.values()]
         workers += [(w, "starting") for w in self.starting]
         workers += [(w, "retiring") for w in self.retired]
-        return {
-            "generation": self.generation,
-            "workers": [
-                {"slot": w.slot, "pid": w.process.pid, "generation": w.generation,
-                 "state": state}
-                for w, state in sorted(workers, key=lambda item: item[0].slot)
-            ],
-        }
+        now = time.monotonic()
+        servers = [row for key, row in self.rows.items() if not key.startswith("listener ")]
+        listeners = [row for key, row in self.rows.items() if key.startswith("listener ")]
+        lines = []
+        for w, state in sorted(workers, key=lambda item: item[0].slot):
+            restarts, why = self.restarts.get(w.slot, (0, None))
+            lines.append({
+                "slot": w.slot, "pid": w.process.pid, "generation": w.generation,
+                "state": state, "uptime": round(now - w.ready_at, 1) if w.ready_at else 0.0,
+                "restarts": restarts, "last_exit": why,
+                "active": self.table.column_active(w.column, servers),
+                "connections": self.table.column_total(w.column, 0, listeners),
+                "heartbeat_age": round(now - self.table.heartbeat(w.column), 3),
+            })
+        return {"generation": self.generation, "workers": lines,
+                "primary": {"pid": os.getpid(), "uptime": round(now - self.started_at, 1)}}
 
     def _bind_of(self, name: str) -> Any:
         """A listener's address and mode: a change of either is a new listener (server.py)."""
@@ -769,9 +778,11 @@ class Supervisor:
 
 
 def row_keys(config: Config) -> set[str]:
-    """The shared-table keys of a config's servers: `upstream/host:port`."""
+    """The shared-table keys of a config's servers, `upstream/host:port`, and of its
+    listeners, `listener NAME` (their totals, for /status)."""
     return {f"{name}/{server.key}" for name, upstream in config.upstreams.items()
-            for server in upstream.servers}
+            for server in upstream.servers} | {f"listener {cfg.name}"
+                                               for cfg in config.listeners}
 
 
 def is_open(group: list[socket.socket]) -> bool:
