@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="start sample backends and a balancer in front of them"
     )
     demo.add_argument("--requests", type=int, default=6, help="requests to send at start")
+    top = sub.add_parser(
+        "top", parents=[common],
+        help="the status table in the terminal, refreshed every second (reads /status)",
+    )
+    top.add_argument("--url", help="the admin endpoint, e.g. http://127.0.0.1:9100 "
+                     "(default: metrics.bind of -c FILE)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                     help="seconds between refreshes (default: 1)")
+    top.add_argument("--once", action="store_true", help="print the table once and exit")
     return parser
 
 
@@ -74,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo.command import run_demo
 
         return run_demo(loop=args.loop or "auto", requests=args.requests)
+    if command == "top":
+        return _top(parser, args)
     if not args.config:
         parser.error("the following arguments are required: -c/--config")
     config = _load(args.config)
@@ -95,6 +106,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--workers: must be a positive integer or auto")
         config = dataclasses.replace(config, workers=workers)
     return _serve(config, args.config, args.pid_file)
+
+
+def _top(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import top
+
+    url = args.url
+    if url is None:
+        if not args.config:
+            parser.error("top needs --url or -c/--config")
+        config = _load(args.config)
+        if config is None:
+            return EXIT_CONFIG
+        try:
+            url = top.url_of(config)
+        except top.Unreachable as exc:
+            print(f"balancer top: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    if args.interval <= 0:
+        parser.error("--interval: must be a positive number of seconds")
+    return top.run(url, args.interval, args.once)
 
 
 def _parse_workers(text: str) -> int | None:
