@@ -5,8 +5,8 @@ connections and running totals): the last `RECENT` seconds give the rates (new c
 and bytes per second over 10 s, the peak of new connections per second), and every
 `SPARK_EVERY` samples one point goes into the 5-minute series of open connections and new
 connections per second. Fixed-size arrays per entity, and entities no longer shown are
-dropped at the next sample: memory is bounded by the number of servers (about 1 KiB each,
-see README).
+dropped at the next sample: memory is bounded by the number of servers (about 1.1 KiB
+each, see README).
 """
 
 from __future__ import annotations
@@ -28,38 +28,48 @@ Reading = tuple[int, int, int, int]
 
 
 class Track:
-    """One entity's recent totals and its two sparklines, in fixed arrays."""
+    """One entity's recent totals, rates and its two sparklines, in two fixed arrays."""
 
-    __slots__ = ("filled", "open", "peak_rate", "points", "rates", "recent", "spark_rate",
-                 "ticks")
+    __slots__ = ("numbers", "points", "spark", "ticks")
+
+    # numbers: (conns, in, out) for each of the last RECENT seconds, then the three rates
+    # over RATE_WINDOW (conn/s, bytes in/s, bytes out/s), then the peak of conn/s.
+    RATES = 3 * RECENT
+    PEAK = RATES + 3
 
     def __init__(self) -> None:
-        self.recent = array("d", bytes(8 * 3 * RECENT))  # (conns, in, out) per second
+        self.numbers = array("d", bytes(8 * (self.PEAK + 1)))
+        self.spark = array("f", bytes(4 * 2 * SPARK_POINTS))  # open points, then conn/s ones
         self.ticks = 0  # samples taken
-        self.open = array("f", bytes(4 * SPARK_POINTS))
-        self.spark_rate = array("f", bytes(4 * SPARK_POINTS))
         self.points = 0  # sparkline points taken
-        self.rates = (0.0, 0.0, 0.0)  # conn/s, bytes in/s, bytes out/s over RATE_WINDOW
-        self.peak_rate = 0.0  # the most new connections in one second
-        self.filled = False
+
+    @property
+    def rates(self) -> tuple[float, float, float]:
+        n = self.numbers
+        return n[self.RATES], n[self.RATES + 1], n[self.RATES + 2]
+
+    @property
+    def peak_rate(self) -> float:
+        return self.numbers[self.PEAK]
 
     def sample(self, reading: Reading) -> None:
         open_now, *totals = reading
-        recent, at = self.recent, (self.ticks % RECENT) * 3
-        if self.ticks:
-            before = ((self.ticks - 1) % RECENT) * 3
-            self.peak_rate = max(self.peak_rate, totals[0] - recent[before])
-            span = min(self.ticks, RATE_WINDOW)
-            first = ((self.ticks - span) % RECENT) * 3
-            self.rates = tuple(  # type: ignore[assignment]
-                (totals[k] - recent[first + k]) / (span * SAMPLE_INTERVAL) for k in range(3))
-        if self.ticks and self.ticks % SPARK_EVERY == 0:  # a point for the last 5 s
+        n, ticks, at = self.numbers, self.ticks, (self.ticks % RECENT) * 3
+        if ticks:
+            before = ((ticks - 1) % RECENT) * 3
+            n[self.PEAK] = max(n[self.PEAK], totals[0] - n[before])
+            span = min(ticks, RATE_WINDOW)
+            first = ((ticks - span) % RECENT) * 3
+            for k in range(3):
+                n[self.RATES + k] = (totals[k] - n[first + k]) / (span * SAMPLE_INTERVAL)
+        if ticks and ticks % SPARK_EVERY == 0:  # a point for the last 5 s
             point = self.points % SPARK_POINTS
-            self.open[point] = open_now
-            first = ((self.ticks - SPARK_EVERY) % RECENT) * 3
-            self.spark_rate[point] = (totals[0] - recent[first]) / (SPARK_EVERY * SAMPLE_INTERVAL)
+            first = ((ticks - SPARK_EVERY) % RECENT) * 3
+            self.spark[point] = open_now
+            self.spark[SPARK_POINTS + point] = ((totals[0] - n[first])
+                                                / (SPARK_EVERY * SAMPLE_INTERVAL))
             self.points += 1
-        recent[at : at + 3] = array("d", totals)
+        n[at], n[at + 1], n[at + 2] = totals
         self.ticks += 1
 
     def series(self) -> dict[str, list[float]]:
@@ -67,8 +77,8 @@ class Track:
         count = min(self.points, SPARK_POINTS)
         start = self.points - count
         order = [(start + i) % SPARK_POINTS for i in range(count)]
-        return {"open": [round(self.open[i], 2) for i in order],
-                "conn_rate": [round(self.spark_rate[i], 2) for i in order]}
+        return {"open": [round(self.spark[i], 2) for i in order],
+                "conn_rate": [round(self.spark[SPARK_POINTS + i], 2) for i in order]}
 
 
 class History:

@@ -211,8 +211,10 @@ async def test_page_shows_down_first_sparklines_and_workers(start_backend, start
     backends = [start_backend("echo", f"e{i}") for i in range(4)]
     dead = f"127.0.0.1:{free_port()}"
     servers = [*(b.address for b in backends[:2]), dead, *(b.address for b in backends[2:])]
+    health = {"max_fails": 1, "fail_timeout": "60s",
+              "check": {"type": "tcp", "interval": "1s"}}
     config = with_metrics(make_config(servers, "least_conn", retries={"tries": 3},
-                                      health={"max_fails": 1, "fail_timeout": "60s"}))
+                                      health=health))
     balancer = start(start_balancer, config, 2)
     port = admin_port(balancer)
     stop = asyncio.Event()
@@ -229,6 +231,7 @@ async def test_page_shows_down_first_sparklines_and_workers(start_backend, start
         assert {state for _, state, _ in rows[1:]} == {"up"}
         first_up = cells(rows[1][2])
         assert int(first_up["total"]) > 0 and "source" not in first_up
+        assert cells(rows[0][2])["check"] == "tcp refused"
         assert "all servers static" in dom  # the column says nothing then: one line instead
         points = re.findall(r'<svg class="spark open"[^>]*>.*?<polyline points="([^"]+)"',
                             rows[1][2], re.S)
