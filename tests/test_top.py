@@ -121,3 +121,26 @@ def await_sync(coro):
     import asyncio
 
     return asyncio.run(coro)
+
+
+def test_top_renders_managed_instances_and_sources():
+    """The `instances` list another part adds to /status, and `source`, when present."""
+    from balancer.top import render
+
+    server = {"address": "127.0.0.1:3001", "state": "up", "state_for": 5, "active": 1,
+              "max_conns": 0, "peak": 1, "conn_rate": 0.5, "connections": 3, "bytes_in": 10,
+              "bytes_out": 20, "bytes_in_rate": 0, "bytes_out_rate": 0, "failures": 0,
+              "connect_errors": 0, "retries": 0, "connect_time_avg_ms": 0.2, "downtime": 0,
+              "check": None, "source": "app#2 pid 4242", "reason": "initial"}
+    status = {"time": 0, "process": {"pid": 1, "uptime": 9, "rss": None}, "listeners": [],
+              "upstreams": {"app": {"strategy": "round_robin", "up": 1, "total": 1,
+                                    "summary": "all 1 up", "servers": [server],
+                                    "instances": [{"index": 2, "pid": 4242, "port": 3001,
+                                                   "state": "running", "restarts": 1,
+                                                   "uptime": 65, "rss": 50 << 20,
+                                                   "last_exit": "exited with status 1"}]}}}
+    text = "\n".join(render(status))
+    assert "FOUND BY" in text and "app#2 pid 4242" in text
+    instance = next(line for line in text.splitlines() if line.strip().startswith("#2"))
+    assert instance.split()[:6] == ["#2", "4242", "3001", "running", "1", "1m"]
+    assert "50M" in instance and "exited with status 1" in instance
