@@ -12,9 +12,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import LOOPS, Config, ConfigError, config_warnings, load_config
+
+if TYPE_CHECKING:
+    from .watch import ConfigWatcher
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -47,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--pid-file", metavar="PATH",
         help="write the main process id here (run), or signal the process found here (reload)",
+    )
+    common.add_argument(
+        "--watch-config", action="store_true",
+        help="reload when the config file's content changes (a Kubernetes ConfigMap update), "
+        "as on SIGHUP; the config's `watch_config: true` does the same",
     )
     # The top-level parser accepts the run options too, so `balancer -c FILE` just runs.
     for action in common._actions:
@@ -87,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _top(parser, args)
     if not args.config:
         parser.error("the following arguments are required: -c/--config")
+    watcher = None
+    if command == "run":  # its baseline is read before the load: no change goes unseen
+        from .watch import ConfigWatcher
+
+        watcher = ConfigWatcher(args.config, always=args.watch_config)
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
@@ -105,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if workers == 0:
             parser.error("--workers: must be a positive integer or auto")
         config = dataclasses.replace(config, workers=workers)
-    return _serve(config, args.config, args.pid_file)
+    return _serve(config, args.config, args.pid_file, watcher)
 
 
 def _top(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -164,16 +178,17 @@ def _load(path: str) -> Config | None:
         return None
 
 
-def _serve(config: Config, config_path: str, pid_file: str | None) -> int:
+def _serve(config: Config, config_path: str, pid_file: str | None,
+           watcher: ConfigWatcher | None) -> int:
     workers = config.workers if config.workers is not None else _usable_cpus()
     try:
         if workers > 1:
             from .proc.supervisor import run_supervisor
 
-            return run_supervisor(config, config_path, workers, pid_file)
+            return run_supervisor(config, config_path, workers, pid_file, watcher)
         from .server import run
 
-        return run(config, config_path=config_path, pid_file=pid_file)
+        return run(config, config_path=config_path, pid_file=pid_file, watcher=watcher)
     except OSError as exc:
         logging.getLogger("balancer").error("cannot start: %s", exc)
         return EXIT_RUNTIME

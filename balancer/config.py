@@ -257,12 +257,13 @@ class Config:
     shutdown_timeout: float = 30.0
     log: LogConfig = field(default_factory=LogConfig)
     worker_timeout: float = 30.0  # a worker silent this long (hung, stopped) is replaced
+    watch_config: bool = False  # reload when the file's content changes (watch.py)
 
 
 # --- Parsing -------------------------------------------------------------------------------
 
 TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log",
-            "worker_timeout")
+            "worker_timeout", "watch_config")
 LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "tls", "sni", "accept_proxy",
                  "max_conns", "per_client", "allow", "deny", "timeouts")
 PER_CLIENT_KEYS = ("max_conns", "rate")
@@ -327,10 +328,11 @@ def parse_config(data: object, source: str = "<config>", base: Path | None = Non
     shutdown_timeout = top.duration("shutdown_timeout", _CONFIG.shutdown_timeout)
     log = _log(top)
     worker_timeout = _worker_timeout(top)
+    watch_config = top.boolean("watch_config", _CONFIG.watch_config)
     if problems:
         raise ConfigError(problems.items)
     return Config(listeners, upstreams, metrics, workers, loop, shutdown_timeout, log,
-                  worker_timeout)
+                  worker_timeout, watch_config)
 
 
 def reload_problems(running: Config, new: Config) -> list[str]:

@@ -39,6 +39,7 @@ from .limits import REASONS, AcceptErrors, Gate, Rejections, raise_fd_limit, use
 from .loops import new_event_loop, resolve_loop_name
 from .membership import Apply, Membership, Reason
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
+from .notify import Notifier
 from .proc.shared import COUNTERS, SYNC_INTERVAL, SharedCell
 from .proxy import ClientConnection, Route
 from .signals import handle_stop_signals, remove_stop_signals
@@ -47,6 +48,7 @@ from .sockets import LISTEN_BACKLOG, BindError, bind_group
 from .terminate import TlsHandshake
 from .tls import ServerCertificates
 from .upstream import CellFor, Server, Upstream, no_cell
+from .watch import ConfigWatcher
 
 log = logging.getLogger("balancer.server")
 
@@ -701,36 +703,62 @@ def applier(balancer: Balancer) -> Apply:
     return apply
 
 
-async def serve(config: Config, config_path: str | None = None) -> int:
+async def serve(config: Config, config_path: str | None = None,
+                watcher: ConfigWatcher | None = None) -> int:
     """Run one balancer until SIGINT/SIGTERM; a second signal skips the drain; SIGHUP
-    reloads `config_path`."""
+    reloads `config_path`, and so does a change of its content that `watcher` sees (with
+    `--watch-config` or the config's own `watch_config: true`)."""
     balancer = Balancer(config)
     membership = Membership(config, applier(balancer), balancer.server_active)
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
+    notifier = Notifier.from_environment()
+
+    async def reload(path: str) -> bool:
+        notifier.reloading()
+        try:
+            return await reload_from(membership, path)
+        finally:
+            notifier.ready()
+
+    def start_reload(path: str) -> None:
+        task = loop.create_task(reload(path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     def on_hangup() -> None:
         if config_path is None:
             log.warning("received SIGHUP, but there is no config file to reload")
             return
         log.info("received SIGHUP, reloading %s", config_path)
-        task = loop.create_task(reload_from(membership, config_path))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        start_reload(config_path)
 
-    handle_stop_signals(loop, balancer.request_stop, balancer.close_all, log)
+    def request_stop() -> None:
+        notifier.stopping()
+        balancer.request_stop()
+
+    handle_stop_signals(loop, request_stop, balancer.close_all, log)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    watching: asyncio.Task[None] | None = None
     try:
         try:
             await membership.start()
             balancer.config = membership.effective()
             await balancer.start()
             membership.go_live()
+            if watcher is not None:
+                path = watcher.path
+                watching = loop.create_task(watcher.run(
+                    lambda: membership.config.watch_config, lambda: start_reload(path)))
+            notifier.ready()
             await balancer.wait_stopped()
             await balancer.shutdown()
         finally:  # after the clients drained: managed instances are stopped last
             await membership.stop()
     finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         remove_stop_signals(loop)
         loop.remove_signal_handler(signal.SIGHUP)
     log.info("stopped")
@@ -738,7 +766,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
 
 
 def run(config: Config, loop_name: LoopName | None = None, config_path: str | None = None,
-        pid_file: str | None = None) -> int:
+        pid_file: str | None = None, watcher: ConfigWatcher | None = None) -> int:
     """Create the event loop (after any fork) and serve `config` until stopped."""
     name = resolve_loop_name(loop_name or config.loop)
     loop = new_event_loop(name)
@@ -747,7 +775,7 @@ def run(config: Config, loop_name: LoopName | None = None, config_path: str | No
     if pid_file:
         write_pid_file(pid_file)
     try:
-        return loop.run_until_complete(serve(config, config_path))
+        return loop.run_until_complete(serve(config, config_path, watcher))
     finally:
         asyncio.set_event_loop(None)
         loop.close()

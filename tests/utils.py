@@ -119,12 +119,15 @@ class BalancerProcess:
 
     def __init__(self, config: dict, tmp_path: Path, *args: str, loop: str = "uvloop",
                  expect_log: list[str] | tuple[str, ...] = (),
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, config_file: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.expect_log = [re.compile(pattern) for pattern in expect_log]
         # `nofile`: run under that file-descriptor limit (soft and hard), as `prlimit` does.
         limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
-        self.config_path = tmp_path / f"balancer-{time.monotonic_ns()}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        # `config_file`: a file (or symlink) the test laid out itself, holding `config`.
+        self.config_path = config_file or tmp_path / f"balancer-{time.monotonic_ns()}.yaml"
+        if config_file is None:
+            self.config_path.write_text(yaml.safe_dump(config))
         self.lines: list[str] = []
         self._lines_changed = threading.Condition()
         self.proc = subprocess.Popen(
@@ -133,6 +136,7 @@ class BalancerProcess:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
         self._pump = threading.Thread(target=self._pump_stderr, daemon=True)
         self._pump.start()
@@ -358,10 +362,10 @@ def worker_pids(balancer) -> list[int]:
     return [int(pid) for pid in children]
 
 
-def start_workers(start_balancer, config: dict, workers: int = 2, *args: str):
+def start_workers(start_balancer, config: dict, workers: int = 2, *args: str, **kwargs: Any):
     """A balancer with `workers` workers, returned once every one has started."""
     config["workers"] = workers
-    balancer = start_balancer(config, *args)
+    balancer = start_balancer(config, *args, **kwargs)
     for slot in range(workers):
         balancer.wait_for_line(rf"worker {slot} started", timeout=20)
     return balancer

@@ -49,8 +49,10 @@ from typing import Any
 
 from ..config import Address, Config, ConfigError, ListenerConfig, reload_problems
 from ..membership import Membership, Reason
+from ..notify import Notifier
 from ..signals import handle_stop_signals, remove_stop_signals
 from ..sockets import BindError, bind_group
+from ..watch import ConfigWatcher
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message, channel_pair
 from .shared import HEARTBEAT_INTERVAL
 
@@ -130,9 +132,12 @@ class WorkerProcess:
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str, workers: int, state_dir: Path) -> None:
+    def __init__(self, config: Config, config_path: str, workers: int, state_dir: Path,
+                 watcher: ConfigWatcher | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        self.watcher = watcher or ConfigWatcher(config_path)
+        self.notifier = Notifier.from_environment()  # before any worker inherits it
         self.count = workers
         self.state_dir = state_dir
         self.sockets: dict[str, list[list[socket.socket]]] = {}  # listener -> slot -> group
@@ -678,6 +683,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        self.notifier.stopping()
         self._close_sockets()
         for worker in [*self.workers.values(), *self.starting, *self.retired]:
             worker.stop()
@@ -705,11 +711,22 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         reloading: set[asyncio.Task[bool]] = set()
 
-        def on_hangup() -> None:
-            log.info("received SIGHUP, reloading %s", self.config_path)
-            task = loop.create_task(self.reload())
+        async def reload() -> bool:
+            self.notifier.reloading()
+            try:
+                return await self.reload()
+            finally:
+                if not self.stopping:
+                    self.notifier.ready()
+
+        def start_reload() -> None:
+            task = loop.create_task(reload())
             reloading.add(task)
             task.add_done_callback(reloading.discard)
+
+        def on_hangup() -> None:
+            log.info("received SIGHUP, reloading %s", self.config_path)
+            start_reload()
 
         handle_stop_signals(loop, self.request_stop, self.force_stop, log, "stopping workers")
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
@@ -730,6 +747,10 @@ class Supervisor:
             for slot in range(self.count):
                 await self.start_slot(slot)
             self.membership.go_live()
+            self._spawn_task(self.watcher.run(lambda: self.membership.config.watch_config,
+                                              start_reload))
+            if not self.stopping:
+                self.notifier.ready()
             await self._done.wait()
         except GiveUp as exc:
             self.failure = str(exc)
@@ -833,7 +854,7 @@ def process_exists(pid: int) -> bool:
 
 
 def run_supervisor(config: Config, config_path: str, workers: int,
-                   pid_file: str | None = None) -> int:
+                   pid_file: str | None = None, watcher: ConfigWatcher | None = None) -> int:
     """Run the primary with `workers` workers until stopped."""
     state_dir = make_state_dir()
     # Must be set before prometheus_client is first imported, here and in every worker.
@@ -843,7 +864,7 @@ def run_supervisor(config: Config, config_path: str, workers: int,
     loop = asyncio.new_event_loop()  # the primary moves no client bytes: stdlib loop is fine
     asyncio.set_event_loop(loop)
     try:
-        supervisor = Supervisor(config, config_path, workers, state_dir)
+        supervisor = Supervisor(config, config_path, workers, state_dir, watcher)
         return loop.run_until_complete(supervisor.run())
     finally:
         asyncio.set_event_loop(None)
