@@ -112,7 +112,8 @@ def test_the_sysusers_file_creates_the_units_user(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)], check=True,
                    capture_output=True, timeout=60)
-    users = {line.split(":")[0]: line for line in (tmp_path / "etc/passwd").read_text().splitlines()}
+    passwd = (tmp_path / "etc/passwd").read_text().splitlines()
+    users = {line.split(":")[0]: line for line in passwd}
     assert users[service()["User"]].endswith(":/usr/sbin/nologin")
     groups = (tmp_path / "etc/group").read_text().splitlines()
     assert any(line.startswith(service()["Group"] + ":") for line in groups)
