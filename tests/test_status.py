@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import tracemalloc
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from balancer.history import SPARK_EVERY, SPARK_POINTS, History, Track
+from balancer.proc.cluster import render_cluster_metrics
 from balancer.proc.shared import COUNTERS, SharedTable
 from balancer.stats import check_code, check_text
 
@@ -337,3 +339,22 @@ def test_totals_survive_a_worker_leaving_the_table(tmp_path):
         assert table.cell(1, None).totals() == [0] * COUNTERS
     finally:
         table.close()
+
+
+def test_cluster_metrics_skip_a_file_a_worker_is_creating(tmp_path):
+    """A worker opens a new metrics file before sizing it: read then, it is empty, and
+    prometheus-client's own collector raised struct.error for the whole /metrics answer."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    written = MmapedDict(str(tmp_path / "counter_101.db"))
+    written.write_value(mmap_key("balancer_retries", "balancer_retries_total", ["upstream"],
+                                 ["app"], "Connects retried."), 3.0, 0.0)
+    written.close()
+    (tmp_path / "histogram_102.db").touch()  # the other worker, between open and truncate
+    text = render_cluster_metrics(str(tmp_path)).decode()
+    assert 'balancer_retries_total{upstream="app"} 3.0' in text
+    plain = CollectorRegistry()
+    multiprocess.MultiProcessCollector(plain, str(tmp_path))
+    with pytest.raises(struct.error):  # what prometheus-client's own collector does with it
+        generate_latest(plain)

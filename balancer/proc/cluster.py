@@ -16,7 +16,10 @@ it: a re-ejection by the workers shows as down here too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -144,10 +147,25 @@ def follow(server: Server, now: float) -> None:
     server.peak = max(server.peak, cell.total_active(), cell.peak())
 
 
-def render_cluster_metrics() -> bytes:
+class ClusterCollector(multiprocess.MultiProcessCollector):
+    """prometheus-client's multiprocess collector, minus the files a worker is creating at
+    that moment: it opens a new file before giving it its size, and a file read empty raises
+    struct.error (a /metrics request racing a worker's first connection answered nothing,
+    with a traceback in the log). Such a file holds no value yet: skipping it loses none."""
+
+    def collect(self) -> Any:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(OSError):  # removed meanwhile: also nothing to read
+                if os.path.getsize(path) >= 8:  # its header: the bytes used
+                    files.append(path)
+        return self.merge(files, accumulate=True)
+
+
+def render_cluster_metrics(path: str | None = None) -> bytes:
     """Every worker's metrics, combined (prometheus-client multiprocess mode), plus the
     primary's own process metrics."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    ClusterCollector(registry, path)
     ProcessCollector(registry=registry)
     return generate_latest(registry)
