@@ -24,6 +24,7 @@ from balancer.demo.command import read_listening_port
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
 CONFIG_IN_CONTAINER = "/etc/balancer/balancer.yaml"
 APPS = ("app1", "app2", "app3")
 
@@ -136,6 +137,53 @@ def test_published_ports_match_the_listeners_and_metrics() -> None:
     assert all(host == container for container, host in ports.items())
     for name in APPS:
         assert not services()[name].get("ports"), "apps are reached through the balancer only"
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) for each instruction, continuation lines joined."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+            for line in lines if line and not line.startswith("#")]
+
+
+def instructions(name: str) -> list[str]:
+    return [args for instruction, args in dockerfile() if instruction == name]
+
+
+def test_the_dockerfile_builds_from_a_base_argument_into_a_venv_as_a_non_root_user() -> None:
+    assert dockerfile()[0] == ("ARG", "BASE=python:3.12-slim")
+    assert instructions("FROM") == ["${BASE}"]
+    run = " ".join(instructions("RUN"))
+    assert "python3 -m venv /opt/balancer" in run
+    assert "/opt/balancer/bin/pip install" in run
+    user = instructions("USER")[-1]
+    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0
+    assert instructions("STOPSIGNAL") == ["SIGTERM"]
+    assert instructions("ENTRYPOINT") == ['["balancer"]']
+    for copy in instructions("COPY"):
+        *sources, _target = copy.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+
+
+def test_the_image_exposes_and_health_checks_the_docker_config() -> None:
+    """What the image runs without a mount: configs/docker.yaml, on the ports it EXPOSEs,
+    its HEALTHCHECK asking that config's /healthz."""
+    copied = [c.split() for c in instructions("COPY") if c.split()[-1] == CONFIG_IN_CONTAINER]
+    assert copied == [["configs/docker.yaml", CONFIG_IN_CONTAINER]]
+    config = load_config(REPO / "configs" / "docker.yaml")
+    assert config.metrics is not None
+    ports = {listener.bind.port for listener in config.listeners} | {config.metrics.bind.port}
+    assert {int(p) for e in instructions("EXPOSE") for p in e.split()} == ports
+    (check,) = instructions("HEALTHCHECK")
+    assert f"http://127.0.0.1:{config.metrics.bind.port}/healthz" in check
+    assert instructions("CMD")[-1] == f'["-c", "{CONFIG_IN_CONTAINER}"]'
+
+
+def test_the_build_context_leaves_out_the_virtualenv_and_git() -> None:
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
