@@ -18,14 +18,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import report
 from .procs import CPU_LOAD, StartError, Supervisor
-from .proxies import PROXIES, REPO, nginx_has_stream, start_iperf_server, start_nginx_backend
+from .proxies import (
+    PROXIES,
+    REPO,
+    make_certificate,
+    nginx_has_stream,
+    start_iperf_server,
+    start_nginx_backend,
+)
 from .runner import (
+    DEFAULT_TESTS,
     IDLE_CONNECTIONS,
+    QUICK_TESTS,
     TESTS,
     BackendDied,
     Context,
@@ -41,13 +51,23 @@ APT = "apt-get install -y haproxy nginx libnginx-mod-stream wrk iperf3"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--proxies", default=",".join(PROXIES),
-                   help=f"comma-separated subset of {','.join(PROXIES)}")
-    p.add_argument("--tests", default=",".join(TESTS),
-                   help=f"comma-separated subset of {','.join(TESTS)}")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per run (10)")
-    p.add_argument("--runs", type=int, default=3, help="runs per figure; the median is kept (3)")
-    p.add_argument("--quick", action="store_true", help="3 s x 1 run: a smoke test, not data")
+    p.add_argument("--proxies", default=None,
+                   help=f"comma-separated subset of {','.join(PROXIES)} (default: all; "
+                        "--quick: haproxy,balancer)")
+    p.add_argument("--tests", default=None,
+                   help=f"comma-separated subset of {','.join(TESTS)} (default: all but bulk8; "
+                        f"--quick: {','.join(QUICK_TESTS)})")
+    p.add_argument("--duration", type=float, default=None, help="seconds per run (10; quick 8)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="runs per figure; the median is kept (3)")
+    p.add_argument("--quick", action="store_true",
+                   help="about 2 minutes: CPU per keep-alive request and per new connection, "
+                        "HAProxy and the balancer, 8 s x 3 runs; writes quick.md")
+    p.add_argument("--smoke", action="store_true",
+                   help="2 s x 1 run of whatever is selected: checks the harness, not data")
+    p.add_argument("--against", metavar="REV", action="append", default=[],
+                   help="also measure the balancer at git revision REV (a `balancer@REV` row, "
+                        "interleaved with the others): before/after in one run; repeatable")
     p.add_argument("--balancer-cmd", metavar="CMD",
                    help="how to start the balancer; {config} is replaced by the config path, "
                         "else `-c CONFIG` is appended (default: this python -m balancer)")
@@ -56,8 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-temp", action="store_true",
                    help="keep the temp dir with generated configs and process logs")
     args = p.parse_args(argv)
-    if args.quick:
-        args.duration, args.runs = 3.0, 1
+    quick_proxies = "haproxy,balancer"
+    if args.proxies is None:
+        args.proxies = quick_proxies if args.quick else ",".join(PROXIES)
+    if args.tests is None:
+        args.tests = ",".join(QUICK_TESTS if args.quick else DEFAULT_TESTS)
+    if args.duration is None:
+        args.duration = 2.0 if args.smoke else 8.0 if args.quick else 10.0
+    if args.runs is None:
+        args.runs = 1 if args.smoke else 3
     args.proxies = _subset(p, args.proxies, PROXIES, "--proxies")
     args.tests = _subset(p, args.tests, TESTS, "--tests")
     if args.duration <= 0 or not 1 <= args.runs <= 20:
@@ -127,7 +154,7 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
     """Drop the proxies and tests whose tools are missing, saying why."""
     skipped: list[str] = []
     have = {t: shutil.which(t) is not None for t in ("haproxy", "nginx", "wrk", "iperf3",
-                                                     "taskset")}
+                                                     "taskset", "openssl")}
     proxies, tests = list(args.proxies), list(args.tests)
     if not have["nginx"]:
         skipped.append("everything: nginx (the backends) is not installed; " + APT)
@@ -142,9 +169,14 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
         if t in tests and not have["wrk"]:
             tests.remove(t)
             skipped.append(f"test {t}: wrk is not installed (apt-get install -y wrk)")
-    if "bulk" in tests and not have["iperf3"]:
-        tests.remove("bulk")
-        skipped.append("test bulk: iperf3 is not installed (apt-get install -y iperf3)")
+    for t in ("bulk", "bulk8"):
+        if t in tests and not have["iperf3"]:
+            tests.remove(t)
+            skipped.append(f"test {t}: iperf3 is not installed (apt-get install -y iperf3)")
+    for t in ("tls_conn", "tls_keepalive"):
+        if t in tests and not (have["openssl"] and have["wrk"]):
+            tests.remove(t)
+            skipped.append(f"test {t}: needs openssl and wrk (apt-get install -y openssl wrk)")
     if not have["taskset"]:
         skipped.append("CPU pinning: taskset not found, processes are not pinned")
     if (os.cpu_count() or 1) < 2:
@@ -181,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine,
         "versions": versions,
-        "settings": {"duration": args.duration, "runs": args.runs, "quick": args.quick,
+        "settings": {"duration": args.duration, "runs": args.runs,
+                     "quick": args.quick or args.smoke, "against": args.against,
                      "proxies": proxies, "tests": tests, "idle_connections": IDLE_CONNECTIONS,
                      "balancer_cmd": args.balancer_cmd},
         "skipped": skipped,
@@ -195,16 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         ctx = _setup(sup, workdir, args, tests)
+        sources = {f"balancer@{rev}": _export(rev, workdir) for rev in args.against}
+        rows = [*proxies, *sources]
         for test in tests:
-            variants = variants_for(test, proxies)
+            variants = [replace(v, source=sources.get(v.proxy))
+                        for v in variants_for(test, rows)]
             for run_no in range(1, args.runs + 1):
                 for v in variants:
-                    key = f"{test}_256k" if v.big_buffers else test
                     r = run_once(ctx, test, v, run_no)
-                    runs.setdefault(v.proxy, {}).setdefault(key, []).append(r)
+                    runs.setdefault(v.proxy, {}).setdefault(v.key(test), []).append(r)
                     log(f"[{test} {run_no}/{args.runs}] {v.label}: {describe(test, r)}")
     except StartError as exc:
         log(f"error: could not start the backends: {exc}")
+        return 2
+    except subprocess.CalledProcessError as exc:
+        log(f"error: {' '.join(map(str, exc.cmd))} failed: {(exc.stderr or b'').decode()}")
         return 2
     except BackendDied as exc:
         # Keep what was measured so far, but say loudly that the run is incomplete.
@@ -222,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     meta["machine"]["loadavg_end"] = _loadavg()
     meta["elapsed_s"] = round(time.monotonic() - started)
     results = {p: {k: report.summarize(v) for k, v in runs[p].items()}
-               for p in proxies if p in runs}
-    md = report.write(args.out, meta, results)
+               for p in runs}
+    name = "quick" if args.quick or args.smoke else "latest"
+    md = report.write(args.out, meta, results, name)
     print(md)
-    log(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.json'}")
+    log(f"wrote {args.out / (name + '.md')} and {args.out / (name + '.json')}")
     if meta.get("aborted"):
         return 2
     failed = any(e["failures"] for t in results.values() for e in t.values())
@@ -240,9 +279,22 @@ def _setup(sup: Supervisor, workdir: Path, args: argparse.Namespace,
         backends.append(proc)
         ports.append(port)
     ctx = Context(sup, workdir, args.duration, backends, ports, args.balancer_cmd)
-    if "bulk" in tests:
+    if any(t.startswith("bulk") for t in tests):
         ctx.iperf = start_iperf_server(sup)
+    if any(t.startswith("tls_") for t in tests):
+        ctx.tls_files = make_certificate(workdir)
     return ctx
+
+
+def _export(rev: str, workdir: Path) -> Path:
+    """The `balancer/` package of git revision `rev`, unpacked into the temp dir."""
+    dest = workdir / f"rev-{re.sub(r'[^A-Za-z0-9._-]', '_', rev)}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "balancer"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, capture_output=True,
+                   check=True)
+    return dest
 
 
 if __name__ == "__main__":

@@ -82,9 +82,10 @@ def run_wrk(port: int, seconds: float, connections: int, close: bool = False,
     return parse_wrk(done.stdout)
 
 
-def run_iperf(port: int, seconds: float) -> float:
-    """One TCP stream, client on CPU 1, for `seconds`; returns received Gbit/s."""
-    cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"]
+def run_iperf(port: int, seconds: float, streams: int = 1) -> float:
+    """`streams` TCP streams (iperf3 -P), client on CPU 1, for `seconds`; received Gbit/s."""
+    cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J",
+           "-P", str(streams)]
     try:
         done = subprocess.run(pinned(cmd, CPU_LOAD), capture_output=True, text=True,
                               timeout=seconds + 60, check=False)
@@ -100,6 +101,26 @@ def run_iperf(port: int, seconds: float) -> float:
         return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
     except KeyError as exc:
         raise LoadError("iperf3 JSON has no end.sum_received") from exc
+
+
+def parse_s_time(out: str) -> int:
+    """The connection count of `openssl s_time` ("N connections in Ts; ..."); 0 is an error
+    (every handshake failed) rather than a figure."""
+    match = re.search(r"^(\d+) connections in [\d.]+s;", out, re.M)
+    if not match or not int(match.group(1)):
+        raise LoadError(f"s_time made no connection: {out.strip()[-300:]!r}")
+    return int(match.group(1))
+
+
+def run_s_time(port: int, seconds: float) -> int:
+    """New connections, each a full handshake and one GET, for `seconds`; how many."""
+    cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new",
+           "-time", f"{seconds:g}", "-www", "/"]
+    done = subprocess.run(pinned(cmd, CPU_LOAD), capture_output=True, text=True,
+                          timeout=seconds + 60, check=False)
+    if done.returncode != 0:
+        raise LoadError(f"s_time exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    return parse_s_time(done.stdout)
 
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"

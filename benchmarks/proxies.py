@@ -95,22 +95,49 @@ def start_iperf_server(sup: Supervisor) -> tuple[Proc, int]:
     return proc, port
 
 
+# Bulk and TLS setups besides the plain one: the suffix of the result key and of the label.
+FLAVORS = {
+    "256k": "256k buf",  # tune.bufsize 262144 / proxy_buffer_size 256k
+    "splice": "splice-auto",  # HAProxy's option splice-auto: its best bulk configuration
+    "tls": "TLS",  # TLS termination with the same RSA-2048 certificate
+}
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One proxy setup to measure; `big_buffers` is the 256 KiB-buffer bulk variant."""
+    """One proxy setup to measure.
+
+    `flavor` is "" or a key of FLAVORS; `source` is a directory holding another revision's
+    `balancer/` package (a `balancer@REV` row, for before/after runs in one invocation).
+    """
 
     proxy: str
-    big_buffers: bool = False
+    flavor: str = ""
+    source: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        """The proxy program: `balancer@REV` rows run the balancer."""
+        return "balancer" if self.proxy.startswith("balancer") else self.proxy
 
     @property
     def label(self) -> str:
-        return f"{self.proxy} (256k buf)" if self.big_buffers else self.proxy
+        return f"{self.proxy} ({FLAVORS[self.flavor]})" if self.flavor else self.proxy
+
+    def key(self, test: str) -> str:
+        """Where this variant's runs go in the results: `bulk_splice`, `conn`..."""
+        return f"{test}_{self.flavor}" if self.flavor and self.flavor != "tls" else test
 
 
-def haproxy_conf(port: int, upstreams: list[int], big_buffers: bool, bind_extra: str = "") -> str:
-    """HAProxy's benchmark config; `bind_extra` adds words to its `bind` line (`ssl crt F`)."""
+def haproxy_conf(port: int, upstreams: list[int], big_buffers: bool, bind_extra: str = "",
+                 splice: bool = False) -> str:
+    """HAProxy's benchmark config; `bind_extra` adds words to its `bind` line (`ssl crt F`);
+    `splice` turns on `option splice-auto` (kernel splice when it judges it worth it)."""
     servers = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(upstreams))
     tune = "    tune.bufsize 262144\n" if big_buffers else ""
+    option = "    option splice-auto\n" if splice else ""
+    if splice:  # pipes count against the descriptor limit: maxconn/4 of them would not fit
+        tune += "    maxpipes 1024\n"
     return f"""\
 global
     nbthread 1
@@ -121,7 +148,7 @@ global
     timeout client 10m
     timeout server 10m
     maxconn {MAX_CONN}
-frontend bench
+{option}frontend bench
     bind 127.0.0.1:{port}{bind_extra} backlog 4096
     default_backend app
 backend app
@@ -192,29 +219,65 @@ def balancer_command(template: str | None, config: Path) -> list[str]:
     return [*shlex.split(template), "-c", str(config)]
 
 
+def haproxy_tls_conf(port: int, upstreams: list[int], both: Path) -> str:
+    return haproxy_conf(port, upstreams, False, f" ssl crt {both}")
+
+
+def balancer_tls_conf(port: int, upstreams: list[int], cert: Path, key: Path) -> str:
+    tls = f"    tls:\n      certificates: [{{cert: {cert}, key: {key}}}]\n"
+    return balancer_conf(port, upstreams, tls)
+
+
+def make_certificate(workdir: Path) -> tuple[Path, Path, Path]:
+    """A self-signed RSA-2048 certificate: (cert, key, both in one file for HAProxy)."""
+    import subprocess
+
+    cert, key, both = workdir / "bench.pem", workdir / "bench.key", workdir / "both.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=bench.local",
+                    "-addext", "subjectAltName=DNS:bench.local"],
+                   check=True, capture_output=True)
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return cert, key, both
+
+
 def start_proxy(sup: Supervisor, workdir: Path, variant: Variant, upstreams: list[int],
-                balancer_cmd: str | None, run_id: str) -> tuple[Proc | None, int]:
+                balancer_cmd: str | None, run_id: str,
+                tls_files: tuple[Path, Path, Path] | None = None) -> tuple[Proc | None, int]:
     """Start one proxy in front of `upstreams`; `direct` means no proxy (first upstream)."""
     if variant.proxy == "direct":
         return None, upstreams[0]
+    tls = variant.flavor == "tls"
+    if tls and tls_files is None:
+        raise ValueError("a TLS variant needs the certificate files")
     port = free_port()
     prefix = workdir / f"{variant.proxy}-{run_id}"
     prefix.mkdir(parents=True, exist_ok=True)
     cwd = None
-    if variant.proxy == "haproxy":
+    if variant.kind == "haproxy":
         conf = prefix / "haproxy.cfg"
-        conf.write_text(haproxy_conf(port, upstreams, variant.big_buffers))
+        if tls:
+            assert tls_files is not None
+            conf.write_text(haproxy_tls_conf(port, upstreams, tls_files[2]))
+        else:
+            conf.write_text(haproxy_conf(port, upstreams, variant.flavor == "256k",
+                                         splice=variant.flavor == "splice"))
         cmd = ["haproxy", "-db", "-f", str(conf)]
-    elif variant.proxy == "nginx":
+    elif variant.kind == "nginx":
         _nginx_dirs(prefix)
         conf = prefix / "nginx.conf"
-        conf.write_text(nginx_stream_conf(prefix, port, upstreams, variant.big_buffers))
+        conf.write_text(nginx_stream_conf(prefix, port, upstreams, variant.flavor == "256k"))
         cmd = ["nginx", "-p", str(prefix), "-e", f"{prefix}/logs/error.log", "-c", str(conf)]
-    elif variant.proxy == "balancer":
+    elif variant.kind == "balancer":
         conf = prefix / "balancer.yaml"
-        conf.write_text(balancer_conf(port, upstreams))
-        cmd = balancer_command(balancer_cmd, conf)
-        cwd = str(REPO)
+        if tls:
+            assert tls_files is not None
+            conf.write_text(balancer_tls_conf(port, upstreams, tls_files[0], tls_files[1]))
+        else:
+            conf.write_text(balancer_conf(port, upstreams))
+        # Another revision runs from its own tree: `-m balancer` imports from the cwd first.
+        cmd = balancer_command(None if variant.source else balancer_cmd, conf)
+        cwd = str(variant.source or REPO)
     else:
         raise ValueError(f"unknown proxy {variant.proxy!r}")
     proc = sup.start(variant.proxy, cmd, CPU_PROXY, cwd=cwd)

@@ -11,18 +11,34 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-# (column title, test, metric, show ratio to HAProxy, decimals, bulk variant with big buffers)
-COLUMNS: tuple[tuple[str, str, str, bool, int, bool], ...] = (
-    ("keep-alive req/s", "keepalive", "rate", False, 0, False),
-    ("CPU µs/req", "keepalive", "cpu_us", True, 1, False),
-    ("new conn/s", "conn", "rate", False, 0, False),
-    ("CPU µs/conn", "conn", "cpu_us", True, 1, False),
-    ("bulk Gbit/s", "bulk", "gbps", True, 2, False),
-    ("bulk Gbit/s, 256 KiB buf", "bulk", "gbps", True, 2, True),
-    ("idle RSS KiB/conn", "idle", "kib_per_conn", True, 1, False),
-    ("p99 ms @1000", "p99", "p99_ms", True, 2, False),
-    ("errors @1000", "p99", "errors", False, 0, False),
+# (column title, result key, metric, show ratio to HAProxy, decimals). The key is the test,
+# with the variant's flavor for HAProxy's and nginx's other bulk setups (`bulk_splice`).
+COLUMNS: tuple[tuple[str, str, str, bool, int], ...] = (
+    ("keep-alive req/s", "keepalive", "rate", False, 0),
+    ("CPU µs/req", "keepalive", "cpu_us", True, 1),
+    ("new conn/s", "conn", "rate", False, 0),
+    ("CPU µs/conn", "conn", "cpu_us", True, 1),
+    ("bulk Gbit/s", "bulk", "gbps", True, 2),
+    ("bulk Gbit/s, 256 KiB buf", "bulk_256k", "gbps", True, 2),
+    ("bulk Gbit/s, splice-auto", "bulk_splice", "gbps", True, 2),
+    ("bulk -P 8 Gbit/s", "bulk8", "gbps", True, 2),
+    ("bulk -P 8, splice-auto", "bulk8_splice", "gbps", True, 2),
+    ("idle RSS KiB/conn", "idle", "kib_per_conn", True, 1),
+    ("p99 ms @1000", "p99", "p99_ms", True, 2),
+    ("errors @1000", "p99", "errors", False, 0),
+    ("TLS CPU µs/handshake", "tls_conn", "cpu_us", True, 1),
+    ("TLS CPU µs/req", "tls_keepalive", "cpu_us", True, 1),
 )
+
+# Issue 18's targets for each balancer row, as (what, balancer key, HAProxy key, metric,
+# bound, lower is better): the ratio balancer / HAProxy in this same run.
+TARGETS: tuple[tuple[str, str, str, str, float, bool], ...] = (
+    ("CPU per new connection", "conn", "conn", "cpu_us", 1.1, True),
+    ("CPU per keep-alive request", "keepalive", "keepalive", "cpu_us", 1.0, True),
+    ("bulk vs HAProxy tune.bufsize 262144", "bulk", "bulk_256k", "gbps", 1.0, False),
+    ("bulk vs HAProxy option splice-auto", "bulk", "bulk_splice", "gbps", 1.0, False),
+)
+P99_BOUND = 1.5  # p99 at 1,000 connections, in every run, with zero errors
 
 
 # Points by which CPU 0 may be busier than the proxy itself (softirq, the kernel) before
@@ -57,9 +73,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _cell(results: dict[str, Any], proxy: str, test: str, metric: str, big: bool,
-          ratio: bool, decimals: int) -> str:
-    key = f"{test}_256k" if big else test
+def _cell(results: dict[str, Any], proxy: str, key: str, metric: str, ratio: bool,
+          decimals: int) -> str:
     entry = results.get(proxy, {}).get(key)
     if entry is None:
         return "—"
@@ -84,14 +99,58 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """value / HAProxy's value for each ratio column, for the JSON."""
     out: dict[str, dict[str, float]] = {}
     for proxy in results:
-        for title, test, metric, show, _dec, big in COLUMNS:
-            key = f"{test}_256k" if big else test
+        for title, key, metric, show, _dec in COLUMNS:
             if not show:
                 continue
             mine = results[proxy].get(key, {}).get("median", {}).get(metric)
             base = results.get("haproxy", {}).get(key, {}).get("median", {}).get(metric)
             if mine is not None and base:
                 out.setdefault(proxy, {})[title] = round(mine / base, 3)
+    return out
+
+
+def _load_during(results: dict[str, Any]) -> str:
+    """The 1-minute load average at the start of each run: the other work on the machine."""
+    loads = [r["loadavg"] for tests in results.values() for e in tests.values()
+             for r in e["runs"] if r.get("loadavg") is not None]
+    if not loads:
+        return ""
+    return f", {statistics.median(loads):.2f} median and {max(loads):.2f} at most during runs"
+
+
+def _median(results: dict[str, Any], proxy: str, key: str, metric: str) -> float | None:
+    value = results.get(proxy, {}).get(key, {}).get("median", {}).get(metric)
+    return float(value) if value is not None else None
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """One line per target and balancer row: the ratio, the bound, met or not."""
+    out = []
+    for proxy in (p for p in results if p.startswith("balancer")):
+        for what, key, base_key, metric, bound, lower in TARGETS:
+            mine = _median(results, proxy, key, metric)
+            base = _median(results, "haproxy", base_key, metric)
+            if mine is None or not base:
+                continue
+            ratio = mine / base
+            met = ratio <= bound if lower else ratio >= bound
+            sign = "at most" if lower else "at least"
+            out.append(f"{proxy}: {what} {ratio:.2f}x ({sign} {bound:.1f}x): "
+                       f"{'met' if met else 'NOT met'}")
+        mine_runs = results.get(proxy, {}).get("p99", {}).get("runs")
+        base_runs = results.get("haproxy", {}).get("p99", {}).get("runs")
+        if mine_runs and base_runs:
+            # Runs are interleaved, so run i of each proxy saw the same machine.
+            pairs = [(m, b) for m, b in zip(mine_runs, base_runs, strict=False)
+                     if m.get("ok") and b.get("ok") and b.get("p99_ms")]
+            worst = max((m["p99_ms"] / b["p99_ms"] for m, b in pairs), default=None)
+            errors = sum(m.get("errors", 0) for m in mine_runs if m.get("ok"))
+            failed = sum(1 for m in mine_runs if not m.get("ok"))
+            if worst is not None:
+                met = worst <= P99_BOUND and errors == 0 and failed == 0
+                out.append(f"{proxy}: p99 at 1,000 connections, worst run {worst:.2f}x "
+                           f"(at most {P99_BOUND}x in every run), {errors} errors, "
+                           f"{failed} failed runs: {'met' if met else 'NOT met'}")
     return out
 
 
@@ -103,10 +162,13 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']['nproc']} CPUs, {meta['machine']['cpu_model']}, "
         f"Linux {meta['machine']['kernel']}, load average {meta['machine']['loadavg_start']:.2f}"
-        f" at start, {meta['machine'].get('loadavg_end', 0):.2f} at end",
+        f" at start, {meta['machine'].get('loadavg_end', 0):.2f} at end"
+        + _load_during(results),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- settings: {meta['settings']['duration']:g} s x {meta['settings']['runs']} run(s) "
-        f"per figure (median), proxy on CPU 0, wrk/iperf3/backends on CPU 1",
+        f"per figure (median), proxy on CPU 0, wrk/iperf3/backends on CPU 1"
+        + (" (--quick: before/after a data-path change, not figures to publish)"
+           if meta["settings"].get("quick") else ""),
     ]
     if meta["settings"].get("balancer_cmd"):
         lines.append(f"- balancer started with --balancer-cmd `{meta['settings']['balancer_cmd']}`")
@@ -116,13 +178,19 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         "the notes)",
         "",
     ]
-    header = ["proxy", *(c[0] for c in COLUMNS)]
+    # Only the columns something was measured in (a --quick run has four).
+    columns = [c for c in COLUMNS if any(c[1] in tests for tests in results.values())]
+    header = ["proxy", *(c[0] for c in columns)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for proxy in results:
-        cells = [_cell(results, proxy, test, metric, big, show, dec)
-                 for _t, test, metric, show, dec, big in COLUMNS]
+        cells = [_cell(results, proxy, key, metric, show, dec)
+                 for _t, key, metric, show, dec in columns]
         lines.append("| " + " | ".join([proxy, *cells]) + " |")
+    verdicts = targets(results)
+    if verdicts:
+        lines += ["", "## Targets (issue 18; ratios to HAProxy in this run)", "",
+                  *(f"- {v}" for v in verdicts)]
     notes = []
     for proxy, tests in results.items():
         for test, entry in tests.items():
@@ -150,11 +218,14 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out_dir: Path, meta: dict[str, Any], results: dict[str, Any]) -> str:
-    """Write latest.md and latest.json; return the Markdown."""
+def write(out_dir: Path, meta: dict[str, Any], results: dict[str, Any],
+          name: str = "latest") -> str:
+    """Write NAME.md and NAME.json (`latest` for a full run, `quick` for --quick); return
+    the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = markdown(meta, results)
-    (out_dir / "latest.md").write_text(md)
-    doc = {**meta, "results": results, "ratio_to_haproxy": ratios(results)}
-    (out_dir / "latest.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / f"{name}.md").write_text(md)
+    doc = {**meta, "results": results, "ratio_to_haproxy": ratios(results),
+           "targets": targets(results)}
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return md

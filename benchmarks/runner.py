@@ -26,7 +26,12 @@ from .procs import (
 )
 from .proxies import Variant, start_proxy
 
-TESTS = ("keepalive", "conn", "bulk", "idle", "p99")
+TESTS = ("keepalive", "conn", "bulk", "bulk8", "idle", "p99", "tls_conn", "tls_keepalive")
+# A full run: everything but `bulk8` (eight iperf3 streams), asked for by name.
+DEFAULT_TESTS = ("keepalive", "conn", "bulk", "idle", "p99", "tls_conn", "tls_keepalive")
+# `--quick`: what a data-path change moves first, in about two minutes.
+QUICK_TESTS = ("keepalive", "conn")
+BULK_STREAMS = 8
 IDLE_CONNECTIONS = 2000
 
 
@@ -49,6 +54,7 @@ class Context:
     backend_ports: list[int]
     balancer_cmd: str | None
     iperf: tuple[Proc, int] | None = None
+    tls_files: tuple[Path, Path, Path] | None = None  # cert, key, both (HAProxy's crt)
 
 
 def log(msg: str) -> None:
@@ -121,6 +127,32 @@ def t_bulk(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
     return {"gbps": gbps, **watch.stop()}
 
 
+def t_bulk8(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    watch = CpuWatch(proc)
+    gbps = load.run_iperf(port, ctx.duration, BULK_STREAMS)
+    return {"gbps": gbps, **watch.stop()}
+
+
+def t_tls_conn(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    """A full TLS handshake and one GET per connection (`openssl s_time -new`)."""
+    watch = CpuWatch(proc)
+    count = load.run_s_time(port, ctx.duration)
+    cpu = watch.stop()
+    return {**cpu, "requests": count, "rate": count / cpu["wall_s"],
+            "cpu_us": cpu["proxy_cpu_s"] * 1e6 / count if proc else None}
+
+
+def t_tls_keepalive(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    """`wrk -t1 -c64` over https: 64 handshakes, then requests on them."""
+    watch = CpuWatch(proc)
+    res = load.run_wrk(port, ctx.duration, 64, url=f"https://127.0.0.1:{port}/")
+    cpu = watch.stop()
+    if res.requests == 0:
+        raise RunFailed("no request completed through the TLS proxy")
+    return {**cpu, "requests": res.requests, "rate": res.rate, "errors": res.errors,
+            "cpu_us": cpu["proxy_cpu_s"] * 1e6 / res.requests if proc else None}
+
+
 def t_idle(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
     if proc is None:
         raise RunFailed("no proxy process to measure")
@@ -149,26 +181,42 @@ TEST_FUNCS: dict[str, Callable[[Context, Proc | None, int], dict[str, Any]]] = {
     "keepalive": t_keepalive,
     "conn": t_conn,
     "bulk": t_bulk,
+    "bulk8": t_bulk8,
     "idle": t_idle,
     "p99": t_p99,
+    "tls_conn": t_tls_conn,
+    "tls_keepalive": t_tls_keepalive,
 }
 
 
 def variants_for(test: str, proxies: list[str]) -> list[Variant]:
-    """Which setups a test covers: bulk adds 256 KiB-buffer HAProxy and nginx; idle skips
-    `direct`, which has no proxy process whose memory could be measured."""
+    """Which setups a test covers.
+
+    Bulk adds HAProxy with 256 KiB buffers and with `option splice-auto` (its best bulk
+    setups, the balancer's real anchors) and nginx with 256 KiB buffers; idle skips
+    `direct`, which has no process to measure; TLS is HAProxy and the balancer rows only.
+    """
     out = []
     for p in proxies:
+        kind = Variant(p).kind
+        if test.startswith("tls_"):
+            if kind in ("haproxy", "balancer"):
+                out.append(Variant(p, "tls"))
+            continue
         if test == "idle" and p == "direct":
             continue
         out.append(Variant(p))
-        if test == "bulk" and p in ("haproxy", "nginx"):
-            out.append(Variant(p, big_buffers=True))
+        if test in ("bulk", "bulk8") and kind == "haproxy":
+            if test == "bulk":
+                out.append(Variant(p, "256k"))
+            out.append(Variant(p, "splice"))
+        if test == "bulk" and kind == "nginx":
+            out.append(Variant(p, "256k"))
     return out
 
 
 def _check_backends(ctx: Context, test: str) -> None:
-    procs = [ctx.iperf[0]] if test == "bulk" and ctx.iperf else ctx.backends
+    procs = [ctx.iperf[0]] if test.startswith("bulk") and ctx.iperf else ctx.backends
     for b in procs:
         if not b.alive():
             raise BackendDied(f"backend {b.death()}")
@@ -177,12 +225,13 @@ def _check_backends(ctx: Context, test: str) -> None:
 def run_once(ctx: Context, test: str, variant: Variant, run_no: int) -> dict[str, Any]:
     """One measurement with a fresh proxy; any failure becomes `ok: False` with the reason."""
     _check_backends(ctx, test)
-    upstreams = [ctx.iperf[1]] if test == "bulk" and ctx.iperf else ctx.backend_ports
-    run_id = f"{test}{'-256k' if variant.big_buffers else ''}-{run_no}"
+    upstreams = [ctx.iperf[1]] if test.startswith("bulk") and ctx.iperf else ctx.backend_ports
+    run_id = f"{variant.key(test)}-{run_no}"
+    loadavg = float(Path("/proc/loadavg").read_text().split()[0])
     proc: Proc | None = None
     try:
         proc, port = start_proxy(ctx.sup, ctx.workdir, variant, upstreams, ctx.balancer_cmd,
-                                 run_id)
+                                 run_id, ctx.tls_files)
         pids = set(tree_pids(proc.pid)) if proc else set()
         result = TEST_FUNCS[test](ctx, proc, port)
         _check_backends(ctx, test)  # a backend lost mid-run voids this run, not just later
@@ -193,14 +242,14 @@ def run_once(ctx: Context, test: str, variant: Variant, run_no: int) -> dict[str
             if lost:
                 raise RunFailed(f"{variant.proxy}: process(es) {sorted(lost)} of its tree "
                                 "exited during the run")
-        return {"ok": True, **result}
+        return {"ok": True, "loadavg": loadavg, **result}
     except (RunFailed, StartError, load.LoadError, OSError) as exc:
         msg = str(exc)
         if proc is not None and not proc.alive() and "died" not in msg:
             msg = f"{proc.death()} ({msg})"
         if isinstance(exc, StartError):
             msg = f"{variant.proxy} did not start: {msg}"
-        return {"ok": False, "error": msg}
+        return {"ok": False, "loadavg": loadavg, "error": msg}
     finally:
         if proc is not None:
             ctx.sup.stop(proc)
@@ -219,16 +268,18 @@ def _cpu_note(r: dict[str, Any]) -> str:
         parts.append(f"proxy {r['proxy_cpu_pct']:.0f}% CPU")
     if r.get("cpu0_busy_pct") is not None:
         parts.append(f"CPU 0 {r['cpu0_busy_pct']:.0f}% busy")
+    if r.get("loadavg") is not None:
+        parts.append(f"load {r['loadavg']:.2f}")
     return f" [{', '.join(parts)}]" if parts else ""
 
 
 def _describe(test: str, r: dict[str, Any]) -> str:
-    if test in ("keepalive", "conn"):
+    if test in ("keepalive", "conn", "tls_conn", "tls_keepalive"):
         cpu = f", {r['cpu_us']:.1f} CPU µs each" if r.get("cpu_us") is not None else ""
-        return f"{r['rate']:,.0f}/s{cpu}, {r['errors']} errors"
+        return f"{r['rate']:,.0f}/s{cpu}, {r.get('errors', 0)} errors"
     if test == "p99":
         return f"p99 {r['p99_ms']:.2f} ms, {r['rate']:,.0f}/s, {r['errors']} errors"
-    if test == "bulk":
+    if test in ("bulk", "bulk8"):
         return f"{r['gbps']:.2f} Gbit/s"
     return (f"{r['kib_per_conn']:.1f} KiB/conn ({r['rss_before_kib']} -> "
             f"{r['rss_after_kib']} KiB, {r['open']} open)")

@@ -19,48 +19,29 @@ balancer to HAProxy is the figure to read. Writes benchmarks/results/tls.md.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .load import LoadError, run_wrk
-from .procs import CPU_LOAD, CPU_PROXY, Proc, Supervisor, cpu_seconds, free_port, pinned, wait_port
+from .load import parse_s_time, run_s_time, run_wrk
+from .procs import CPU_PROXY, Proc, Supervisor, cpu_seconds, free_port, wait_port
 from .proxies import (
     REPO,
     balancer_command,
-    balancer_conf,
-    haproxy_conf,
+    balancer_tls_conf,
+    haproxy_tls_conf,
+    make_certificate,
     start_nginx_backend,
 )
+
+__all__ = ["main", "parse_s_time"]
 from .setup_latency import publish
 
 PROXIES = ("haproxy", "balancer")
 GOALS = {"handshake": 1.5, "keepalive": 1.3}  # the issue's goals, as ratios to HAProxy
-
-
-def make_certificate(workdir: Path) -> tuple[Path, Path, Path]:
-    """A self-signed RSA-2048 certificate: (cert, key, both in one file for HAProxy)."""
-    cert, key, both = workdir / "bench.pem", workdir / "bench.key", workdir / "both.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=bench.local",
-                    "-addext", "subjectAltName=DNS:bench.local"],
-                   check=True, capture_output=True)
-    both.write_bytes(cert.read_bytes() + key.read_bytes())
-    return cert, key, both
-
-
-def haproxy_tls_conf(port: int, upstreams: list[int], both: Path) -> str:
-    return haproxy_conf(port, upstreams, False, f" ssl crt {both}")
-
-
-def balancer_tls_conf(port: int, upstreams: list[int], cert: Path, key: Path) -> str:
-    tls = f"    tls:\n      certificates: [{{cert: {cert}, key: {key}}}]\n"
-    return balancer_conf(port, upstreams, tls)
 
 
 def start(sup: Supervisor, workdir: Path, proxy: str, upstreams: list[int],
@@ -78,26 +59,6 @@ def start(sup: Supervisor, workdir: Path, proxy: str, upstreams: list[int],
                          cwd=str(REPO))
     wait_port(port, 20, proc.popen, proc.log)
     return proc, port
-
-
-def parse_s_time(out: str) -> int:
-    """The connection count of `openssl s_time` ("N connections in Ts; ..."); 0 is an error
-    (every handshake failed) rather than a figure."""
-    match = re.search(r"^(\d+) connections in [\d.]+s;", out, re.M)
-    if not match or not int(match.group(1)):
-        raise LoadError(f"s_time made no connection: {out.strip()[-300:]!r}")
-    return int(match.group(1))
-
-
-def run_s_time(port: int, seconds: float) -> int:
-    """New connections, each a full handshake and one GET, for `seconds`; how many."""
-    cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new",
-           "-time", f"{seconds:g}", "-www", "/"]
-    done = subprocess.run(pinned(cmd, CPU_LOAD), capture_output=True, text=True,
-                          timeout=seconds + 60, check=False)
-    if done.returncode != 0:
-        raise LoadError(f"s_time exit {done.returncode}: {done.stderr.strip()[-300:]}")
-    return parse_s_time(done.stdout)
 
 
 def measure(proc: Proc, port: int, test: str, seconds: float) -> tuple[float, float]:
