@@ -122,3 +122,36 @@ def test_parse_s_time() -> None:
         parse_s_time("0 connections in 0.00s; 0.00 connections/user sec, bytes read 0\n")
     with pytest.raises(LoadError):
         parse_s_time("connect: Connection refused\n")
+
+
+def test_bulk_and_tls_variants() -> None:
+    from benchmarks.runner import variants_for
+
+    bulk = [(v.proxy, v.flavor, v.key("bulk")) for v in variants_for(
+        "bulk", ["direct", "haproxy", "nginx", "balancer"])]
+    assert ("haproxy", "splice", "bulk_splice") in bulk
+    assert ("haproxy", "256k", "bulk_256k") in bulk
+    assert ("balancer", "", "bulk") in bulk
+    tls = [(v.proxy, v.flavor, v.key("tls_conn")) for v in variants_for(
+        "tls_conn", ["direct", "haproxy", "nginx", "balancer", "balancer@main"])]
+    assert tls == [("haproxy", "tls", "tls_conn"), ("balancer", "tls", "tls_conn"),
+                   ("balancer@main", "tls", "tls_conn")]
+
+
+def test_targets_compare_each_p99_run_with_haproxys() -> None:
+    def runs(values: list[float], errors: int = 0) -> dict[str, object]:
+        return report.summarize([{"ok": True, "p99_ms": v, "errors": errors} for v in values])
+
+    results = {
+        "haproxy": {"p99": runs([10.0, 10.0, 30.0]),
+                    "conn": report.summarize([{"ok": True, "cpu_us": 60.0}]),
+                    "bulk_splice": report.summarize([{"ok": True, "gbps": 20.0}])},
+        # The median ratio is 1.0x but run 1 is 1.6x: not met.
+        "balancer": {"p99": runs([16.0, 10.0, 30.0]),
+                     "conn": report.summarize([{"ok": True, "cpu_us": 63.0}]),
+                     "bulk": report.summarize([{"ok": True, "gbps": 19.0}])},
+    }
+    lines = report.targets(results)
+    assert "balancer: CPU per new connection 1.05x (at most 1.1x): met" in lines
+    assert "balancer: bulk vs HAProxy option splice-auto 0.95x (at least 1.0x): NOT met" in lines
+    assert any("worst run 1.60x" in line and line.endswith("NOT met") for line in lines)
