@@ -174,6 +174,8 @@ class ListenerConfig:
     bind: Address
     upstream: str | None  # None only for an SNI listener without a fallback
     reuse_port: bool = False  # share the address with other processes (SO_REUSEPORT) on purpose
+    # TCP_DEFER_ACCEPT: accept a client only once it has sent data (client-speaks-first only)
+    defer_accept: bool = False
     tls: ListenerTlsConfig | None = None  # terminate TLS here
     sni: tuple[tuple[str, str], ...] = ()  # (server name, upstream): route by SNI, unread
     accept_proxy: bool = False  # every connection must begin with a PROXY v1 or v2 header
@@ -264,8 +266,8 @@ class Config:
 
 TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log",
             "worker_timeout", "watch_config")
-LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "tls", "sni", "accept_proxy",
-                 "max_conns", "per_client", "allow", "deny", "timeouts")
+LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "defer_accept", "tls", "sni",
+                 "accept_proxy", "max_conns", "per_client", "allow", "deny", "timeouts")
 PER_CLIENT_KEYS = ("max_conns", "rate")
 LISTENER_TIMEOUTS_KEYS = ("proxy_header",)
 UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts",
@@ -387,6 +389,7 @@ def _listener(section: Section, known: set[str] | None, base: Path) -> ListenerC
     bind = _address(section.host_port("bind"))
     name = section.string("name")
     reuse_port = section.boolean("reuse_port", _LISTENER.reuse_port)
+    defer_accept = section.boolean("defer_accept", _LISTENER.defer_accept)
     sni = listener_sni(section, known)
     tls = listener_tls(section, base)
     if sni is not None and section.get("tls") is not None:
@@ -417,7 +420,8 @@ def _listener(section: Section, known: set[str] | None, base: Path) -> ListenerC
     if section.get("tls") is not None and tls is None:
         return None  # its problems are reported; never serve a TLS port in the clear
     return ListenerConfig(name=name or str(bind), bind=bind, upstream=upstream,
-                          reuse_port=reuse_port, tls=tls, sni=tuple((sni or {}).items()),
+                          reuse_port=reuse_port, defer_accept=defer_accept, tls=tls,
+                          sni=tuple((sni or {}).items()),
                           accept_proxy=accept_proxy, max_conns=max_conns,
                           per_client=per_client, allow=allow, deny=deny,
                           timeouts=ListenerTimeoutsConfig(proxy_header))

@@ -44,7 +44,7 @@ from .proc.shared import COUNTERS, SYNC_INTERVAL, SharedCell
 from .proxy import ClientConnection, Route
 from .signals import handle_stop_signals, remove_stop_signals
 from .sni import SniListenerState, SniPreread, SniRouter
-from .sockets import LISTEN_BACKLOG, BindError, bind_group
+from .sockets import LISTEN_BACKLOG, BindError, bind_group, set_defer_accept
 from .terminate import TlsHandshake
 from .tls import ServerCertificates
 from .upstream import CellFor, Server, Upstream, no_cell
@@ -119,6 +119,7 @@ class Listener:
                    != (self.config.accept_proxy, uses_gate(self.config)))
         self.use(config, upstreams)
         self._use_gate(config)
+        self._defer_accept()
         if changed and not (self.gate is not None and self.gate.paused):
             if was_plain:  # its servers own the sockets and close them: keep copies
                 self.socks = [sock.dup() for sock in self.socks]
@@ -180,6 +181,7 @@ class Listener:
             except BindError as exc:
                 raise BindError(f"listener {self.name}: {exc}") from exc
         self.socks = socks
+        self._defer_accept()
         try:
             await self._serve()
         except OSError:
@@ -190,6 +192,13 @@ class Listener:
         if announce:
             log.info("listening on %s (%s -> upstream %s)", self.bound(), self.name,
                      self.describe())
+
+    def _defer_accept(self) -> None:
+        """Apply `defer_accept` to the sockets (also on reload; a worker's are the primary's
+        sockets, so each worker setting it is harmless)."""
+        if self.socks and not set_defer_accept(self.socks, self.config.defer_accept):
+            log.warning("listener %s: defer_accept is not supported on this system; ignored",
+                        self.name)
 
     def describe(self) -> str:
         """Where this listener sends clients, for the start-up line."""

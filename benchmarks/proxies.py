@@ -51,9 +51,12 @@ def _nginx_dirs(prefix: Path) -> None:
         (prefix / sub).mkdir(parents=True, exist_ok=True)
 
 
-def start_nginx_backend(sup: Supervisor, workdir: Path, index: int) -> tuple[Proc, int]:
-    """An nginx returning 200 "ok" on a port of its own, single process, on CPU 1."""
+def start_nginx_backend(sup: Supervisor, workdir: Path, index: int,
+                        proxy_protocol: bool = False) -> tuple[Proc, int]:
+    """An nginx returning 200 "ok" on a port of its own, single process, on CPU 1;
+    `proxy_protocol`: every connection must begin with a PROXY header (for `send_proxy`)."""
     port = free_port()
+    listen_extra = " proxy_protocol" if proxy_protocol else ""
     prefix = workdir / f"backend{index}"
     _nginx_dirs(prefix)
     conf = prefix / "nginx.conf"
@@ -75,7 +78,7 @@ http {{
     keepalive_timeout 600s;
     keepalive_requests 100000000;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{listen_extra} backlog=4096;
         location / {{ return 200 "ok"; }}
     }}
 }}

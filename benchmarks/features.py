@@ -1,0 +1,148 @@
+"""What a feature or a code change costs: balancer variants side by side, interleaved.
+
+    python -m benchmarks.features [--variants plain,per_client,send_proxy,both]
+                                  [--against REV] [--tests conn,keepalive]
+                                  [--duration 8] [--runs 5] [--out results/features.md]
+
+Each row is a (revision, config variant) pair: the working tree and every `--against REV`
+(that revision's `balancer/` package unpacked from `git archive`), times each variant of the
+benchmark config. Each run starts a fresh balancer on CPU 0 and drives it with wrk on CPU 1
+(`-c64`, with `Connection: close` for `conn`: one client and one upstream connection per
+request), after a 2 s warm-up; the figure is the balancer's CPU time per request (utime +
+stime of its process, from /proc). Runs go round all rows in turn (run 1 of every row, then
+run 2...) so that the load of the machine, which other work shares, spreads evenly; each run
+records the 1-minute load average at its start. The table has the medians, every run, and
+each row's ratio to the first row.
+
+Variants: `plain` (the harness's config), `per_client` (limits far above the load: nothing
+refused, only the gate is paid for), `send_proxy` (a PROXY v2 header on every server
+connection; the nginx backends then require one), `both`, `defer_accept`
+(TCP_DEFER_ACCEPT on the listener).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import load
+from .__main__ import _export
+from .procs import CPU_PROXY, Supervisor, cpu_seconds, free_port, wait_port
+from .proxies import REPO, balancer_conf, start_nginx_backend
+from .setup_latency import publish
+
+VARIANTS = ("plain", "per_client", "send_proxy", "both", "defer_accept")
+
+
+def config_for(variant: str, port: int, backends: list[int]) -> str:
+    data: dict[str, Any] = yaml.safe_load(balancer_conf(port, backends))
+    listener, upstream = data["listeners"][0], data["upstreams"]["app"]
+    if variant in ("per_client", "both"):
+        listener["per_client"] = {"max_conns": 1_000_000, "rate": "1000000/s"}
+    if variant in ("send_proxy", "both"):
+        upstream["send_proxy"] = "v2"
+    if variant == "defer_accept":
+        listener["defer_accept"] = True
+    return yaml.safe_dump(data)
+
+
+def one_run(sup: Supervisor, workdir: Path, source: Path, variant: str, test: str,
+            backends: list[int], duration: float, run_id: str) -> dict[str, float]:
+    """The balancer's CPU µs per request of one fresh balancer, and the load average."""
+    loadavg = float(Path("/proc/loadavg").read_text().split()[0])
+    port = free_port()
+    config = workdir / f"{run_id}.yaml"
+    config.write_text(config_for(variant, port, backends))
+    cmd = [sys.executable, "-m", "balancer", "-c", str(config), "-v", "warning"]
+    proc = sup.start(f"balancer-{run_id}", cmd, CPU_PROXY, cwd=str(source))
+    close = test == "conn"
+    try:
+        wait_port(port, 15, proc.popen, proc.log)
+        load.run_wrk(port, 2, 64, close=close)  # warm-up
+        before = cpu_seconds(proc.pid)
+        result = load.run_wrk(port, duration, 64, close=close)
+        used = cpu_seconds(proc.pid) - before
+        if not result.requests or result.errors:
+            raise RuntimeError(f"{run_id}: {result.requests} requests, {result.errors} errors")
+        if not proc.alive():
+            raise RuntimeError(proc.death())
+        return {"cpu_us": used * 1e6 / result.requests, "rate": result.rate,
+                "loadavg": loadavg}
+    finally:
+        sup.stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.features")
+    parser.add_argument("--variants", default="plain,per_client,send_proxy,both")
+    parser.add_argument("--against", action="append", default=[], metavar="REV")
+    parser.add_argument("--tests", default="conn")
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--title", default="CPU per request: balancer variants, interleaved")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "features.md"))
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    tests = [t for t in args.tests.split(",") if t]
+    if bad := [v for v in variants if v not in VARIANTS] + [
+            t for t in tests if t not in ("conn", "keepalive")]:
+        parser.error(f"unknown {bad}; variants: {','.join(VARIANTS)}; tests: conn,keepalive")
+    workdir = Path(tempfile.mkdtemp(prefix="balancer-features-"))
+    sup = Supervisor(workdir)
+    head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    sources = {f"tree ({head})": REPO, **{rev: _export(rev, workdir) for rev in args.against}}
+    rows = [(rev, variant) for rev in sources for variant in variants]
+    figures: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    try:
+        plain = [start_nginx_backend(sup, workdir, i)[1] for i in range(2)]
+        proxied = ([start_nginx_backend(sup, workdir, 10 + i, proxy_protocol=True)[1]
+                    for i in range(2)] if {"send_proxy", "both"} & set(variants) else [])
+        for run in range(args.runs):
+            for test in tests:
+                for rev, variant in rows:
+                    backends = proxied if variant in ("send_proxy", "both") else plain
+                    r = one_run(sup, workdir, sources[rev], variant, test, backends,
+                                args.duration, f"{test}-{variant}-{len(figures)}-{run}")
+                    figures.setdefault((test, rev, variant), []).append(r)
+                    print(f"run {run + 1}/{args.runs} {test:9s} {rev} {variant:12s} "
+                          f"{r['cpu_us']:6.1f} µs  load {r['loadavg']:.2f}", flush=True)
+    finally:
+        sup.stop_all()
+    lines = [
+        f"# {args.title}",
+        "",
+        f"- date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; wrk -t1 -c64 "
+        f"({', '.join(tests)}), {args.duration:g} s x {args.runs} runs interleaved (median); "
+        "balancer on CPU 0, wrk and the nginx backends on CPU 1",
+        "",
+    ]
+    for test in tests:
+        what = "new connection" if test == "conn" else "keep-alive request"
+        lines += [f"CPU µs per {what}:", "",
+                  "| revision | variant | median | ratio to first row | runs | load averages |",
+                  "|---|---|---|---|---|---|"]
+        base = None
+        for rev, variant in rows:
+            runs = figures[(test, rev, variant)]
+            median = statistics.median(r["cpu_us"] for r in runs)
+            base = base or median
+            cpus = ", ".join(f"{r['cpu_us']:.1f}" for r in runs)
+            loads = ", ".join(f"{r['loadavg']:.1f}" for r in runs)
+            lines.append(f"| {rev} | {variant} | {median:.1f} | {median / base:.3f}x | "
+                         f"{cpus} | {loads} |")
+        lines.append("")
+    publish(lines, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
