@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from .events import ConnectionEvents, Outcome
 from .health import NOT_THE_SERVERS, FailureReason, failure_reason
+from .splice import NEVER, SPLICE_AFTER, SplicePump, can_splice
 
 if TYPE_CHECKING:
     from .limits import Gate
@@ -211,6 +212,8 @@ class UpstreamConnection(asyncio.Protocol):
         client.bytes_down += len(data)
         client.moved = True
         client.transport.write(data)
+        if client.bytes_down >= client.splice_at_down:
+            client.start_splice(False)
 
     def eof_received(self) -> bool:
         self.client.upstream_ended()
@@ -294,6 +297,9 @@ class ClientConnection(asyncio.Protocol):
         "route",
         "server",
         "source",
+        "splice_at_down",
+        "splice_at_up",
+        "splicing",
         "started",
         "transport",
         "trial",
@@ -321,6 +327,9 @@ class ClientConnection(asyncio.Protocol):
         self.moved = False  # ...unless bytes moved since the last sweep
         self.bytes_up = 0  # client -> server
         self.bytes_down = 0  # server -> client
+        # Past these byte counts a direction moves to splice (splice.py); NEVER: it does not.
+        self.splice_at_up = self.splice_at_down = NEVER
+        self.splicing: list[SplicePump] = []
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
@@ -590,6 +599,8 @@ class ClientConnection(asyncio.Protocol):
             transport.write(self._proxy_header(encode))
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if can_splice(self.transport, transport) and not self.splicing:
+            self.splice_at_up = self.splice_at_down = SPLICE_AFTER
         self.moved = True
         if self.early:
             # Resume first: writing the held bytes may itself fill the buffer and pause us.
@@ -625,6 +636,8 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_up += len(data)
         self.moved = True
         self.upstream_write(data)
+        if self.bytes_up >= self.splice_at_up:
+            self.start_splice(True)
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -654,6 +667,44 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.upstream is not None:
             self.upstream.transport.resume_reading()
+
+    # -- splice (splice.py) -------------------------------------------------------------------
+
+    def start_splice(self, up: bool) -> None:
+        """Move one direction to a splice pump, once what its destination holds has drained
+        (until then, every chunk asks again); never on a pooled connection on probation."""
+        upstream = self.upstream
+        if self.closed or upstream is None or type(upstream) is PooledUpstreamConnection:
+            return
+        src, dst = (self.transport, upstream.transport) if up else (upstream.transport,
+                                                                    self.transport)
+        if dst.get_write_buffer_size():
+            return
+        if up:
+            self.splice_at_up = NEVER
+        else:
+            self.splice_at_down = NEVER
+        try:
+            pump = SplicePump(self, up, self.route.loop, src, dst)
+        except OSError:  # out of descriptors, say: this direction stays on the transports
+            return
+        src.pause_reading()  # for good: from now on the pump reads src
+        self.splicing.append(pump)
+        pump.start()
+
+    def splice_eof(self, up: bool) -> None:
+        """A pump read its source's FIN: the same as the transport's eof_received."""
+        if up:
+            self.eof_received()
+        else:
+            self.upstream_ended()
+
+    def splice_failed(self, up: bool, read_side: bool) -> None:
+        """A pump's splice failed (a reset): end the pair as a lost transport would."""
+        if not self.closed:
+            client_side = up == read_side  # the client is the source up, the target down
+            self.outcome = "client_abort" if client_side else "upstream_reset"
+            self.close(abort=True)
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -688,6 +739,8 @@ class ClientConnection(asyncio.Protocol):
             if self.server is not None:
                 self.server.health.connect_abandoned(self.trial)
         upstream = self.upstream
+        for pump in self.splicing:  # its descriptors first: they hold the sockets open too
+            pump.stop()
         if abort:
             self.transport.abort()
             if upstream is not None:

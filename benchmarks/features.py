@@ -12,7 +12,8 @@ request), after a 2 s warm-up; the figure is the balancer's CPU time per request
 stime of its process, from /proc). Runs go round all rows in turn (run 1 of every row, then
 run 2...) so that the load of the machine, which other work shares, spreads evenly; each run
 records the 1-minute load average at its start. The table has the medians, every run, and
-each row's ratio to the first row.
+each row's ratio to the first row, both as the ratio of the medians and as the median
+of the per-run ratios (run i of each row against run i of the first: less drift).
 
 Variants: `plain` (the harness's config), `per_client` (limits far above the load: nothing
 refused, only the gate is paid for), `send_proxy` (a PROXY v2 header on every server
@@ -128,17 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     for test in tests:
         what = "new connection" if test == "conn" else "keep-alive request"
         lines += [f"CPU µs per {what}:", "",
-                  "| revision | variant | median | ratio to first row | runs | load averages |",
-                  "|---|---|---|---|---|---|"]
-        base = None
+                  "| revision | variant | median | ratio to first row | paired ratio | runs "
+                  "| load averages |",
+                  "|---|---|---|---|---|---|---|"]
+        first = figures[(test, *rows[0])]
+        base = statistics.median(r["cpu_us"] for r in first)
         for rev, variant in rows:
             runs = figures[(test, rev, variant)]
             median = statistics.median(r["cpu_us"] for r in runs)
-            base = base or median
+            # Run i of every row ran back to back: the median of the per-run ratios cancels
+            # most of the drift that the ratio of medians keeps.
+            paired = statistics.median(r["cpu_us"] / f["cpu_us"] for r, f in zip(runs, first,
+                                                                                   strict=True))
             cpus = ", ".join(f"{r['cpu_us']:.1f}" for r in runs)
             loads = ", ".join(f"{r['loadavg']:.1f}" for r in runs)
             lines.append(f"| {rev} | {variant} | {median:.1f} | {median / base:.3f}x | "
-                         f"{cpus} | {loads} |")
+                         f"{paired:.3f}x | {cpus} | {loads} |")
         lines.append("")
     publish(lines, Path(args.out))
     return 0

@@ -121,16 +121,22 @@ def t_p99(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
     return _wrk_test(ctx, proc, port, 1000, close=False, latency=True)
 
 
-def t_bulk(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+def _bulk(ctx: Context, proc: Proc | None, port: int, streams: int) -> dict[str, Any]:
     watch = CpuWatch(proc)
-    gbps = load.run_iperf(port, ctx.duration)
-    return {"gbps": gbps, **watch.stop()}
+    gbps = load.run_iperf(port, ctx.duration, streams)
+    cpu = watch.stop()
+    gib = gbps * 1e9 * ctx.duration / 8 / 2**30
+    # CPU per GiB moved: on a shared machine steadier than Gbit/s, which other work cuts.
+    per_gib = cpu["proxy_cpu_s"] * 1000 / gib if proc and gib else None
+    return {"gbps": gbps, "cpu_ms_per_gib": per_gib, **cpu}
+
+
+def t_bulk(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
+    return _bulk(ctx, proc, port, 1)
 
 
 def t_bulk8(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
-    watch = CpuWatch(proc)
-    gbps = load.run_iperf(port, ctx.duration, BULK_STREAMS)
-    return {"gbps": gbps, **watch.stop()}
+    return _bulk(ctx, proc, port, BULK_STREAMS)
 
 
 def t_tls_conn(ctx: Context, proc: Proc | None, port: int) -> dict[str, Any]:
@@ -280,6 +286,7 @@ def _describe(test: str, r: dict[str, Any]) -> str:
     if test == "p99":
         return f"p99 {r['p99_ms']:.2f} ms, {r['rate']:,.0f}/s, {r['errors']} errors"
     if test in ("bulk", "bulk8"):
-        return f"{r['gbps']:.2f} Gbit/s"
+        per_gib = r.get("cpu_ms_per_gib")
+        return f"{r['gbps']:.2f} Gbit/s" + (f", {per_gib:.0f} CPU ms/GiB" if per_gib else "")
     return (f"{r['kib_per_conn']:.1f} KiB/conn ({r['rss_before_kib']} -> "
             f"{r['rss_after_kib']} KiB, {r['open']} open)")

@@ -1,0 +1,178 @@
+"""Kernel splice(2) for bulk: past `SPLICE_AFTER` bytes one way, a connection's bytes in that
+direction go socket -> pipe -> socket inside the kernel, never copied through Python.
+
+Why: a bulk stream through the loop's transports costs two copies per chunk (into a Python
+`bytes`, out of it) and a Python call; `splice` moves page references instead (HAProxy's
+`option splice-auto`). Short exchanges never reach the threshold, so they pay nothing but a
+comparison per chunk.
+
+How, for one direction (src -> dst):
+- only between two plain TCP transports of the loop (a TLS transport's socket carries
+  ciphertext) on Linux, where `os.splice` exists; anything else stays on the normal path;
+- only once dst's transport buffer is empty (bytes already queued there go first), then
+  src's transport stops reading for good and a `SplicePump` owns that direction, on
+  duplicated descriptors (the loops refuse readers on a transport's own descriptor);
+- backpressure as on the normal path: while dst cannot take what sits in the pipe, src is
+  not read (writer callback on dst, reader callback on src, never both), so at most one
+  pipe's worth (`PIPE_SIZE`) is in flight;
+- EOF from src and errors are handed back to the connection, which forwards the FIN or
+  closes both sides exactly as it does for the transports; byte counters count what is read.
+The pump closes its four descriptors in `stop()`, which the connection calls when it ends,
+before it closes its transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sys
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+SPLICE_AFTER = 1 << 20  # bytes one way before that direction moves to splice
+NEVER = sys.maxsize  # a threshold no connection reaches: splice off
+PIPE_SIZE = 1 << 18  # asked of the kernel (F_SETPIPE_SZ); the default is 64 KiB
+
+_splice: Callable[..., int] | None = getattr(os, "splice", None)
+AVAILABLE = _splice is not None and sys.platform.startswith("linux")
+FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
+
+
+def _plain_transport_types() -> tuple[type, ...]:
+    """The loops' plain TCP transport classes: the only ones whose socket carries the
+    connection's own bytes (not TLS records) and that pause reading cleanly."""
+    from asyncio import selector_events
+
+    types: list[type] = [selector_events._SelectorSocketTransport]
+    with contextlib.suppress(ImportError, AttributeError):
+        import uvloop.loop
+
+        types.append(uvloop.loop.TCPTransport)
+    return tuple(types)
+
+
+PLAIN_TRANSPORTS = _plain_transport_types()
+
+
+def can_splice(a: asyncio.BaseTransport, b: asyncio.BaseTransport) -> bool:
+    """True if bytes may be spliced between these two transports."""
+    return AVAILABLE and type(a) in PLAIN_TRANSPORTS and type(b) in PLAIN_TRANSPORTS
+
+
+class PumpOwner(Protocol):
+    """What a pump reports to (the ClientConnection)."""
+
+    bytes_up: int
+    bytes_down: int
+    moved: bool
+
+    def splice_eof(self, up: bool) -> None: ...
+
+    def splice_failed(self, up: bool, read_side: bool) -> None: ...
+
+
+class SplicePump:
+    """One direction of one connection, moved by splice(2) through a pipe."""
+
+    __slots__ = ("dst", "loop", "owner", "pending", "pipe_r", "pipe_w", "reading", "src", "up",
+                 "writing")
+
+    def __init__(self, owner: PumpOwner, up: bool, loop: asyncio.AbstractEventLoop,
+                 src: asyncio.BaseTransport, dst: asyncio.BaseTransport) -> None:
+        """Raises OSError (out of descriptors, say) with nothing left open."""
+        self.owner = owner
+        self.up = up
+        self.loop = loop
+        self.pending = 0  # bytes in the pipe, not yet written to dst
+        self.reading = self.writing = False
+        fds: list[int] = []
+        try:
+            fds.append(os.dup(src.get_extra_info("socket").fileno()))
+            fds.append(os.dup(dst.get_extra_info("socket").fileno()))
+            fds.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.src, self.dst, self.pipe_r, self.pipe_w = fds
+        with contextlib.suppress(OSError, AttributeError):  # a smaller pipe works too
+            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        self.reading = True
+        self.loop.add_reader(self.src, self._readable)
+
+    def _readable(self) -> None:
+        assert _splice is not None
+        if self.src < 0:  # stopped, and this callback was already under way
+            return
+        try:
+            n = _splice(self.src, self.pipe_w, PIPE_SIZE, flags=FLAGS)
+        except BlockingIOError:
+            return
+        except OSError:  # reset by src's peer
+            self.owner.splice_failed(self.up, True)
+            return
+        owner = self.owner
+        if n == 0:  # src's FIN; the pipe is empty (we read only then): pass it on
+            self._stop_reading()
+            owner.splice_eof(self.up)
+            return
+        if self.up:
+            owner.bytes_up += n
+        else:
+            owner.bytes_down += n
+        owner.moved = True
+        self.pending = n
+        self._drain()
+
+    def _drain(self) -> None:
+        assert _splice is not None
+        while self.pending and self.src >= 0:
+            try:
+                self.pending -= _splice(self.pipe_r, self.dst, self.pending, flags=FLAGS)
+            except BlockingIOError:  # dst is full: stop reading src until it drains
+                if self.reading:
+                    self._stop_reading()
+                if not self.writing:
+                    self.writing = True
+                    self.loop.add_writer(self.dst, self._drain)
+                return
+            except OSError:  # reset by dst's peer
+                self.owner.splice_failed(self.up, False)
+                return
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.dst)
+            self.reading = True
+            self.loop.add_reader(self.src, self._readable)
+
+    def _stop_reading(self) -> None:
+        self.reading = False
+        self.loop.remove_reader(self.src)
+
+    def stop(self) -> None:
+        """Unregister the four descriptors and close them on the next loop pass (idempotent).
+
+        Not at once: uvloop closes a reader's poll handle at the end of this pass, and that
+        close removes the descriptor's *number* from epoll; closed now, the number could be
+        reused meanwhile (a new client accepted in this pass) and its registration dropped.
+        """
+        if self.src < 0:
+            return
+        if self.reading:
+            self._stop_reading()
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.dst)
+        self.loop.call_soon(_close_all, (self.src, self.dst, self.pipe_r, self.pipe_w))
+        self.src = self.dst = self.pipe_r = self.pipe_w = -1
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
