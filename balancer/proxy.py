@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .events import ConnectionEvents, Outcome
 from .health import NOT_THE_SERVERS, FailureReason, failure_reason
-from .splice import NEVER, SPLICE_AFTER, SplicePump, can_splice
+from .splice import NEVER, SPLICE_AT, SplicePump, can_splice
 
 if TYPE_CHECKING:
     from .limits import Gate
@@ -328,8 +328,9 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_up = 0  # client -> server
         self.bytes_down = 0  # server -> client
         # Past these byte counts a direction moves to splice (splice.py); NEVER: it does not.
-        self.splice_at_up = self.splice_at_down = NEVER
-        self.splicing: list[SplicePump] = []
+        # Whether the transports allow it is asked only then: nothing per connection.
+        self.splice_at_up = self.splice_at_down = SPLICE_AT
+        self.splicing: list[SplicePump] | None = None
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
@@ -599,8 +600,6 @@ class ClientConnection(asyncio.Protocol):
             transport.write(self._proxy_header(encode))
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        if can_splice(self.transport, transport) and not self.splicing:
-            self.splice_at_up = self.splice_at_down = SPLICE_AFTER
         self.moved = True
         if self.early:
             # Resume first: writing the held bytes may itself fill the buffer and pause us.
@@ -678,18 +677,27 @@ class ClientConnection(asyncio.Protocol):
             return
         src, dst = (self.transport, upstream.transport) if up else (upstream.transport,
                                                                     self.transport)
-        if dst.get_write_buffer_size():
-            return
         if up:
             self.splice_at_up = NEVER
         else:
             self.splice_at_down = NEVER
+        if not can_splice(src, dst):  # TLS on either side: the normal path, for good
+            return
+        if dst.get_write_buffer_size():  # ask again on the next chunk
+            if up:
+                self.splice_at_up = 0
+            else:
+                self.splice_at_down = 0
+            return
         try:
             pump = SplicePump(self, up, self.route.loop, src, dst)
         except OSError:  # out of descriptors, say: this direction stays on the transports
             return
         src.pause_reading()  # for good: from now on the pump reads src
-        self.splicing.append(pump)
+        if self.splicing is None:
+            self.splicing = [pump]
+        else:
+            self.splicing.append(pump)
         pump.start()
 
     def splice_eof(self, up: bool) -> None:
@@ -739,8 +747,9 @@ class ClientConnection(asyncio.Protocol):
             if self.server is not None:
                 self.server.health.connect_abandoned(self.trial)
         upstream = self.upstream
-        for pump in self.splicing:  # its descriptors first: they hold the sockets open too
-            pump.stop()
+        if self.splicing is not None:  # their descriptors hold the sockets open too
+            for pump in self.splicing:
+                pump.stop()
         if abort:
             self.transport.abort()
             if upstream is not None:

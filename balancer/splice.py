@@ -40,6 +40,7 @@ PIPE_SIZE = 1 << 18  # asked of the kernel (F_SETPIPE_SZ); the default is 64 KiB
 _splice: Callable[..., int] | None = getattr(os, "splice", None)
 AVAILABLE = _splice is not None and sys.platform.startswith("linux")
 FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
+SPLICE_AT = SPLICE_AFTER if AVAILABLE else NEVER  # every connection's threshold at first
 
 
 def _plain_transport_types() -> tuple[type, ...]:

@@ -8,6 +8,7 @@ either way, half-closes after megabytes) run through the pump too, since they pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -165,3 +166,5 @@ async def test_tls_listener_keeps_the_normal_path(start_backend, start_balancer,
     assert got == payload
     assert pipes(balancer.pid) == baseline
     writer.close()
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        await writer.wait_closed()
