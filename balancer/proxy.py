@@ -15,6 +15,9 @@ The rules, in one place:
   flowing. When both directions have ended, or either side is lost, *both* transports are closed
   here, explicitly: uvloop aborts the process if a half-closed transport is left for the garbage
   collector to free.
+- Bulk: past 1 MiB one way, that direction moves to a splice(2) pump (splice.py) when both
+  transports are plain TCP; the rules above hold there too, and the per-chunk cost of
+  offering it is one comparison.
 - Nothing on the per-chunk path logs, allocates beyond the chunk itself, or looks up labels.
 """
 

@@ -48,11 +48,13 @@ def _plain_transport_types() -> tuple[type, ...]:
     connection's own bytes (not TLS records) and that pause reading cleanly."""
     from asyncio import selector_events
 
-    types: list[type] = [selector_events._SelectorSocketTransport]
-    with contextlib.suppress(ImportError, AttributeError):
+    # Private names of both loops, looked up rather than imported: a loop that renames its
+    # class only loses splice, never the data path.
+    types: list[type] = [getattr(selector_events, "_SelectorSocketTransport", type(None))]
+    with contextlib.suppress(ImportError):
         import uvloop.loop
 
-        types.append(uvloop.loop.TCPTransport)
+        types.append(getattr(uvloop.loop, "TCPTransport", type(None)))
     return tuple(types)
 
 
@@ -101,7 +103,7 @@ class SplicePump:
             raise
         self.src, self.dst, self.pipe_r, self.pipe_w = fds
         with contextlib.suppress(OSError, AttributeError):  # a smaller pipe works too
-            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
+            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
     def start(self) -> None:
         self.reading = True
