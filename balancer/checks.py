@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .config import CheckConfig
+from .config import Address, CheckConfig
 from .health import failure_reason
 from .proxyproto import LOCAL_HEADERS
 
@@ -79,35 +79,44 @@ class ActiveChecker:
 
     async def probe(self, server: Server) -> tuple[bool, str]:
         """One check: a TCP connect, or an HTTP GET expecting a 2xx or 3xx status."""
-        address = server.config.address
-        writer: asyncio.StreamWriter | None = None
         try:
-            async with asyncio.timeout(self.check.timeout):
-                tls = server.tls  # a TLS upstream's check includes the handshake
-                reader, writer = await asyncio.open_connection(
-                    address.host, address.port, ssl=tls.context if tls else None,
-                    server_hostname=tls.server_hostname if tls else None)
-                if server.proxy_version is not None:  # a server that requires the header
-                    writer.write(LOCAL_HEADERS[server.proxy_version])
-                if self.check.type == "tcp":
-                    return True, "connected"
-                request = (
-                    f"GET {self.check.path} HTTP/1.0\r\nHost: {address}\r\n"
-                    "User-Agent: balancer-health-check\r\nConnection: close\r\n\r\n"
-                )
-                writer.write(request.encode())
-                status_line = await reader.readline()
-        except (OSError, TimeoutError) as exc:
-            return False, failure_reason(exc)
+            return await probe_address(server.config.address, self.check, server.tls,
+                                       server.proxy_version)
         except Exception as exc:
             # Anything else the server provoked (e.g. ValueError from readline() on a line
             # longer than the StreamReader limit) is a failed check too, not a dead checker.
             log.debug("active check of %s/%s failed: %r", server.upstream_name, server.key, exc)
             return False, f"probe error ({type(exc).__name__})"
-        finally:
-            if writer is not None:
-                writer.close()
-        return _status_ok(status_line[:MAX_STATUS_LINE])
+
+
+async def probe_address(address: Address, check: CheckConfig, tls: Any = None,
+                        proxy_version: str | None = None) -> tuple[bool, str]:
+    """One check of `address` (also an app instance's readiness check, apps.py)."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(check.timeout):
+            # A TLS upstream's check includes the handshake.
+            reader, writer = await asyncio.open_connection(
+                address.host, address.port, ssl=tls.context if tls else None,
+                server_hostname=tls.server_hostname if tls else None)
+            if proxy_version is not None:  # a server that requires the header
+                writer.write(LOCAL_HEADERS[proxy_version])
+            if check.type == "tcp":
+                return True, "connected"
+            request = (
+                f"GET {check.path} HTTP/1.0\r\nHost: {address}\r\n"
+                "User-Agent: balancer-health-check\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(request.encode())
+            status_line = await reader.readline()
+    except (OSError, TimeoutError) as exc:
+        return False, failure_reason(exc)
+    except ValueError:  # a status line longer than the reader's limit
+        return False, "probe error (ValueError)"
+    finally:
+        if writer is not None:
+            writer.close()
+    return _status_ok(status_line[:MAX_STATUS_LINE])
 
 
 def _status_ok(status_line: bytes) -> tuple[bool, str]:

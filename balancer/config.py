@@ -28,7 +28,10 @@ from ._validate import (
     split_host_port,
 )
 from ._validate import parse_duration as parse_duration  # re-exported: part of the public API
-from .tlsconfig import CERTIFICATE_KEYS as CERTIFICATE_KEYS  # re-exported: the schema
+from .runconfig import RUN_KEYS as RUN_KEYS  # re-exported: the schema
+from .runconfig import RunConfig as RunConfig
+from .runconfig import upstream_run
+from .tlsconfig import CERTIFICATE_KEYS as CERTIFICATE_KEYS
 from .tlsconfig import LISTENER_TLS_KEYS as LISTENER_TLS_KEYS
 from .tlsconfig import UPSTREAM_TLS_KEYS as UPSTREAM_TLS_KEYS
 from .tlsconfig import CertificateConfig as CertificateConfig
@@ -153,6 +156,7 @@ class UpstreamConfig:
     slow_start: float = 0.0  # seconds; 0 = off
     tls: UpstreamTlsConfig | None = None  # connect to the servers over TLS
     send_proxy: str | None = None  # v1 | v2: a PROXY header first on every server connection
+    run: RunConfig | None = None  # app instances the balancer starts (their servers are found)
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,7 @@ LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "defer_accept", "tls"
 PER_CLIENT_KEYS = ("max_conns", "rate")
 LISTENER_TIMEOUTS_KEYS = ("proxy_header",)
 UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts",
-                 "tls", "send_proxy", "hash")
+                 "tls", "send_proxy", "hash", "run")
 SERVER_KEYS = ("address", "weight", "max_conns", "backup", "send_proxy")
 HEALTH_KEYS = ("max_fails", "fail_timeout", "check")
 CHECK_KEYS = ("interval", "timeout", "rise", "fall", "type", "path")
@@ -521,7 +525,8 @@ def _upstreams(top: Section, base: Path) -> dict[str, UpstreamConfig]:
 def _upstream(name: str, section: Section, base: Path) -> UpstreamConfig:
     strategy = section.choice("strategy", _UPSTREAM.strategy, STRATEGIES)
     slow_start = section.duration("slow_start", _UPSTREAM.slow_start)
-    servers = _servers(section)
+    run = upstream_run(section, base)
+    servers = _servers(section, managed=section.get("run") is not None)
     hash_name = section.choice("hash", _UPSTREAM.hash, HASHES)
     if section.get("hash") is not None and strategy != "ip_hash":
         # A mistake, not a harmless leftover: the operator expects sticky clients.
@@ -542,15 +547,19 @@ def _upstream(name: str, section: Section, base: Path) -> UpstreamConfig:
         slow_start=slow_start,
         tls=upstream_tls(section, base),
         send_proxy=_send_proxy(section, _UPSTREAM.send_proxy, allow_off=False),
+        run=run,
     )
 
 
-def _servers(upstream: Section) -> tuple[ServerConfig, ...]:
-    value = upstream.required("servers")
+def _servers(upstream: Section, *, managed: bool) -> tuple[ServerConfig, ...]:
+    """The static servers: required unless the upstream runs its own instances (`run`)."""
+    value = upstream.get("servers") if managed else upstream.required("servers")
+    if value is None and managed:
+        return ()
     items = None if value is None else as_list(value, upstream.at("servers"), upstream.problems)
     if items is None:
         return ()
-    if not items:
+    if not items and not managed:
         upstream.fail("servers", "must not be empty")
     servers: list[ServerConfig] = []
     seen: dict[str, int] = {}

@@ -110,6 +110,32 @@ def process_metrics() -> Metrics:
     return _process_metrics
 
 
+class InstanceMetrics:
+    """The managed app instances (apps.py), kept by the primary process alone. Per upstream
+    and state only: an instance's pid or port would make the cardinality grow with every
+    restart, and the instances' own process metrics are theirs to export."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        self.restarts = Counter(
+            "balancer_instance_restarts", "App instances restarted: after a crash, or "
+            "replaced for passing max_memory.", ["upstream"], **kw)
+        self.instances = Gauge(
+            "balancer_instances", "App instances by state (starting, ready, draining, "
+            "stopping, backoff).", ["upstream", "state"], multiprocess_mode="livesum", **kw)
+
+
+_instance_metrics: InstanceMetrics | None = None
+
+
+def instance_metrics() -> InstanceMetrics:
+    """The instance metric families, registered once on the default registry."""
+    global _instance_metrics
+    if _instance_metrics is None:
+        _instance_metrics = InstanceMetrics()
+    return _instance_metrics
+
+
 def count_reload(result: ReloadResult) -> None:
     """Count a reload of this process's configuration (the primary's, with workers)."""
     process_metrics().config_reloads.labels(result).inc()
