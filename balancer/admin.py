@@ -11,6 +11,8 @@ off the data path, and a scrape only reads state the data path already keeps.
     GET  /                                the HTML status page (refreshes from /status)
     POST /servers/{upstream}/{address}/drain | enable
                                           no new connections for a server / back in rotation
+    POST /upstreams/{upstream}/rollout    replace the upstream's app instances one at a time
+                                          (202; 409 when one is running; see apps.py)
 
 POST endpoints need `Authorization: Bearer <metrics.admin_token>` when a token is set, and
 are off when the endpoint is reachable beyond this machine without one. HEAD works wherever
@@ -37,6 +39,7 @@ from urllib.parse import unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .apps import app_source
 from .config import Address, MetricsConfig, is_loopback, metrics_warnings
 from .history import History
 from .status import balancer_status, readings, server_status
@@ -50,9 +53,9 @@ log = logging.getLogger("balancer.admin")
 
 MAX_REQUEST_HEAD = 16 * 1024  # the request line and headers; longer gets 431
 REQUEST_TIMEOUT = 5.0
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
-           503: "Service Unavailable"}
+REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 Response = tuple[int, str, bytes]  # status, content type, body
 
 
@@ -225,8 +228,11 @@ class AdminServer:
         parts = [unquote(part) for part in path.split("/")[1:]]
         if parts and not parts[-1]:
             parts.pop()  # a trailing slash
+        if len(parts) == 3 and parts[0] == "upstreams" and parts[2] == "rollout":
+            return self._rollout(parts[1])
         if len(parts) != 4 or parts[0] != "servers" or parts[3] not in ("drain", "enable"):
-            return _text(404, "not found: use POST /servers/{upstream}/{address}/drain|enable\n")
+            return _text(404, "not found: use POST /servers/{upstream}/{address}/drain|enable "
+                              "or /upstreams/{upstream}/rollout\n")
         _, upstream_name, address, action = parts
         upstream = self.balancer.upstreams.get(upstream_name)
         server = None
@@ -236,6 +242,16 @@ class AdminServer:
             return _text(404, f"no server {upstream_name}/{address}\n")
         self.balancer.set_draining(upstream_name, address, action == "drain")
         return 200, "application/json", json.dumps(server_status(server)).encode()
+
+
+    def _rollout(self, upstream: str) -> Response:
+        apps = app_source(self.balancer)
+        if apps is None:
+            code, body = 404, {"error": f"upstream {upstream!r} runs no instances (no run "
+                                        "section)"}
+        else:
+            code, body = apps.rollout(upstream)
+        return code, "application/json", json.dumps(body).encode()
 
 
 def _text(status: int, text: str) -> Response:

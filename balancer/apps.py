@@ -230,9 +230,7 @@ class AppGroup:
             self._count_states()
 
     async def _drained(self, old: Instance) -> None:
-        settled = getattr(self.membership, "settled", None)
-        if settled is not None:
-            await settled()  # every worker has the set without it: nothing new goes there
+        await self.membership.settled()  # every worker has the set without it now
         key = str(old.address)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_timeout
@@ -457,6 +455,15 @@ class AppSource:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def app_source(owner: object) -> AppSource | None:
+    """The AppSource of a balancer (or supervisor view) that has a `membership`, if any."""
+    membership = getattr(owner, "membership", None)
+    for source in getattr(membership, "sources", ()):
+        if isinstance(source, AppSource):
+            return source
+    return None
 
 
 def _runs(config: Config, name: str) -> bool:

@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", parents=[common],
         help="validate a configuration, then tell the running balancer (--pid-file) to load it",
     )
+    rollout = sub.add_parser(
+        "rollout", parents=[common],
+        help="replace an upstream's app instances one at a time, without dropping a "
+             "connection (asks the running balancer's admin endpoint, as pm2 reload)",
+    )
+    rollout.add_argument("upstream", metavar="NAME", help="the upstream whose run section "
+                         "to roll out")
+    rollout.add_argument("--timeout", type=float, metavar="SECONDS",
+                         help="give up following it after this long (default: from the config)")
     demo = sub.add_parser(
         "demo", parents=[common], help="start sample backends and a balancer in front of them"
     )
@@ -112,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if command == "reload":
         return _signal_reload(args.pid_file)
+    if command == "rollout":
+        from .rollout import run_rollout
+
+        return run_rollout(config, args.upstream, args.timeout,
+                           lambda line: print(line, flush=True))
     if args.loop:
         config = dataclasses.replace(config, loop=args.loop)
     if args.workers:

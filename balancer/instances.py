@@ -128,6 +128,7 @@ class Instance:
         config = self.config
         env = {**os.environ, **dict(config.env), "PORT": str(self.port),
                "INSTANCE": str(self.index)}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # our workers' metrics, not the app's
         if config.log == "stderr":
             out: int | TextIO = asyncio.subprocess.PIPE
         else:

@@ -51,7 +51,9 @@ class Source(Protocol):
 
 def make_sources(membership: Membership) -> list[Source]:
     """Every kind of source; each decides from the config whether it has anything to do."""
-    return []
+    from .apps import AppSource
+
+    return [AppSource(membership)]
 
 
 class Membership:

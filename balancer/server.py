@@ -312,6 +312,7 @@ class Balancer:
         self.metrics_events: MetricsEvents | None = None
         self.access_log: AccessLog | None = None
         self.admin: AdminServer | None = None
+        self.membership: Membership | None = None  # set by its owner (serve): servers found
         self.rejections = Rejections()
         self._syncs = 0
         self._listener_cells: dict[str, SharedCell | None] = {}  # with workers
@@ -719,6 +720,7 @@ async def serve(config: Config, config_path: str | None = None,
     `--watch-config` or the config's own `watch_config: true`)."""
     balancer = Balancer(config)
     membership = Membership(config, applier(balancer), balancer.server_active)
+    balancer.membership = membership  # the admin endpoint's rollouts and instances
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
     notifier = Notifier.from_environment()

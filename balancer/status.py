@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from .apps import app_source
 from .history import SPARK_EVERY, History, Reading
 from .proc.shared import LISTENER_COUNTERS, SERVER_COUNTERS
 from .sni import FALLBACK
@@ -165,10 +166,13 @@ def balancer_status(balancer: Any, history: History | None = None,
                     with_history: bool = False) -> dict[str, Any]:
     """Everything an operator looks at first, as plain JSON-able data."""
     now = time.monotonic()
+    apps = app_source(balancer)  # managed instances: each upstream's, and its last rollout
     upstreams = {}
     for name, up in balancer.upstreams.items():
         servers = [server_status(s, history, now, with_history) for s in up.servers]
         upstreams[name] = upstream_status(up, servers)
+        if apps is not None:
+            upstreams[name].update(apps.status(name) or {})
     totals = getattr(balancer, "listener_totals", None)
     status: dict[str, Any] = {
         "time": time.time(),

@@ -67,6 +67,7 @@ class ClusterView:
         self.sockets = sockets
         self.upstreams: dict[str, Upstream] = {}
         self.listeners: list[ListenerView] = []
+        self.membership: Any = None  # the supervisor's: managed instances for /status
         self._timer: asyncio.TimerHandle | None = None
         self.apply(config)
 

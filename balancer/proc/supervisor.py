@@ -791,6 +791,7 @@ class Supervisor:
 
         self.view = ClusterView(self.config, self.table, self.rows, self.sockets,
                                 self.cluster_status)
+        self.view.membership = self.membership  # the admin endpoint's rollouts and instances
         self.view.start()
         if self.config.metrics is not None:
             self.admin = AdminServer(self.view, self.config.metrics,
