@@ -10,6 +10,9 @@ then an echo until EOF. On SIGTERM it stops listening, lets open connections fin
   --crash-once FILE  exit 1 if FILE does not exist yet (creating it), else run normally
   --grow MB          once listening, allocate MB MiB (an RSS leak)
   --ignore-term      ignore SIGTERM (only SIGKILL ends it)
+  --abrupt           exit at once on SIGTERM, dropping open connections (many apps do)
+  --http S           speak HTTP/1.0 instead (one request per connection), and answer 503
+                     to everything, GET /health too, for the first S seconds after listening
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ async def main(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif args.abrupt:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     else:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
     if args.never_ready:
@@ -59,7 +64,27 @@ async def main(args: argparse.Namespace) -> int:
             writer.close()
             open_connections.discard(asyncio.current_task())  # type: ignore[arg-type]
 
-    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    healthy_at = loop.time() + (args.http or 0.0)
+
+    async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            path = request.split(b" ")[1].decode()
+            healthy = loop.time() >= healthy_at
+            body = (f"hello {index} {os.getpid()} {version}\n" if healthy else "not yet\n")
+            status = "200 OK" if healthy else "503 Service Unavailable"
+            if path == "/health":
+                print(f"health {status[:3]}", file=sys.stderr, flush=True)
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+                         .encode())
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve_http if args.http is not None else serve,
+                                        "127.0.0.1", port)
     print(f"listening {port}", flush=True)
     hoard = bytearray(args.grow << 20) if args.grow else None
     if hoard is not None:
@@ -80,4 +105,6 @@ if __name__ == "__main__":
     parser.add_argument("--crash-once")
     parser.add_argument("--grow", type=int, default=0)
     parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--http", type=float)
+    parser.add_argument("--abrupt", action="store_true")
     sys.exit(asyncio.run(main(parser.parse_args())))

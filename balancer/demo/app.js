@@ -4,7 +4,8 @@
 // so it runs with a bare `node app.js` (or the node:20-alpine image) and nothing to install.
 //
 // Options: --port N (0 = ephemeral; env PORT), --host H (default 127.0.0.1; env HOST),
-//          --name NAME (env APP_NAME; default: the hostname).
+//          --name NAME (env APP_NAME; default: app-$INSTANCE when the balancer runs it as
+//          one of an upstream's instances, else the hostname).
 // Prints exactly one line `listening <port>` on stdout once bound, so a parent process
 // learns an ephemeral port. Exits 0 on SIGTERM/SIGINT.
 'use strict';
@@ -24,7 +25,8 @@ function option(flag, envName, fallback) {
 
 const host = option('--host', 'HOST', '127.0.0.1');
 const port = Number(option('--port', 'PORT', '0'));
-const name = option('--name', 'APP_NAME', os.hostname());
+const instance = process.env.INSTANCE;
+const name = option('--name', 'APP_NAME', instance ? `app-${instance}` : os.hostname());
 
 if (!Number.isInteger(port) || port < 0 || port > 65535) {
   process.stderr.write(`invalid port: ${port}\n`);

@@ -129,8 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="port to listen on; 0 = ephemeral (env PORT)")
     parser.add_argument("--host", default=os.environ.get("HOST") or "127.0.0.1",
                         help="address to bind (env HOST; default 127.0.0.1)")
-    parser.add_argument("--name", default=os.environ.get("APP_NAME") or socket.gethostname(),
-                        help="name shown in answers (env APP_NAME; default the hostname)")
+    instance = os.environ.get("INSTANCE")  # set when the balancer runs it (`run:`)
+    parser.add_argument("--name", default=os.environ.get("APP_NAME") or (
+                            f"app-{instance}" if instance else socket.gethostname()),
+                        help="name shown in answers (env APP_NAME; default app-$INSTANCE "
+                             "when run as a balancer's instance, else the hostname)")
     args = parser.parse_args(argv)
     try:
         return asyncio.run(serve(args.host, args.port, args.name))
