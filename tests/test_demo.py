@@ -178,7 +178,7 @@ def test_demo_spreads_requests_over_three_backends_and_stops_them_all(
     )
 
     started = {m.group(1): int(m.group(2)) for m in demo.matches(BACKEND_LINE)}
-    assert sorted(started) == ["app-1", "app-2", "app-3"]
+    assert sorted(started) == ["app-0", "app-1", "app-2"]  # app-$INSTANCE
     answers = demo.matches(REQUEST_LINE)
     assert [int(m.group(1)) for m in answers] == [1, 2, 3, 4, 5, 6]
     assert {m.group(2) for m in answers} == set(started), "round robin reaches every backend"

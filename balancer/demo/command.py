@@ -1,10 +1,12 @@
-"""`balancer demo`: three sample backends and a balancer in front of them, in one command.
+"""`balancer demo`: three sample app instances and a balancer in front of them, in one command.
 
-The point is to show the balancer working before anyone writes a config: it starts three
-small HTTP apps (Node.js ``app.js`` when ``node`` is on PATH, else the pure-Python
-``backend``), puts a round-robin balancer on an ephemeral port in front of them, sends
-a few requests to show who answered, and keeps serving until Ctrl-C. Every process it starts
-is stopped on the way out, whatever happened.
+The point is to show the balancer working before anyone writes a config: it runs three
+instances of a small HTTP app (Node.js ``app.js`` when ``node`` is on PATH, else the
+pure-Python ``backend``) the way a config's `run:` section does, so the balancer starts,
+supervises and rolls them itself. It puts a round-robin listener on an ephemeral port in
+front, sends a few requests to show who answered, prints the status page's address and how
+to see a crash restart (`kill -9`) and a rollout, and serves until Ctrl-C. Every instance is
+stopped on the way out, whatever happened.
 """
 
 from __future__ import annotations
@@ -17,34 +19,34 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..config import Address, Config, ListenerConfig, LoopName, ServerConfig, UpstreamConfig
+from ..config import (
+    Address,
+    CheckConfig,
+    Config,
+    HealthConfig,
+    ListenerConfig,
+    LoopName,
+    MetricsConfig,
+    RunConfig,
+    UpstreamConfig,
+)
 from ..loops import new_event_loop
 from ..signals import handle_stop_signals, remove_stop_signals
 
+if TYPE_CHECKING:
+    from ..server import Balancer
+
 APP_JS = Path(__file__).parent / "app.js"
-BACKEND_NAMES = ("app-1", "app-2", "app-3")
-START_TIMEOUT = 10.0  # for a backend to print `listening <port>`
-STOP_TIMEOUT = 5.0  # for backends to exit after SIGTERM, before SIGKILL
+INSTANCES = 3
+START_TIMEOUT = 10.0  # for an instance to be ready
+STOP_TIMEOUT = 5.0  # for instances to exit after SIGTERM, before SIGKILL
 REQUEST_TIMEOUT = 5.0  # per demo request, connect to last byte
 SHUTDOWN_TIMEOUT = 3.0  # open client connections get this long to finish on Ctrl-C
 MAX_RESPONSE = 64 * 1024
 ANSWER = re.compile(r"hello from (\S+) \(pid (\d+)")
-
-
-@dataclass
-class DemoBackend:
-    """One started sample backend process and the port it reported."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int = 0
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
 
 def say(text: str = "") -> None:
@@ -52,28 +54,12 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def backend_command(name: str, node: str | None) -> list[str]:
-    """The command for one sample backend: Node.js if available, else the Python twin."""
-    if node is not None:
-        return [node, str(APP_JS), "--port", "0", "--name", name]
-    return [sys.executable, "-m", "balancer.demo.backend", "--port", "0", "--name", name]
-
-
-def start_backends(started: list[DemoBackend], names: tuple[str, ...] = BACKEND_NAMES) -> str:
-    """Start one backend per name, appending each to `started` as soon as it exists.
-
-    Appending before waiting means the caller can stop every process even if a later one
-    fails to start. Returns what kind of backend ran ("node" or "python").
-    """
+def app_command() -> tuple[list[str], str]:
+    """The sample app's argv (Node.js if available, else the Python twin) and its kind."""
     node = shutil.which("node") if APP_JS.is_file() else None
-    for name in names:
-        proc = subprocess.Popen(backend_command(name, node), stdout=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL)
-        started.append(DemoBackend(name, proc))
-    deadline = time.monotonic() + START_TIMEOUT
-    for backend in started:
-        backend.port = read_listening_port(backend.proc, backend.name, deadline)
-    return "node" if node else "python"
+    if node is not None:
+        return [node, str(APP_JS)], "node"
+    return [sys.executable, "-m", "balancer.demo.backend"], "python"
 
 
 def read_listening_port(proc: subprocess.Popen[bytes], name: str, deadline: float) -> int:
@@ -101,29 +87,19 @@ def read_listening_port(proc: subprocess.Popen[bytes], name: str, deadline: floa
     return int(port)
 
 
-def stop_backends(backends: list[DemoBackend]) -> None:
-    """SIGTERM all at once, wait (bounded), SIGKILL stragglers: nothing is left behind."""
-    for backend in backends:
-        if backend.proc.poll() is None:
-            backend.proc.terminate()
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for backend in backends:
-        try:
-            backend.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            backend.proc.kill()
-            backend.proc.wait(STOP_TIMEOUT)
-        if backend.proc.stdout is not None:
-            backend.proc.stdout.close()
-
-
-def demo_config(ports: list[int], loop: LoopName = "auto") -> Config:
-    """One listener on an ephemeral local port, round robin over the sample backends."""
-    servers = tuple(ServerConfig(Address("127.0.0.1", port)) for port in ports)
-    upstream = UpstreamConfig(name="app", servers=servers, strategy="round_robin")
+def demo_config(command: list[str], loop: LoopName = "auto") -> Config:
+    """One listener on an ephemeral local port, round robin over INSTANCES managed instances
+    of the sample app (ready once GET /health answers), and the admin endpoint (status page)
+    on another ephemeral local port."""
+    run = RunConfig(command=tuple(command), cwd=str(Path.cwd()), instances=INSTANCES,
+                    ready_timeout=START_TIMEOUT, kill_timeout=STOP_TIMEOUT)
+    health = HealthConfig(check=CheckConfig(type="http", path="/health"))
+    upstream = UpstreamConfig(name="app", servers=(), strategy="round_robin", health=health,
+                              run=run)
     listener = ListenerConfig(name="demo", bind=Address("127.0.0.1", 0), upstream="app")
     return Config(listeners=(listener,), upstreams={"app": upstream}, loop=loop,
-                  shutdown_timeout=SHUTDOWN_TIMEOUT)
+                  shutdown_timeout=SHUTDOWN_TIMEOUT,
+                  metrics=MetricsConfig(bind=Address("127.0.0.1", 0)))
 
 
 async def fetch(host: str, port: int) -> str:
@@ -147,12 +123,18 @@ async def fetch(host: str, port: int) -> str:
     return f"unexpected answer {status or 'empty'!r}"
 
 
-async def serve_demo(config: Config, requests: int) -> int:
-    """Run the balancer, show a few requests, then serve until SIGINT/SIGTERM."""
-    from ..server import Balancer  # imported late: `balancer --help` need not load the core
+async def serve_demo(config: Config, requests: int, kind: str) -> int:
+    """Start the instances and the balancer, show a few requests, then serve until
+    SIGINT/SIGTERM; the instances stop after the clients have drained."""
+    # Imported late: `balancer --help` need not load the core.
+    from ..apps import app_source
+    from ..membership import Membership
+    from ..server import Balancer, applier
 
     loop = asyncio.get_running_loop()
     balancer = Balancer(config)
+    membership = Membership(config, applier(balancer), balancer.server_active)
+    balancer.membership = membership
     stop = asyncio.Event()
 
     def drain() -> None:
@@ -161,36 +143,60 @@ async def serve_demo(config: Config, requests: int) -> int:
 
     handle_stop_signals(loop, drain, balancer.close_all)
     try:
+        await membership.start()
+        source = app_source(balancer)
+        listed = (source.status("app") if source is not None else None) or {}
+        ready = [i for i in listed.get("instances", []) if i["state"] == "ready"]
+        what = "Node.js app.js" if kind == "node" else "Python demo backend, node not found"
+        say(f"started {len(ready)} sample backends ({what}), run by the balancer:")
+        for inst in ready:
+            say(f"backend app-{inst['index']} pid {inst['pid']} port {inst['port']}")
+        if not ready:
+            raise RuntimeError("no sample backend became ready")
+        balancer.config = membership.effective()
         await balancer.start()
+        membership.go_live()
         try:
-            host, port = next(iter(balancer.bound_addresses().values()))
-            where = Address(host, port)
-            say(f"balancer listening on {where} (round robin over "
-                f"{len(config.upstreams['app'].servers)} backends)")
-            for number in range(1, requests + 1):
-                if stop.is_set():
-                    break
-                try:
-                    answer = await fetch(host, port)
-                except (OSError, TimeoutError) as exc:
-                    answer = f"failed: {exc or type(exc).__name__}"
-                say(f"request {number} -> {answer}")
-            if not stop.is_set():
-                say()
-                say(f"The balancer is at {where}. Try it:")
-                say(f"  curl http://{where}/")
-                say("Press Ctrl-C to stop.")
+            await _show(balancer, ready, requests, stop)
             await balancer.wait_stopped()
             say("stopping")
         finally:
             await balancer.shutdown(SHUTDOWN_TIMEOUT)
     finally:
+        await membership.stop()
         remove_stop_signals(loop)
     return 0
 
 
+async def _show(balancer: Balancer, ready: list[dict[str, Any]],
+                requests: int, stop: asyncio.Event) -> None:
+    host, port = next(iter(balancer.bound_addresses().values()))
+    where = Address(host, port)
+    say(f"balancer listening on {where} (round robin over {len(ready)} backends)")
+    for number in range(1, requests + 1):
+        if stop.is_set():
+            return
+        try:
+            answer = await fetch(host, port)
+        except (OSError, TimeoutError) as exc:
+            answer = f"failed: {exc or type(exc).__name__}"
+        say(f"request {number} -> {answer}")
+    if stop.is_set():
+        return
+    admin = Address(*balancer.admin.address()) if balancer.admin is not None else None
+    say()
+    say(f"The balancer is at {where}. Try it:")
+    say(f"  curl http://{where}/")
+    if admin is not None:
+        say(f"Status page: http://{admin}/")
+        say(f"  kill -9 {ready[0]['pid']}    # a crashed instance is restarted at once")
+        say(f"  curl -X POST http://{admin}/upstreams/app/rollout"
+            "    # replace them one by one, no connection dropped")
+    say("Press Ctrl-C to stop.")
+
+
 def run_demo(loop: LoopName = "auto", requests: int = 6) -> int:
-    """Start the sample backends and a balancer; serve until Ctrl-C; stop everything.
+    """Run the sample instances and a balancer; serve until Ctrl-C; stop everything.
 
     Returns 0 after a signal-driven stop, 1 when something could not start.
     """
@@ -199,16 +205,11 @@ def run_demo(loop: LoopName = "auto", requests: int = 6) -> int:
     except RuntimeError as exc:  # loop: uvloop asked for but not installed
         print(f"demo: {exc}", file=sys.stderr, flush=True)
         return 1
-    backends: list[DemoBackend] = []
+    command, kind = app_command()
+    config = demo_config(command, loop)
     try:
-        kind = start_backends(backends)
-        what = "Node.js app.js" if kind == "node" else "Python demo backend, node not found"
-        say(f"started {len(backends)} sample backends ({what}):")
-        for backend in backends:
-            say(f"backend {backend.name} pid {backend.pid} port {backend.port}")
-        config = demo_config([backend.port for backend in backends], loop)
         asyncio.set_event_loop(event_loop)
-        return event_loop.run_until_complete(serve_demo(config, max(0, requests)))
+        return event_loop.run_until_complete(serve_demo(config, max(0, requests), kind))
     except (OSError, RuntimeError) as exc:
         print(f"demo: cannot start: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -217,6 +218,4 @@ def run_demo(loop: LoopName = "auto", requests: int = 6) -> int:
     finally:
         asyncio.set_event_loop(None)
         event_loop.close()
-        stop_backends(backends)
-        if backends:
-            say("sample backends stopped")
+        say("sample backends stopped")
