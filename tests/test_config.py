@@ -782,6 +782,7 @@ def test_reference_config_documents_every_key() -> None:
         (set(tls), schema.LISTENER_TLS_KEYS),
         (certificate_keys, schema.CERTIFICATE_KEYS),
         (set(upstream["tls"]), schema.UPSTREAM_TLS_KEYS),
+        (set(upstream["run"]), schema.RUN_KEYS),
         (set(guarded["per_client"]), schema.PER_CLIENT_KEYS),
         (set(guarded["timeouts"]), schema.LISTENER_TIMEOUTS_KEYS),
         (set().union(*doc["upstreams"].values()), schema.UPSTREAM_KEYS),
