@@ -475,4 +475,7 @@ async def check_probe(address: Address, check: CheckConfig) -> tuple[bool, str]:
     """An instance's readiness check: the upstream's active health check, once."""
     from .checks import probe_address
 
-    return await probe_address(address, check)
+    try:
+        return await probe_address(address, check)
+    except Exception as exc:  # what the app provoked (an endless status line): not ready
+        return False, f"probe error ({type(exc).__name__})"

@@ -111,8 +111,6 @@ async def probe_address(address: Address, check: CheckConfig, tls: Any = None,
             status_line = await reader.readline()
     except (OSError, TimeoutError) as exc:
         return False, failure_reason(exc)
-    except ValueError:  # a status line longer than the reader's limit
-        return False, "probe error (ValueError)"
     finally:
         if writer is not None:
             writer.close()
