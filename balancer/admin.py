@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .apps import app_source
+from .appsource import app_source
 from .config import Address, MetricsConfig, is_loopback, metrics_warnings
 from .history import History
 from .status import balancer_status, readings, server_status

@@ -1,8 +1,9 @@
-"""The app instances of every upstream with a `run` section: kept running, rolled, stopped.
+"""The app instances of one upstream with a `run` section: kept running, rolled, stopped.
 
-`AppSource` is a membership source (membership.py): the servers it finds are its ready
-instances, 127.0.0.1:PORT each, so the data path treats them as any other server. It lives
-in the primary process only. Per upstream an `AppGroup` keeps `instances` processes:
+An `AppGroup` publishes its ready instances to membership (membership.py) as the servers of
+its upstream, 127.0.0.1:PORT each, so the data path treats them as any other server; the
+source that owns every group is `appsource.AppSource`, in the primary process only. A group
+keeps `instances` processes:
 
 - start: every instance at once; a server is added only once its instance accepts
   connections (and passes health.check when configured) within `ready_timeout`;
@@ -21,11 +22,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import subprocess
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .config import Address, CheckConfig, Config, RunConfig, ServerConfig, UpstreamConfig
+from .config import CheckConfig, RunConfig, ServerConfig, UpstreamConfig
 from .instances import STATES, Instance, Probe
 from .metrics import instance_metrics
 
@@ -98,7 +100,14 @@ class AppGroup:
         self.slots.append(inst)
         self.crashes.append(0)
         self._first.append(asyncio.Event())
-        self._keepers.append(asyncio.get_running_loop().create_task(self._keep(inst.index)))
+        keeper = asyncio.get_running_loop().create_task(self._keep(inst.index))
+        keeper.add_done_callback(self._keeper_done)
+        self._keepers.append(keeper)
+
+    def _keeper_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("upstream %s: an instance's keeper failed; it is no longer restarted",
+                      self.name, exc_info=task.exception())
 
     def _initial_ports(self, count: int) -> list[int]:
         if self.run.ports is None:
@@ -158,8 +167,8 @@ class AppGroup:
         self._count_states()
         try:
             await inst.spawn()
-        except OSError as exc:
-            inst.last_exit = f"cannot start: {exc.strerror or exc}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            inst.last_exit = f"cannot start: {getattr(exc, 'strerror', None) or exc}"
             inst.exited.set_result(-1)
             return inst.last_exit
         inst.exited.add_done_callback(lambda _: self._exited(inst))
@@ -271,7 +280,10 @@ class AppGroup:
                 if self.stopping:
                     failure = "the balancer is stopping"
                     break
-                failure = await self._roll_slot(index, run)
+                try:
+                    failure = await self._roll_slot(index, run)
+                except (OSError, RuntimeError) as exc:  # no port left in the range
+                    failure = str(exc)
                 if failure is not None:
                     failure = f"new instance #{index}: {failure}"
                     break
@@ -361,9 +373,22 @@ class AppGroup:
             if inst.exited.done() and inst.last_exit is not None:
                 log.info("%s stopped (%s)", inst.label, inst.last_exit)
 
-    def kill_now(self) -> None:
-        for inst in [*self.slots, *self.retiring]:
-            inst.kill_now()
+    async def retire(self) -> None:
+        """A reload removed this group: out of the set first, drained, then stopped."""
+        self.stopping = True
+        tasks = [*self._keepers, *self._tasks]
+        if self._rolling is not None:
+            tasks.append(self._rolling)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        leaving = [inst for inst in self.slots if inst.running()]
+        self.slots = []
+        self.membership.update(self.name, source_name(self.name), ())
+        log.info("upstream %s: run section removed: stopping %d instance(s) once drained",
+                 self.name, len(leaving))
+        await asyncio.gather(*(self._retire(inst) for inst in leaving))
+        await self.stop()  # whatever was still starting or retiring
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -390,92 +415,3 @@ def instance_status(inst: Instance) -> dict[str, Any]:
 
 def _size(count: int) -> str:
     return f"{count / (1 << 20):.1f}M"
-
-
-
-
-class AppSource:
-    """The membership source of managed instances: one `AppGroup` per upstream with `run`."""
-
-    def __init__(self, membership: Membership, probe: Probe | None = None) -> None:
-        self.membership = membership
-        self.probe = probe or check_probe
-        self.groups: dict[str, AppGroup] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self, config: Config) -> None:
-        groups = [self._group(up, config) for up in config.upstreams.values()
-                  if up.run is not None]
-        await asyncio.gather(*(group.start() for group in groups))
-
-    def _group(self, upstream: UpstreamConfig, config: Config) -> AppGroup:
-        assert upstream.run is not None
-        group = AppGroup(upstream, upstream.run, self.membership, config.shutdown_timeout,
-                         self.probe)
-        self.groups[upstream.name] = group
-        return group
-
-    def reconfigure(self, config: Config) -> None:
-        """A reload: new `run` sections start, removed ones stop, changed ones roll out."""
-        for name in [name for name in self.groups if not _runs(config, name)]:
-            self._background(self.groups.pop(name).stop())
-        for upstream in config.upstreams.values():
-            if upstream.run is None:
-                continue
-            group = self.groups.get(upstream.name)
-            if group is None:
-                self._background(self._group(upstream, config).start())
-                continue
-            group.check = upstream.health.check
-            group.shutdown_timeout = config.shutdown_timeout
-            if upstream.run != group.run:
-                group.start_rollout(upstream.run, "the run section changed")
-
-    def rollout(self, upstream: str) -> tuple[int, dict[str, Any]]:
-        """The admin endpoint's POST /upstreams/{name}/rollout: (HTTP status, body)."""
-        group = self.groups.get(upstream)
-        if group is None:
-            return 404, {"error": f"upstream {upstream!r} runs no instances (no run section)"}
-        if not group.start_rollout(reason="requested"):
-            return 409, {"error": "a rollout is already running", "rollout": group.rollout}
-        return 202, {"rollout": group.rollout}
-
-    def status(self, upstream: str) -> dict[str, Any] | None:
-        group = self.groups.get(upstream)
-        return None if group is None else group.status()
-
-    async def stop(self) -> None:
-        groups = list(self.groups.values())
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(group.stop() for group in groups))
-
-    def _background(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-
-def app_source(owner: object) -> AppSource | None:
-    """The AppSource of a balancer (or supervisor view) that has a `membership`, if any."""
-    membership = getattr(owner, "membership", None)
-    for source in getattr(membership, "sources", ()):
-        if isinstance(source, AppSource):
-            return source
-    return None
-
-
-def _runs(config: Config, name: str) -> bool:
-    upstream = config.upstreams.get(name)
-    return upstream is not None and upstream.run is not None
-
-
-async def check_probe(address: Address, check: CheckConfig) -> tuple[bool, str]:
-    """An instance's readiness check: the upstream's active health check, once."""
-    from .checks import probe_address
-
-    try:
-        return await probe_address(address, check)
-    except Exception as exc:  # what the app provoked (an endless status line): not ready
-        return False, f"probe error ({type(exc).__name__})"

@@ -216,11 +216,6 @@ class Instance:
             self.signal(signal.SIGKILL)
             await asyncio.shield(self.exited)
 
-    def kill_now(self) -> None:
-        """The last resort, when the balancer itself is being torn down."""
-        self.stop_requested = True
-        self.signal(signal.SIGKILL)
-
     def sample_rss(self) -> int:
         self.rss = read_rss(self.pid) if self.running() and self.pid is not None else 0
         return self.rss

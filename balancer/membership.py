@@ -51,7 +51,7 @@ class Source(Protocol):
 
 def make_sources(membership: Membership) -> list[Source]:
     """Every kind of source; each decides from the config whether it has anything to do."""
-    from .apps import AppSource
+    from .appsource import AppSource
 
     return [AppSource(membership)]
 

@@ -410,3 +410,30 @@ def test_rollout_command_explains_a_config_without_admin_endpoint(tmp_path: Path
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "rollout needs the admin endpoint: set metrics.bind" in done.stdout
+
+
+async def test_a_reload_that_removes_run_drains_the_instances_then_stops_them(
+        start_balancer: Any, start_backend: Any) -> None:
+    config = app_config("--abrupt", instances=1)
+    balancer = start_balancer(config)
+    pids = ready_pids(await admin_status(admin_port(balancer)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    assert GREETING.match((await reader.readline()).decode().strip())
+    static = start_backend("name", "static")
+    replaced = app_config()
+    del replaced["upstreams"]["app"]["run"]
+    replaced["upstreams"]["app"]["servers"] = [static.address]
+    replaced["metrics"] = config["metrics"]
+    reload(balancer, replaced)
+    balancer.wait_for_line(r"upstream app: run section removed: stopping 1 instance\(s\) "
+                           "once drained")
+    # The instance is out (new clients reach the static server) but not stopped while our
+    # connection to it is open: it still echoes.
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", balancer.port)
+    assert (await asyncio.wait_for(reader2.readline(), 5)).strip() == b"static"
+    writer2.close()
+    assert not any(gone(pid) for pid in pids)
+    writer.write(b"still\n")
+    assert await asyncio.wait_for(reader.readexactly(6), 5) == b"still\n"
+    writer.close()
+    await all_gone(pids)

@@ -127,7 +127,7 @@ async def serve_demo(config: Config, requests: int, kind: str) -> int:
     """Start the instances and the balancer, show a few requests, then serve until
     SIGINT/SIGTERM; the instances stop after the clients have drained."""
     # Imported late: `balancer --help` need not load the core.
-    from ..apps import app_source
+    from ..appsource import app_source
     from ..membership import Membership
     from ..server import Balancer, applier
 
