@@ -173,7 +173,7 @@ class AppGroup:
             return inst.last_exit
         inst.exited.add_done_callback(lambda _: self._exited(inst))
         failure = await inst.wait_ready(self.check, self.probe)
-        if failure is None and inst.running():
+        if failure is None and inst.running() and inst.state == "starting":  # not replaced
             inst.state = "ready"
             inst.ready_at = time.monotonic()
             log.info("%s ready on port %d", inst.label, inst.port)

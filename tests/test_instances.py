@@ -233,9 +233,14 @@ async def test_rollout_under_continuous_load_drops_no_connection(
     when it gets SIGTERM: the balancer must wait for them to end first)."""
     config = app_config("--abrupt", instances=2)
     config["metrics"]["bind"] = f"127.0.0.1:{free_port()}"  # the rollout command reads it
+    config["metrics"]["admin_token"] = "s3cret"  # ... and sends it, as drain needs it
     balancer = start_balancer(config)
     port = admin_port(balancer)
     old = ready_pids(await admin_status(port))
+    assert (await http(port, "POST", "/upstreams/app/rollout"))[0] == 401
+    wrong = await http(port, "POST", "/upstreams/nope/rollout",
+                       {"Authorization": "Bearer s3cret"})
+    assert wrong == (404, b'{"error": "upstream \'nope\' runs no instances (no run section)"}')
     stop = asyncio.Event()
     results: list[tuple[int, int, str] | BaseException] = []
 
