@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .apps import app_source
+from .appsource import app_source
 from .history import SPARK_EVERY, History, Reading
 from .proc.shared import LISTENER_COUNTERS, SERVER_COUNTERS
 from .sni import FALLBACK
