@@ -56,7 +56,7 @@ class LoadIndex:
         self.ramp_refresh_at = 0.0
         self.shared = any(server.cell is not None for server in self.servers)
         self.refresh_period = max(0.002, count * REFRESH_PER_SERVER)
-        self.refresh_at = 0.0
+        self.refresh_at = clock() + self.refresh_period  # the keys below are fresh
         for index, server in enumerate(self.servers):
             self._rekey(index, server)
             server.watchers.append(self.changed)
@@ -112,10 +112,14 @@ class LoadIndex:
                 self._rekey(index, servers[index])
         if self.shared and now >= self.refresh_at:
             self.refresh_at = now + self.refresh_period
-            parked = self.parked
+            parked, keys = self.parked, self.keys
             for index, server in enumerate(servers):
                 if index not in parked:
-                    self._rekey(index, server)
+                    key = server.active / server.weight
+                    if key != keys[index]:  # most have not changed: skip the block work
+                        self._set(index, key)
+                    if server.ramp_until:
+                        self.ramping.add(index)
         elif self.ramping and now >= self.ramp_refresh_at:
             self.ramp_refresh_at = now + RAMP_REFRESH
             for index in list(self.ramping):

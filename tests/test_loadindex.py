@@ -221,3 +221,40 @@ def test_load_index_follows_slow_start():
     servers[0].ramp_until = 0.0  # ramp over (as reading the weight at its end does)
     servers[0].release()  # an event: re-keyed at weight 1, key 1
     assert strategy.pick("10.0.0.1", Server.usable) is servers[0]
+
+
+def test_load_index_with_workers_rereads_other_workers_counts(tmp_path):
+    """Other workers' connects are seen at once for the server about to be chosen, their
+    closes within the refresh period (N x 20 µs, at least 2 ms)."""
+    from balancer.proc.shared import SharedTable
+
+    table = SharedTable(tmp_path / "shared", 40, 2, create=True)
+    try:
+        servers = [Server(ServerConfig(Address("10.0.0.1", 3000 + i)), "app",
+                          cell=table.cell(i, 0)) for i in range(40)]
+        others = [table.cell(i, 1) for i in range(40)]  # the other worker's column
+        for server in servers:
+            server.acquire()  # one each, here
+        clock = Clock()
+        strategy = LeastConn(servers, indexed=True)
+        assert strategy.index is not None and strategy.index.shared
+        strategy.index.clock = clock
+        strategy.index.refresh_at = clock.now + strategy.index.refresh_period  # as if built now
+        others[0].add_active(5)  # the other worker fills server 0: its key still says 1
+        assert strategy.pick("10.0.0.1", Server.usable) is servers[1]  # 0 was re-read: 6
+        servers[1].acquire()
+        for other in others[1:]:
+            other.add_active(2)  # now two each everywhere, unseen by the keys
+        clock.now += strategy.index.refresh_period  # a refresh: every key re-read
+        assert strategy.pick("10.0.0.1", Server.usable) is servers[2]  # 3, the least
+        servers[2].acquire()
+        others[30].add_active(-2)  # the other worker's connections to server 30 close
+        clock.now += strategy.index.refresh_period / 2
+        assert strategy.pick("10.0.0.1", Server.usable) is servers[3]  # not seen yet
+        servers[3].acquire()
+        clock.now += strategy.index.refresh_period / 2
+        assert strategy.pick("10.0.0.1", Server.usable) is servers[30]  # seen: 1
+    finally:
+        for server in servers:
+            server.cell = None
+        table.close()
