@@ -13,6 +13,7 @@ discovery brings upstreams of hundreds. Weights are read from `server.weight` at
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import random
 import zlib
@@ -319,6 +320,13 @@ def maglev_table(keys: Sequence[str], weights: Sequence[int],
         rounds += 1
 
 
+@functools.lru_cache(maxsize=8)
+def _maglev_table(keys: tuple[str, ...], weights: tuple[int, ...]) -> list[int]:
+    """`maglev_table`, kept for the last few server sets (read-only: never mutate it). A
+    reload that leaves the servers as they were, and the backups' table, cost nothing."""
+    return maglev_table(keys, weights)
+
+
 class Maglev(Strategy):
     """ip_hash through Maglev's lookup table (`hash: maglev`): near-perfect balance (each
     server owns its weight's share of 65,537 slots within one slot) and a pick that is one
@@ -335,7 +343,8 @@ class Maglev(Strategy):
         super().__init__(servers)
         ordered = sorted(self.servers, key=lambda server: server.key)
         # Configured weight, not the slow-start one: the table must not depend on timing.
-        positions = maglev_table([s.key for s in ordered], [s.config.weight for s in ordered])
+        positions = _maglev_table(tuple(s.key for s in ordered),
+                                  tuple(s.config.weight for s in ordered))
         index_of = {id(server): index for index, server in enumerate(self.servers)}
         by_position = [index_of[id(server)] for server in ordered]
         self.table: list[int] = [by_position[position] for position in positions]

@@ -284,6 +284,7 @@ class Upstream:
         kept = {server.key for server in self.servers}
         removed = [server for key, server in old.items() if key not in kept]
         for server in removed:
+            server.watchers.clear()  # in no strategy now: nothing to keep in order
             if server.pool is not None:
                 server.pool.close()
                 server.pool = None
