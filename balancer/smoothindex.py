@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 INF = float("inf")
 RECHECK = 0.25
 ACTIVE, PARKED, RAMPING = 0, 1, 2
+NO_CREDIT: dict[int, float] = {}  # the ramping credits of a pick when nothing ramps
 
 
 class SmoothIndex:
@@ -147,8 +148,10 @@ class SmoothIndex:
         ticks = self.ticks
         servers = self.servers
         total: float = self.active_weight
-        ramping_credit: dict[int, float] = {}
-        for index in list(self.ramping):
+        ramping_credit = NO_CREDIT  # never written: a fresh dict when anything ramps
+        if self.ramping:
+            ramping_credit = {}
+        for index in list(self.ramping) if self.ramping else ():
             weight = servers[index].weight  # ends a finished ramp
             if servers[index].ramp_until:
                 self.credit[index] += weight
@@ -164,14 +167,14 @@ class SmoothIndex:
             if index >= 0 and self.state[index] != PARKED:
                 total -= self._skip(index, skipped, ramping_credit)
         chosen: Server | None = None
+        state, bases = self.state, self.base
         while True:
             best = -1
             best_credit = 0.0
             for weight, heap in self.classes.items():
                 while heap:
                     key, index = heap[0]
-                    if (self.state[index] == ACTIVE and self.base[index] == -key
-                            and self.weights[index] == weight):
+                    if state[index] == ACTIVE and bases[index] == -key:
                         break
                     heapq.heappop(heap)  # stale: charged, parked or skipped since
                 else:
@@ -232,4 +235,8 @@ class SmoothIndex:
             return
         weight = self.weights[index]
         base = self.base[index] = self.base[index] - total
-        heapq.heappush(self.classes[weight], (-base, index))
+        heap = self.classes[weight]
+        if heap and heap[0][1] == index:  # it won from the top: one heap operation
+            heapq.heapreplace(heap, (-base, index))
+        else:
+            heapq.heappush(heap, (-base, index))
