@@ -7,6 +7,10 @@ from collections import Counter
 
 import pytest
 
+from balancer.config import ServerConfig, parse_address
+from balancer.strategies import Maglev
+from balancer.upstream import Server
+
 from .utils import eventually, make_config, who_answers
 
 pytestmark = pytest.mark.timeout(90)
@@ -90,6 +94,11 @@ async def test_ip_hash_maglev_by_default_sticky_and_bounded_remap(start_backend,
     full = start_balancer(make_config([b.address for b in backends], "ip_hash", **patient))
     first = await ip_hash_map(full.port, hosts)
     assert await ip_hash_map(full.port, hosts) == first  # sticky
+    # Exactly Maglev's table for these servers (the default), as any balancer builds it.
+    servers = [Server(ServerConfig(parse_address(b.address))) for b in backends]
+    table = Maglev(servers)
+    names = dict(zip(servers, "abcd", strict=True))
+    assert first == {host: names[table.pick(host, Server.usable)] for host in hosts}
     counts = Counter(first.values())
     assert set(counts) == set("abcd")
     assert max(counts.values()) <= 1.2 * len(hosts) / 4, counts  # Maglev's even shares
