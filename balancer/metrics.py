@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
@@ -182,6 +183,13 @@ class MetricsEvents(ConnectionEvents):
         self._watched: dict[tuple[str, str], Server] = {}
         self.listeners: dict[str, ListenerStats] = {}  # for /status, by listener name
         self._failed: Server | None = None  # the server of the last failed connect
+        # Servers a reload (or discovery) removed whose connections here have not all ended:
+        # their label sets go with the last one. Label sets never dropped piled up with every
+        # server that ever came and went (19k of them made /metrics take over 10 s). With
+        # workers (multiprocess mode, where children cannot be removed) the primary leaves
+        # departed servers out when it renders instead (proc/cluster.py).
+        self._leaving: set[Server] = set()
+        self._forgets = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -204,6 +212,39 @@ class MetricsEvents(ConnectionEvents):
                     self.metrics.errors.labels(upstream.name, server.key, reason)
         self.metrics.errors.labels(upstream.name, "", NO_SERVER)
         self.metrics.retries.labels(upstream.name)
+
+    def servers_left(self, servers: Iterable[Server]) -> None:
+        """`servers` are no longer configured: drop their label sets now, or once their
+        last connection through this process has ended."""
+        if not self._forgets:
+            return
+        for server in servers:
+            if server.local_active:
+                self._leaving.add(server)
+            else:
+                self._forget(server)
+
+    def _forget(self, server: Server) -> None:
+        self._leaving.discard(server)
+        upstream, key = server.upstream_name, server.key
+        listeners = [pair[0] for pair in self._children if pair[1] is server]
+        for listener in listeners:
+            del self._children[(listener, server)]
+        if self._watched.get((upstream, key)) not in (server, None):
+            return  # it came back (a new Server for the same address) and shows again
+        self._watched.pop((upstream, key), None)
+        metrics = self.metrics
+        for listener in listeners:
+            metrics.connections.remove(listener, upstream, key)
+            metrics.active.remove(listener, upstream, key)
+        for reason in FAILURE_REASONS:
+            metrics.errors.remove(upstream, key, reason)
+        for direction in ("upstream", "downstream"):
+            metrics.bytes.remove(upstream, key, direction)
+        for result in ("hit", "miss"):
+            metrics.pool_requests.remove(upstream, key, result)
+        for family in (metrics.connect_seconds, metrics.server_up, metrics.pool_idle):
+            family.remove(upstream, key)
 
     def watch_listener(self, config: ListenerConfig) -> None:
         """Show a TLS or SNI listener's counters from zero, before the first failure."""
@@ -320,3 +361,6 @@ class MetricsEvents(ConnectionEvents):
             children.duration.observe(conn.clock() - conn.started)
         elif conn.outcome == NO_SERVER:
             self.metrics.errors.labels(conn.route.upstream.name, "", NO_SERVER).inc()
+        server = conn.server
+        if self._leaving and server in self._leaving and not server.local_active:
+            self._forget(server)

@@ -523,6 +523,8 @@ class Balancer:
             self.departed[f"{server.upstream_name}/{server.key}"] = server
         if gone or retiring:
             loop.call_later(config.shutdown_timeout, self._end_leftovers, gone, retiring)
+        if self.metrics_events is not None:
+            self.metrics_events.servers_left(gone)
         self._watch_pools()
         self._listener_cells = {}  # rows may have moved
         if config.log != self.config.log:

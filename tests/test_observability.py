@@ -20,14 +20,18 @@ from balancer.status import REJECT_REASONS
 
 from .utils import (
     admin_port,
+    admin_status,
     blackhole,
+    converged,
     eventually,
     free_port,
     hold_echo_connections,
     http,
     make_config,
+    reload,
     scrape,
     start_with_a_refusing_pooled_server,
+    start_workers,
     total,
     wait_until,
     who_answers,
@@ -566,3 +570,38 @@ async def test_status_shows_half_open_during_a_trial_and_slow_start_weight(
     # Slow start: the weight ramps from 5% to full over 20 s; well under half just after.
     assert 0 < state[flaky]["effective_weight"] < 2, state[flaky]
     assert state[good.address]["effective_weight"] == 4
+
+
+def servers_in(samples: dict) -> set[str]:
+    """Every `server` label value the scrape shows."""
+    return {dict(labels)["server"] for _, labels in samples if dict(labels).get("server")}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_removed_servers_label_sets_go_once_its_connections_have_ended(
+        start_backend, start_balancer, workers):
+    """Servers that come and go (reloads, DNS discovery) leave no label sets behind: every
+    one of them used to stay for good (19k made /metrics take over 10 s)."""
+    a, b = start_backend("echo", "a"), start_backend("echo", "b")
+    idle = f"127.0.0.1:{free_port()}"  # a backup: never sent a connection
+    # least_conn: the second connection goes to the other server, whichever worker takes it.
+    config = with_metrics(make_config([a.address, b.address, {"address": idle, "backup": True}],
+                                      "least_conn"))
+    balancer = start_workers(start_balancer, config, workers) if workers > 1 else \
+        start_balancer(config)
+    port = admin_port(balancer)
+    held = await hold_echo_connections(balancer.port, 2)  # one on each server
+    try:
+        assert servers_in(await scrape(port)) == {a.address, b.address, idle}
+        config["upstreams"]["app"]["servers"] = [a.address]
+        reload(balancer, config)
+        if workers > 1:
+            await wait_until(lambda: admin_status(port), converged(2, workers), timeout=15)
+        # The idle server goes at once; b while its connection lasts.
+        samples = await wait_until(lambda: scrape(port),
+                                   lambda s: servers_in(s) == {a.address, b.address})
+        assert total(samples, "balancer_active_connections", server=b.address) == 1
+    finally:
+        for writer in held:
+            writer.close()
+    await wait_until(lambda: scrape(port), lambda s: servers_in(s) == {a.address})

@@ -22,10 +22,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, multiprocess
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from ..config import Address, Config, ListenerConfig
 from ..upstream import Server, Upstream
@@ -163,10 +165,32 @@ class ClusterCollector(multiprocess.MultiProcessCollector):
         return self.merge(files, accumulate=True)
 
 
-def render_cluster_metrics(path: str | None = None) -> bytes:
+def render_cluster_metrics(path: str | None = None,
+                           rows: Container[str] | None = None) -> bytes:
     """Every worker's metrics, combined (prometheus-client multiprocess mode), plus the
-    primary's own process metrics."""
+    primary's own process metrics. With `rows` (the shared table's `upstream/host:port`
+    keys), a server without a row is left out: it was removed and its last connection has
+    ended (multiprocess mode cannot remove a worker's label sets, so they are filtered here:
+    with servers coming and going they would pile up without end)."""
     registry = CollectorRegistry()
-    ClusterCollector(registry, path)
+    collector = ClusterCollector(None, path)
+    registry.register(collector if rows is None else _KnownServers(collector, rows))
     ProcessCollector(registry=registry)
     return generate_latest(registry)
+
+
+class _KnownServers(Collector):
+    """The samples of `inner` without those of servers no longer in `rows`."""
+
+    def __init__(self, inner: Collector, rows: Container[str]) -> None:
+        self.inner = inner
+        self.rows = rows
+
+    def collect(self) -> Iterable[Metric]:
+        rows = self.rows
+        for family in self.inner.collect():
+            family.samples = [
+                sample for sample in family.samples
+                if not sample.labels.get("server")
+                or f"{sample.labels.get('upstream')}/{sample.labels['server']}" in rows]
+            yield family

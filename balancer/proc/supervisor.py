@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -795,7 +796,7 @@ class Supervisor:
         self.view.start()
         if self.config.metrics is not None:
             self.admin = AdminServer(self.view, self.config.metrics,
-                                     render_metrics=render_cluster_metrics)
+                                     render_metrics=partial(render_cluster_metrics, rows=self.rows))
             await self.admin.start()
 
 
