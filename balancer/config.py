@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -28,10 +28,15 @@ from ._validate import (
     split_host_port,
 )
 from ._validate import parse_duration as parse_duration  # re-exported: part of the public API
+from .dnsconfig import RESOLVERS_KEYS as RESOLVERS_KEYS  # re-exported: the schema
+from .dnsconfig import DiscoverConfig as DiscoverConfig
+from .dnsconfig import ResolversConfig as ResolversConfig
+from .dnsconfig import discover as parse_discover
+from .dnsconfig import resolvers as parse_resolvers
 from .runconfig import RUN_KEYS as RUN_KEYS  # re-exported: the schema
 from .runconfig import RunConfig as RunConfig
 from .runconfig import upstream_run
-from .tlsconfig import CERTIFICATE_KEYS as CERTIFICATE_KEYS
+from .tlsconfig import CERTIFICATE_KEYS as CERTIFICATE_KEYS  # re-exported: the schema
 from .tlsconfig import LISTENER_TLS_KEYS as LISTENER_TLS_KEYS
 from .tlsconfig import UPSTREAM_TLS_KEYS as UPSTREAM_TLS_KEYS
 from .tlsconfig import CertificateConfig as CertificateConfig
@@ -157,6 +162,7 @@ class UpstreamConfig:
     tls: UpstreamTlsConfig | None = None  # connect to the servers over TLS
     send_proxy: str | None = None  # v1 | v2: a PROXY header first on every server connection
     run: RunConfig | None = None  # app instances the balancer starts (their servers are found)
+    discover: tuple[DiscoverConfig, ...] = ()  # names whose answers add servers at run time
 
 
 @dataclass(frozen=True)
@@ -264,12 +270,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     worker_timeout: float = 30.0  # a worker silent this long (hung, stopped) is replaced
     watch_config: bool = False  # reload when the file's content changes (watch.py)
+    resolvers: ResolversConfig = field(default_factory=ResolversConfig)
 
 
 # --- Parsing -------------------------------------------------------------------------------
 
 TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log",
-            "worker_timeout", "watch_config")
+            "worker_timeout", "watch_config", "resolvers")
 LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "defer_accept", "tls", "sni",
                  "accept_proxy", "max_conns", "per_client", "allow", "deny", "timeouts")
 PER_CLIENT_KEYS = ("max_conns", "rate")
@@ -277,6 +284,7 @@ LISTENER_TIMEOUTS_KEYS = ("proxy_header",)
 UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts",
                  "tls", "send_proxy", "hash", "run")
 SERVER_KEYS = ("address", "weight", "max_conns", "backup", "send_proxy")
+DISCOVER_KEYS = ("discover", "weight", "max_conns", "backup", "send_proxy")
 HEALTH_KEYS = ("max_fails", "fail_timeout", "check")
 CHECK_KEYS = ("interval", "timeout", "rise", "fall", "type", "path")
 RETRIES_KEYS = ("tries", "timeout")
@@ -335,10 +343,11 @@ def parse_config(data: object, source: str = "<config>", base: Path | None = Non
     log = _log(top)
     worker_timeout = _worker_timeout(top)
     watch_config = top.boolean("watch_config", _CONFIG.watch_config)
+    resolvers = parse_resolvers(top)
     if problems:
         raise ConfigError(problems.items)
     return Config(listeners, upstreams, metrics, workers, loop, shutdown_timeout, log,
-                  worker_timeout, watch_config)
+                  worker_timeout, watch_config, resolvers)
 
 
 def reload_problems(running: Config, new: Config) -> list[str]:
@@ -526,7 +535,7 @@ def _upstream(name: str, section: Section, base: Path) -> UpstreamConfig:
     strategy = section.choice("strategy", _UPSTREAM.strategy, STRATEGIES)
     slow_start = section.duration("slow_start", _UPSTREAM.slow_start)
     run = upstream_run(section, base)
-    servers = _servers(section, managed=section.get("run") is not None)
+    servers, discover = _servers(section, managed=section.get("run") is not None)
     hash_name = section.choice("hash", _UPSTREAM.hash, HASHES)
     if section.get("hash") is not None and strategy != "ip_hash":
         # A mistake, not a harmless leftover: the operator expects sticky clients.
@@ -548,23 +557,41 @@ def _upstream(name: str, section: Section, base: Path) -> UpstreamConfig:
         tls=upstream_tls(section, base),
         send_proxy=_send_proxy(section, _UPSTREAM.send_proxy, allow_off=False),
         run=run,
+        discover=discover,
     )
 
 
-def _servers(upstream: Section, *, managed: bool) -> tuple[ServerConfig, ...]:
-    """The static servers: required unless the upstream runs its own instances (`run`)."""
+def _servers(upstream: Section, *, managed: bool
+             ) -> tuple[tuple[ServerConfig, ...], tuple[DiscoverConfig, ...]]:
+    """The static servers and the `discover:` items, which may stand alone (an upstream of
+    discovered servers only) or alongside static ones. `servers` is required unless the
+    upstream runs its own instances (`run`)."""
     value = upstream.get("servers") if managed else upstream.required("servers")
     if value is None and managed:
-        return ()
+        return (), ()
     items = None if value is None else as_list(value, upstream.at("servers"), upstream.problems)
     if items is None:
-        return ()
+        return (), ()
     if not items and not managed:
         upstream.fail("servers", "must not be empty")
     servers: list[ServerConfig] = []
+    discover: list[DiscoverConfig] = []
     seen: dict[str, int] = {}
+    names: dict[str, int] = {}
     for index, raw in enumerate(items):
         path = item(upstream.at("servers"), index)
+        if isinstance(raw, Mapping) and "discover" in raw:
+            found = _discover(raw, path, upstream.problems)
+            if found is None:
+                continue
+            if found.name in names:
+                upstream.problems.add(f"{path}.discover",
+                                      f"duplicate of servers[{names[found.name]}] (one "
+                                      "discover item per name in an upstream)")
+            else:
+                names[found.name] = index
+            discover.append(found)
+            continue
         server, address_path = _server(raw, path, upstream.problems)
         if server is None:
             continue
@@ -573,7 +600,20 @@ def _servers(upstream: Section, *, managed: bool) -> tuple[ServerConfig, ...]:
         else:
             seen[server.key] = index
         servers.append(server)
-    return tuple(servers)
+    return tuple(servers), tuple(discover)
+
+
+def _discover(raw: Mapping[object, object], path: str, problems: Problems
+              ) -> DiscoverConfig | None:
+    """A `discover: NAME:PORT` or `discover: _srv._tcp.NAME` item with the server keys that
+    apply to each server it finds."""
+    if "address" in raw:
+        problems.add(f"{path}.address", "cannot be combined with discover (one or the other)")
+    section = Section({k: v for k, v in raw.items() if k != "address"}, path, problems,
+                      DISCOVER_KEYS)
+    send_proxy = _send_proxy(section, _SERVER.send_proxy, allow_off=True)
+    found = parse_discover(section)
+    return None if found is None else replace(found, send_proxy=send_proxy)
 
 
 def _server(raw: object, path: str, problems: Problems) -> tuple[ServerConfig | None, str]:

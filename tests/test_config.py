@@ -770,7 +770,8 @@ def test_reference_config_documents_every_key() -> None:
 
     doc = yaml.safe_load((CONFIGS / "upstream.yaml").read_text())
     upstream = doc["upstreams"]["app"]
-    server_keys = set().union(*(s.keys() for s in upstream["servers"]))
+    server_keys = set().union(*(s.keys() for s in upstream["servers"] if "discover" not in s))
+    discover_keys = set().union(*(s.keys() for s in upstream["servers"] if "discover" in s))
     # tls and sni cannot share a listener: each key is documented on one of them.
     listener_keys = set().union(*(lst.keys() for lst in doc["listeners"]))
     tls = doc["listeners"][0]["tls"]
@@ -787,6 +788,8 @@ def test_reference_config_documents_every_key() -> None:
         (set(guarded["timeouts"]), schema.LISTENER_TIMEOUTS_KEYS),
         (set().union(*doc["upstreams"].values()), schema.UPSTREAM_KEYS),
         (server_keys, schema.SERVER_KEYS),
+        (discover_keys, schema.DISCOVER_KEYS),
+        (set(doc["resolvers"]), schema.RESOLVERS_KEYS),
         (set(upstream["health"]), schema.HEALTH_KEYS),
         (set(upstream["health"]["check"]), schema.CHECK_KEYS),
         (set(upstream["retries"]), schema.RETRIES_KEYS),
@@ -821,3 +824,103 @@ def test_maglev_has_no_total_weight_cap() -> None:
                for i in range(256)]
     assert parse_config(with_upstream(strategy="ip_hash", hash="maglev", servers=servers))
     assert parse_config(with_upstream(strategy="ip_hash", servers=servers))
+
+
+# --- DNS discovery -------------------------------------------------------------------------
+
+
+def test_discover_items_and_resolvers_parse() -> None:
+    from balancer.config import DiscoverConfig, ResolversConfig
+
+    data = with_upstream(servers=[
+        {"discover": "App.Internal.:3000", "weight": 3, "max_conns": 100, "send_proxy": "v2"},
+        {"discover": "_http._tcp.app.default.svc.cluster.local", "backup": True},
+        "10.0.0.9:3000"])
+    data["resolvers"] = {"nameservers": ["10.96.0.10", "127.0.0.1:5353", "[fd00::10]:53",
+                                         "fd00::11"],
+                         "interval": "2s", "timeout": "250ms", "hold": 0}
+    config = parse_config(data)
+    upstream = config.upstreams["app"]
+    assert upstream.servers == (ServerConfig(Address("10.0.0.9", 3000)),)
+    assert upstream.discover == (
+        DiscoverConfig("app.internal", 3000, weight=3, max_conns=100, send_proxy="v2"),
+        DiscoverConfig("_http._tcp.app.default.svc.cluster.local", None, backup=True))
+    assert [d.source for d in upstream.discover] == [
+        "dns app.internal", "dns _http._tcp.app.default.svc.cluster.local"]
+    assert config.resolvers == ResolversConfig(
+        (("10.96.0.10", 53), ("127.0.0.1", 5353), ("fd00::10", 53), ("fd00::11", 53)),
+        interval=2.0, timeout=0.25, hold=0.0)
+    assert parse_config(minimal()).resolvers == ResolversConfig((), 5.0, 1.0, 30.0)
+
+
+def test_an_upstream_may_have_discovered_servers_only() -> None:
+    config = parse_config(with_upstream(servers=[{"discover": "app:3000"}]))
+    assert config.upstreams["app"].servers == ()
+    assert [d.name for d in config.upstreams["app"].discover] == ["app"]
+
+
+@pytest.mark.parametrize(("item", "expected"), [
+    ({"discover": "app"}, "upstreams.app.servers[0].discover: missing port in 'app' (NAME:PORT "
+     "for A/AAAA records; SRV names start with _)"),
+    ({"discover": "_http._tcp.app:80"}, "upstreams.app.servers[0].discover: an SRV name "
+     "carries its ports in its records: drop the port from '_http._tcp.app:80'"),
+    ({"discover": "10.0.0.1:80"}, "upstreams.app.servers[0].discover: '10.0.0.1:80' is an "
+     "address, not a name: list it as a server instead"),
+    ({"discover": "app:0"}, "upstreams.app.servers[0].discover: port must be 1..65535, got 0"),
+    ({"discover": "bad name:80"}, "upstreams.app.servers[0].discover: invalid host name "
+     "'bad name'"),
+    ({"discover": 3000}, "upstreams.app.servers[0].discover: must be NAME:PORT or an SRV name "
+     "(_service._tcp.NAME), got 3000"),
+    ({"discover": "_x._tcp.app", "weight": 2}, "upstreams.app.servers[0].weight: an SRV "
+     "name's records carry their weights (omit weight)"),
+    ({"discover": "app:1", "weight": 0}, "upstreams.app.servers[0].weight: must be a positive "
+     "integer, got 0"),
+    ({"discover": "app:1", "address": "10.0.0.1:1"}, "upstreams.app.servers[0].address: "
+     "cannot be combined with discover (one or the other)"),
+    ({"discover": "app:1", "ttl": 5}, "upstreams.app.servers[0].ttl: unknown key"),
+    ({"discover": "app:1", "send_proxy": "v3"}, "upstreams.app.servers[0].send_proxy: must be "
+     "v1, v2 or off, got 'v3'"),
+])
+def test_each_discover_mistake_has_its_exact_message(item: dict, expected: str) -> None:
+    assert problems_of(with_upstream(servers=[item])) == [expected]
+
+
+def test_a_name_discovered_twice_in_one_upstream_is_refused() -> None:
+    problems = problems_of(with_upstream(servers=[{"discover": "app:1"},
+                                                  {"discover": "APP.:2"}]))
+    assert problems == ["upstreams.app.servers[1].discover: duplicate of servers[0] (one "
+                        "discover item per name in an upstream)"]
+
+
+@pytest.mark.parametrize(("resolvers", "expected"), [
+    ({"nameservers": ["dns.local:53"]}, "resolvers.nameservers[0]: must be an IP address with "
+     "an optional port, like 10.96.0.10:53 or [fd00::10]:53, got 'dns.local:53'"),
+    ({"nameservers": ["10.0.0.1:0"]}, "resolvers.nameservers[0]: port must be 1..65535, got 0"),
+    ({"nameservers": []}, "resolvers.nameservers: must not be empty (omit it to use "
+     "/etc/resolv.conf)"),
+    ({"nameservers": "10.0.0.1"}, "resolvers.nameservers: must be a list, got '10.0.0.1'"),
+    ({"interval": 0}, "resolvers.interval: must be greater than 0, got 0"),
+    ({"timeout": "1"}, "resolvers.timeout: must be a duration like 250ms, 10s, 5m, 1h, "
+     "got '1'"),
+    ({"hold": -1}, "resolvers.hold: must be a duration like 250ms, 10s, 5m, 1h, got -1"),
+    ({"hodl": "1s"}, "resolvers.hodl: unknown key (did you mean 'hold'?)"),
+    ("yes", "resolvers: must be a mapping, got 'yes'"),
+])
+def test_each_resolvers_mistake_has_its_exact_message(resolvers: object, expected: str) -> None:
+    data = minimal()
+    data["resolvers"] = resolvers
+    assert problems_of(data) == [expected]
+
+
+def test_check_validates_discover_without_resolving(tmp_path: Path) -> None:
+    """`balancer check` reads the syntax only: a name no DNS knows, behind a nameserver
+    nobody runs, is fine."""
+    import subprocess
+    import sys
+
+    data = with_upstream(servers=[{"discover": "no-such-name.invalid:3000"}])
+    data["resolvers"] = {"nameservers": ["192.0.2.1:53"], "timeout": "10s"}
+    path = write(tmp_path, yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "balancer", "check", "-c", str(path)],
+                          capture_output=True, text=True, timeout=5)
+    assert done.returncode == 0, done.stderr
