@@ -14,7 +14,9 @@ lookup never blocks the loop (dnspython's asyncio backend: UDP, TCP when truncat
   `hold`, then the entry is emptied; NXDOMAIN or no records from a working nameserver are
   believed after `hold` too (a whole service can go away). Each change of state is said once.
 - At most MAX_SERVERS servers from one name, the lowest addresses (every balancer keeps the
-  same ones); a bigger answer is cut and said once.
+  same ones); a bigger answer is cut and said once. In an ip_hash upstream, whose ring has
+  160 points per unit of weight, one name's weights are scaled down (in proportion, at least
+  1 each) to a total of MAX_IP_HASH_WEIGHT, as the file's servers are capped.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from .config import Address, Config, DiscoverConfig, ResolversConfig, ServerConfig
+from .config import (
+    MAX_IP_HASH_WEIGHT,
+    Address,
+    Config,
+    DiscoverConfig,
+    ResolversConfig,
+    ServerConfig,
+)
 
 log = logging.getLogger("balancer.discovery")
 
@@ -173,23 +182,29 @@ class Resolver:
                 for r in records for address in by_target[str(r.target)]]
 
 
-def servers_of(entry: DiscoverConfig, answer: Sequence[Found]) -> tuple[ServerConfig, ...]:
-    """The servers an answer gives, with the item's other keys applied to each."""
+def servers_of(entry: DiscoverConfig, answer: Sequence[Found],
+               budget: int | None = None) -> tuple[ServerConfig, ...]:
+    """The servers an answer gives, with the item's other keys applied to each; weights
+    scaled down to a total of `budget`, if given and exceeded."""
+    weights = [f.weight if entry.srv else entry.weight for f in answer]
+    total = sum(weights)
+    if budget is not None and total > budget:
+        weights = [max(1, weight * budget // total) for weight in weights]
     return tuple(
         ServerConfig(Address(f.host, f.port if f.port is not None else entry.port or 0),
-                     weight=f.weight if entry.srv else entry.weight,
-                     max_conns=entry.max_conns, backup=entry.backup or f.backup,
+                     weight=weight, max_conns=entry.max_conns, backup=entry.backup or f.backup,
                      send_proxy=entry.send_proxy, source=entry.source)
-        for f in answer)
+        for f, weight in zip(answer, weights, strict=True))
 
 
 class NameWatch:
     """One discovered name of one upstream, re-resolved every interval."""
 
     def __init__(self, upstream: str, entry: DiscoverConfig, resolver: Resolver,
-                 update: Update) -> None:
+                 update: Update, budget: int | None = None) -> None:
         self.upstream = upstream
         self.entry = entry
+        self.budget = budget  # the total weight its servers may have (ip_hash), if bounded
         self.resolver = resolver
         self.update = update
         self.found: tuple[Found, ...] = ()  # the answer in use
@@ -261,7 +276,7 @@ class NameWatch:
 
     def publish(self) -> None:
         """Hand the servers in use to membership, when they changed (or the item did)."""
-        servers = servers_of(self.entry, self.found)
+        servers = servers_of(self.entry, self.found, self.budget)
         if servers != self.published:
             self.published = servers
             self.update(self.upstream, self.entry.source, servers)
@@ -291,10 +306,12 @@ class DnsDiscovery:
     def reconfigure(self, config: Config) -> None:
         """Follow a reloaded file: new items start, removed ones stop and take their servers
         with them, changed keys apply at once to the answer in use."""
-        if self.resolver is None or self.resolver.config != config.resolvers:
-            self.resolver = Resolver(config.resolvers)
         wanted = {(upstream.name, entry.name): entry
                   for upstream in config.upstreams.values() for entry in upstream.discover}
+        budgets = {name: MAX_IP_HASH_WEIGHT if upstream.strategy == "ip_hash" else None
+                   for name, upstream in config.upstreams.items()}
+        if wanted and (self.resolver is None or self.resolver.config != config.resolvers):
+            self.resolver = Resolver(config.resolvers)  # reads resolv.conf: only when needed
         for key in [key for key in self.watches if key not in wanted]:
             watch = self.watches.pop(key)
             if watch.task is not None:
@@ -304,14 +321,16 @@ class DnsDiscovery:
             if watch.upstream in config.upstreams:
                 self.update(watch.upstream, watch.entry.source, ())
         for key, entry in wanted.items():
+            assert self.resolver is not None
             if key not in self.watches:
-                added = self.watches[key] = NameWatch(key[0], entry, self.resolver, self.update)
+                added = self.watches[key] = NameWatch(key[0], entry, self.resolver, self.update,
+                                                      budgets[key[0]])
                 added.start()
                 continue
             watch = self.watches[key]
             watch.resolver = self.resolver
-            if watch.entry != entry:
-                watch.entry = entry
+            if (watch.entry, watch.budget) != (entry, budgets[key[0]]):
+                watch.entry, watch.budget = entry, budgets[key[0]]
                 watch.publish()
 
     async def stop(self) -> None:

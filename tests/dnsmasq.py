@@ -40,6 +40,7 @@ class Dnsmasq:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread
         self.start()
 
     @property
@@ -55,7 +56,8 @@ class Dnsmasq:
              f"--hostsdir={self.hosts}", "--local-ttl=1", "--user=root", "--local=/#/",
              "--pid-file=", *(f"--srv-host={record}" for record in self.srv)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
+        self._reader.start()
         self.wait_for(r"started, version", START_TIMEOUT, since)
 
     def _pump(self, proc: subprocess.Popen[str]) -> None:
@@ -93,6 +95,10 @@ class Dnsmasq:
         await asyncio.to_thread(self.wait_for, pattern, 5.0, since)
 
     def stop(self) -> None:
+        """Stop it, and let the log reader reach the end before its pipe is closed."""
         if self.proc is not None:
-            stop_process(self.proc)
+            stop_process(self.proc, close_pipes=False)
+            self._reader.join(5)
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
             self.proc = None

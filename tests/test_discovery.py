@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from balancer.config import (
+    MAX_IP_HASH_WEIGHT,
     Config,
     DiscoverConfig,
     ResolversConfig,
     ServerConfig,
     UpstreamConfig,
 )
-from balancer.discovery import MAX_SERVERS, DnsDiscovery, NameWatch, Resolver
+from balancer.discovery import MAX_SERVERS, DnsDiscovery, NameWatch, Resolver, found, servers_of
 
 from .dnsmasq import Dnsmasq, available
 
@@ -171,3 +172,38 @@ async def test_start_waits_for_first_answers_and_reconfigure_follows_the_file(
     finally:
         await discovery.stop()
     assert not discovery.watches
+
+
+def test_an_ip_hash_names_weights_are_scaled_down_in_proportion_to_the_rings_budget() -> None:
+    entry = DiscoverConfig("_x._tcp.y", None)
+    answer = [found(f"10.0.{i // 250}.{i % 250 + 1}", 80, 256 if i % 2 else 64)
+              for i in range(256)]
+    assert sum(s.weight for s in servers_of(entry, answer)) == 128 * 320  # unbounded
+    servers = servers_of(entry, answer, MAX_IP_HASH_WEIGHT)
+    assert sum(s.weight for s in servers) <= MAX_IP_HASH_WEIGHT
+    assert {s.weight for s in servers} == {6, 25}  # 1 : 4 as before, floored
+    assert servers_of(entry, [found("10.0.0.1", 80, 65535 // 256)], 8)[0].weight == 8
+    assert [s.weight for s in servers_of(entry, answer[:2], MAX_IP_HASH_WEIGHT)] == [64, 256]
+
+
+async def test_a_cut_answer_is_said_once_and_an_ip_hash_upstream_gets_its_budget(
+        dns: Dnsmasq, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "balancer.discovery")
+    await dns.set("big", [f"127.0.{i // 250 + 1}.{i % 250 + 1}" for i in range(300)])
+    updates = Updates()
+    discovery = DnsDiscovery(updates)
+    settings = ResolversConfig(nameservers=(("127.0.0.1", dns.port),), interval=0.05)
+    upstream = UpstreamConfig("up", servers=(), strategy="ip_hash",
+                              discover=(DiscoverConfig("big", 80, weight=100),))
+    await discovery.start(Config(listeners=(), upstreams={"up": upstream}, resolvers=settings))
+    try:
+        servers = updates.calls[0][2]
+        assert len(servers) == MAX_SERVERS and {s.weight for s in servers} == {16}
+        watch = discovery.watches[("up", "big")]
+        for _ in range(3):
+            await watch.refresh()
+    finally:
+        await discovery.stop()
+    cuts = [r for r in caplog.records if "answer of 300 servers cut to the first 256" in
+            r.getMessage()]
+    assert len(cuts) == 1
