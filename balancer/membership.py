@@ -52,8 +52,9 @@ class Source(Protocol):
 def make_sources(membership: Membership) -> list[Source]:
     """Every kind of source; each decides from the config whether it has anything to do."""
     from .appsource import AppSource
+    from .discovery import DnsDiscovery  # imports dnspython: only where sources run
 
-    return [AppSource(membership)]
+    return [AppSource(membership), DnsDiscovery(membership.update)]
 
 
 class Membership:
