@@ -73,6 +73,10 @@ class Metrics:
         self.server_up = Gauge(
             "balancer_server_up", "1 when the server takes traffic by health state, else 0.",
             ["upstream", "server"], multiprocess_mode="livemin", **kw)
+        self.server_info = Gauge(
+            "balancer_server_info", "1 for every configured server, with how it was found: "
+            "static (the file), dns NAME (discovered), ...",
+            ["upstream", "server", "source"], multiprocess_mode="livemax", **kw)
         self.pool_idle = Gauge(
             "balancer_pool_idle_connections", "Idle pre-connected upstream connections.",
             ["upstream", "server"], multiprocess_mode="livesum", **kw)
@@ -190,6 +194,7 @@ class MetricsEvents(ConnectionEvents):
         # departed servers out when it renders instead (proc/cluster.py).
         self._leaving: set[Server] = set()
         self._forgets = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        self._sources: dict[tuple[str, str], str] = {}  # shown in balancer_server_info
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -197,6 +202,7 @@ class MetricsEvents(ConnectionEvents):
         """Export health and pool state of an upstream's servers as they change (servers
         already watched, e.g. kept by a reload, are skipped)."""
         for server in upstream.servers:
+            self._show_source(upstream.name, server)
             if self._watched.get((upstream.name, server.key)) is server:
                 continue
             self._watched[(upstream.name, server.key)] = server
@@ -212,6 +218,24 @@ class MetricsEvents(ConnectionEvents):
                     self.metrics.errors.labels(upstream.name, server.key, reason)
         self.metrics.errors.labels(upstream.name, "", NO_SERVER)
         self.metrics.retries.labels(upstream.name)
+
+    def _show_source(self, upstream: str, server: Server) -> None:
+        """balancer_server_info says how a server was found (static, `dns NAME`, ...)."""
+        key = (upstream, server.key)
+        source = server.config.source
+        old = self._sources.get(key)
+        if old == source:
+            return
+        if old is not None:
+            self._hide_source(upstream, server.key, old)
+        self._sources[key] = source
+        self.metrics.server_info.labels(upstream, server.key, source).set(1)
+
+    def _hide_source(self, upstream: str, key: str, source: str) -> None:
+        if self._forgets:
+            self.metrics.server_info.remove(upstream, key, source)
+        else:  # multiprocess mode cannot remove it (the primary filters departed servers)
+            self.metrics.server_info.labels(upstream, key, source).set(0)
 
     def servers_left(self, servers: Iterable[Server]) -> None:
         """`servers` are no longer configured: drop their label sets now, or once their
@@ -233,6 +257,9 @@ class MetricsEvents(ConnectionEvents):
         if self._watched.get((upstream, key)) not in (server, None):
             return  # it came back (a new Server for the same address) and shows again
         self._watched.pop((upstream, key), None)
+        source = self._sources.pop((upstream, key), None)
+        if source is not None:
+            self._hide_source(upstream, key, source)
         metrics = self.metrics
         for listener in listeners:
             metrics.connections.remove(listener, upstream, key)

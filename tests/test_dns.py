@@ -108,6 +108,10 @@ async def test_scale_up_and_down_while_a_connection_through_a_leaving_server_fin
     servers = await wait_until(lambda: servers_of(admin), having(*(f"{a}:{port}"
                                                                   for a in ips(2, 3))))
     assert {(s["source"], s["max_conns"]) for s in servers.values()} == {("dns app", 50)}
+    info = {dict(labels)["server"]: (dict(labels)["source"], value)
+            for (name, labels), value in (await scrape(admin)).items()
+            if name == "balancer_server_info"}
+    assert info == {f"{a}:{port}": ("dns app", 1.0) for a in ips(2, 3)}
     assert set(await answers(balancer.port, 4)) == set(ips(2, 3))
 
     await dns.set("app", ips(2, 5, 3, 4))  # scale up: the new two join at once

@@ -403,6 +403,7 @@ FAMILY_LABELS = {
     "balancer_upstream_connect_seconds": {"upstream", "server"},
     "balancer_connection_duration_seconds": {"upstream"},
     "balancer_server_up": {"upstream", "server"},
+    "balancer_server_info": {"upstream", "server", "source"},
     "balancer_pool_idle_connections": {"upstream", "server"},
     "balancer_pool_requests": {"upstream", "server", "result"},
     "balancer_config_reloads": {"result"},
@@ -592,7 +593,9 @@ async def test_a_removed_servers_label_sets_go_once_its_connections_have_ended(
     port = admin_port(balancer)
     held = await hold_echo_connections(balancer.port, 2)  # one on each server
     try:
-        assert servers_in(await scrape(port)) == {a.address, b.address, idle}
+        samples = await scrape(port)
+        assert servers_in(samples) == {a.address, b.address, idle}
+        assert total(samples, "balancer_server_info", server=a.address, source="static") == 1
         config["upstreams"]["app"]["servers"] = [a.address]
         reload(balancer, config)
         if workers > 1:
