@@ -14,9 +14,10 @@ lookup never blocks the loop (dnspython's asyncio backend: UDP, TCP when truncat
   `hold`, then the entry is emptied; NXDOMAIN or no records from a working nameserver are
   believed after `hold` too (a whole service can go away). Each change of state is said once.
 - At most MAX_SERVERS servers from one name, the lowest addresses (every balancer keeps the
-  same ones); a bigger answer is cut and said once. In an ip_hash upstream, whose ring has
-  160 points per unit of weight, one name's weights are scaled down (in proportion, at least
-  1 each) to a total of MAX_IP_HASH_WEIGHT, as the file's servers are capped.
+  same ones); a bigger answer is cut and said once. In an ip_hash upstream on the ring
+  (`hash: ring`, 160 points per unit of weight), one name's weights are scaled down (in
+  proportion, at least 1 each) to a total of MAX_IP_HASH_WEIGHT, as the file's servers are
+  capped; Maglev's table has the same size whatever the weights.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import dns.resolver
 
 from .config import (
     MAX_IP_HASH_WEIGHT,
+    MAX_WEIGHT,
     Address,
     Config,
     DiscoverConfig,
@@ -48,7 +50,6 @@ log = logging.getLogger("balancer.discovery")
 
 MAX_SERVERS = 256  # from one name; a bigger answer is cut
 MAX_TARGETS = 32  # SRV targets looked up at the same time
-MAX_WEIGHT = 256  # a server's weight (config.MAX_WEIGHT); SRV weights are 0..65535
 SHOWN_ERROR = 200  # characters of a resolver's error kept for the log
 
 # Membership.update: replace what `source` contributes to `upstream`.
@@ -228,7 +229,10 @@ class NameWatch:
 
     async def _run(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug must not end the watch: the name stays followed
+                log.exception("dns %s: unexpected error in a lookup", self.entry.name)
             self.first.set()
             await asyncio.sleep(self.resolver.config.interval)
 
@@ -308,7 +312,8 @@ class DnsDiscovery:
         with them, changed keys apply at once to the answer in use."""
         wanted = {(upstream.name, entry.name): entry
                   for upstream in config.upstreams.values() for entry in upstream.discover}
-        budgets = {name: MAX_IP_HASH_WEIGHT if upstream.strategy == "ip_hash" else None
+        budgets = {name: MAX_IP_HASH_WEIGHT
+                   if upstream.strategy == "ip_hash" and upstream.hash == "ring" else None
                    for name, upstream in config.upstreams.items()}
         if wanted and (self.resolver is None or self.resolver.config != config.resolvers):
             self.resolver = Resolver(config.resolvers)  # reads resolv.conf: only when needed
@@ -318,8 +323,8 @@ class DnsDiscovery:
                 watch.task.cancel()
                 self.stopping.add(watch.task)
                 watch.task.add_done_callback(self.stopping.discard)
-            if watch.upstream in config.upstreams:
-                self.update(watch.upstream, watch.entry.source, ())
+            # Also for an upstream the reload removed: it might come back without this item.
+            self.update(watch.upstream, watch.entry.source, ())
         for key, entry in wanted.items():
             assert self.resolver is not None
             if key not in self.watches:

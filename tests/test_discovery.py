@@ -186,14 +186,14 @@ def test_an_ip_hash_names_weights_are_scaled_down_in_proportion_to_the_rings_bud
     assert [s.weight for s in servers_of(entry, answer[:2], MAX_IP_HASH_WEIGHT)] == [64, 256]
 
 
-async def test_a_cut_answer_is_said_once_and_an_ip_hash_upstream_gets_its_budget(
+async def test_a_cut_answer_is_said_once_and_an_ip_hash_ring_gets_its_budget(
         dns: Dnsmasq, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "balancer.discovery")
     await dns.set("big", [f"127.0.{i // 250 + 1}.{i % 250 + 1}" for i in range(300)])
     updates = Updates()
     discovery = DnsDiscovery(updates)
     settings = ResolversConfig(nameservers=(("127.0.0.1", dns.port),), interval=0.05)
-    upstream = UpstreamConfig("up", servers=(), strategy="ip_hash",
+    upstream = UpstreamConfig("up", servers=(), strategy="ip_hash", hash="ring",
                               discover=(DiscoverConfig("big", 80, weight=100),))
     await discovery.start(Config(listeners=(), upstreams={"up": upstream}, resolvers=settings))
     try:
