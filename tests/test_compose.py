@@ -1,8 +1,10 @@
-"""docker-compose.yml and configs/docker.yaml agree with each other and with the repo.
+"""docker-compose.yml, the Dockerfile, configs/docker.yaml and configs/prometheus.yml agree
+with each other and with the repo.
 
-Docker cannot run here, so these checks catch what would break `docker compose up`: a mount
-of a file that does not exist, a server the balancer cannot resolve (not a service name) or
-reaches on the wrong port, a published port the balancer does not listen on.
+Docker cannot run here (the image itself runs under podman in test_podman.py), so these
+checks catch what would break `docker compose up`: a mount of a file that does not exist, a
+name the balancer discovers that is no service or on the wrong port, a published or exposed
+port the balancer does not listen on, a scrape Prometheus would get 403 for.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 CONFIG_IN_CONTAINER = "/etc/balancer/balancer.yaml"
-APPS = ("app1", "app2", "app3")
 
 
 def compose() -> dict[str, Any]:
@@ -73,72 +74,6 @@ def docker_config() -> tuple[Path, Config]:
     raise AssertionError(f"nothing is mounted at {CONFIG_IN_CONTAINER}")
 
 
-def test_services_are_three_node_apps_and_the_balancer() -> None:
-    found = services()
-    assert set(found) == {*APPS, "balancer"}
-    names = set()
-    for app in APPS:
-        service = found[app]
-        assert service["image"] == "node:20-alpine"
-        env = environment(service)
-        assert env["HOST"] == "0.0.0.0", "bound to loopback, the balancer could not reach it"
-        assert env["PORT"].isdigit()
-        names.add(env["APP_NAME"])
-        # The command runs the very file that is mounted.
-        app_js = next(t for s, t, _m in mounts(service) if s.endswith("demo/app.js"))
-        assert app_js in service["command"]
-    assert names == {"app-1", "app-2", "app-3"}
-    assert found["balancer"]["image"] == "python:3.11-slim"
-
-
-def test_every_mounted_host_path_exists_and_is_read_only() -> None:
-    for name, service in services().items():
-        for source, target, mode in mounts(service):
-            assert source.startswith("."), f"{name}: {source} should be relative to the repo"
-            assert (REPO / source).exists(), f"{name}: mounts missing {source}"
-            assert mode == "ro", f"{name}: {source} -> {target} should be read-only"
-
-
-def test_balancer_mounts_the_repo_and_runs_the_docker_config() -> None:
-    balancer = services()["balancer"]
-    targets = {target: source for source, target, _mode in mounts(balancer)}
-    assert targets.get("/src") == "."
-    path, _config = docker_config()
-    assert path == REPO / "configs" / "docker.yaml"
-    command = balancer["command"]
-    command = " ".join(command) if isinstance(command, list) else command
-    assert "pip install" in command
-    assert f"balancer -c {CONFIG_IN_CONTAINER}" in command
-
-
-def test_docker_config_loads_with_the_advertised_settings() -> None:
-    _path, config = docker_config()
-    assert [listener.bind.host for listener in config.listeners] == ["0.0.0.0"]
-    assert config.metrics is not None and config.metrics.bind.host == "0.0.0.0"
-    assert {upstream.strategy for upstream in config.upstreams.values()} == {"least_conn"}
-
-
-def test_every_server_is_a_compose_service_on_its_port() -> None:
-    found = services()
-    _path, config = docker_config()
-    addresses = [s.address for u in config.upstreams.values() for s in u.servers]
-    assert sorted(a.host for a in addresses) == sorted(APPS)
-    for address in addresses:
-        assert address.host in found, f"{address} is not a compose service"
-        assert int(environment(found[address.host])["PORT"]) == address.port, address
-
-
-def test_published_ports_match_the_listeners_and_metrics() -> None:
-    _path, config = docker_config()
-    ports = published(services()["balancer"])
-    assert config.metrics is not None
-    expected = {listener.bind.port for listener in config.listeners} | {config.metrics.bind.port}
-    assert set(ports) == expected
-    assert all(host == container for container, host in ports.items())
-    for name in APPS:
-        assert not services()[name].get("ports"), "apps are reached through the balancer only"
-
-
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) for each instruction, continuation lines joined."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
@@ -149,6 +84,86 @@ def dockerfile() -> list[tuple[str, str]]:
 
 def instructions(name: str) -> list[str]:
     return [args for instruction, args in dockerfile() if instruction == name]
+
+
+def test_services_are_the_app_the_balancer_and_prometheus() -> None:
+    found = services()
+    assert set(found) == {"app", "balancer", "prometheus"}
+    app = found["app"]
+    assert app["image"] == "node:20-alpine"
+    assert app["deploy"]["replicas"] == 3
+    env = environment(app)
+    assert env["HOST"] == "0.0.0.0", "bound to loopback, the balancer could not reach it"
+    assert env["PORT"].isdigit()
+    assert "APP_NAME" not in env, "every replica would answer with the same name"
+    # The command runs the very file that is mounted.
+    app_js = next(t for s, t, _m in mounts(app) if s.endswith("demo/app.js"))
+    assert app_js in app["command"]
+
+
+def test_every_mounted_host_path_exists_and_is_read_only() -> None:
+    for name, service in services().items():
+        for source, target, mode in mounts(service):
+            assert source.startswith("."), f"{name}: {source} should be relative to the repo"
+            assert (REPO / source).exists(), f"{name}: mounts missing {source}"
+            assert mode == "ro", f"{name}: {source} -> {target} should be read-only"
+
+
+def test_the_balancer_is_built_from_the_dockerfile_and_runs_the_docker_config() -> None:
+    balancer = services()["balancer"]
+    assert balancer["build"] == {"context": ".", "dockerfile": "Dockerfile"}
+    assert (REPO / balancer["build"]["context"] / balancer["build"]["dockerfile"]) == DOCKERFILE
+    assert "/src" not in {target for _source, target, _mode in mounts(balancer)}
+    path, config = docker_config()
+    assert path == REPO / "configs" / "docker.yaml"
+    assert balancer["command"] == ["-c", CONFIG_IN_CONTAINER]
+    grace = balancer["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > config.shutdown_timeout
+
+
+def test_docker_config_loads_with_the_advertised_settings() -> None:
+    _path, config = docker_config()
+    assert [listener.bind.host for listener in config.listeners] == ["0.0.0.0"]
+    assert config.metrics is not None and config.metrics.bind.host == "0.0.0.0"
+    assert {upstream.strategy for upstream in config.upstreams.values()} == {"least_conn"}
+    # Docker's embedded DNS, asked every 2 s: `--scale` is seen within seconds.
+    assert config.resolvers.nameservers == (("127.0.0.11", 53),)
+    assert config.resolvers.interval == 2.0
+
+
+def test_the_balancer_discovers_the_app_service_on_its_port() -> None:
+    found = services()
+    _path, config = docker_config()
+    static = [s for u in config.upstreams.values() for s in u.servers]
+    assert static == [], "a static server is resolved once and never sees --scale"
+    names = [d for u in config.upstreams.values() for d in u.discover]
+    assert [(d.name, d.srv) for d in names] == [("app", False)]
+    for item in names:
+        assert item.name in found, f"{item.name} is not a compose service"
+        assert int(environment(found[item.name])["PORT"]) == item.port, item
+
+
+def test_published_ports_match_the_listeners_and_metrics() -> None:
+    _path, config = docker_config()
+    ports = published(services()["balancer"])
+    assert config.metrics is not None
+    expected = {listener.bind.port for listener in config.listeners} | {config.metrics.bind.port}
+    assert set(ports) == expected
+    assert all(host == container for container, host in ports.items())
+    assert not services()["app"].get("ports"), "apps are reached through the balancer only"
+
+
+def test_prometheus_scrapes_the_balancer_by_a_host_name_it_accepts() -> None:
+    prometheus = services()["prometheus"]
+    (source, _target, _mode), = [m for m in mounts(prometheus) if m[1].endswith(".yml")]
+    assert f"--config.file={_target}" in prometheus["command"]
+    scrape = yaml.safe_load((REPO / source).read_text())["scrape_configs"]
+    targets = [t for job in scrape for sc in job["static_configs"] for t in sc["targets"]]
+    _path, config = docker_config()
+    assert config.metrics is not None
+    assert targets == [f"balancer:{config.metrics.bind.port}"]
+    # The admin endpoint refuses a Host header it does not know (DNS rebinding).
+    assert "balancer" in config.metrics.allowed_hosts
 
 
 def test_the_dockerfile_builds_from_a_base_argument_into_a_venv_as_a_non_root_user() -> None:
