@@ -259,6 +259,8 @@ class Client:
             self.proc.kill()
             self.proc.wait(10)
         self.reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def balancer_config(nameserver: str, loop: str) -> dict:
