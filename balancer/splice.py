@@ -40,7 +40,11 @@ PIPE_SIZE = 1 << 18  # asked of the kernel (F_SETPIPE_SZ); the default is 64 KiB
 _splice: Callable[..., int] | None = getattr(os, "splice", None)
 AVAILABLE = _splice is not None and sys.platform.startswith("linux")
 FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
-SPLICE_AT = SPLICE_AFTER if AVAILABLE else NEVER  # every connection's threshold at first
+# Off unless asked for (BALANCER_SPLICE=1): on uvloop a client's reset in the middle of a
+# spliced transfer is sometimes noticed only by the idle timeout (tests/test_splice.py, about
+# 1 run in 16; not understood yet), so the pump stays opt-in until that is found.
+ENABLED = AVAILABLE and os.environ.get("BALANCER_SPLICE", "") == "1"
+SPLICE_AT = SPLICE_AFTER if ENABLED else NEVER  # every connection's threshold at first
 
 
 def _plain_transport_types() -> tuple[type, ...]:
