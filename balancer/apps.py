@@ -354,8 +354,8 @@ class AppGroup:
 
     # -- stop ---------------------------------------------------------------------------------
 
-    async def stop(self) -> None:
-        """Stop every instance gracefully (SIGTERM, SIGKILL after kill_timeout), at once."""
+    async def _end_background_work(self) -> None:
+        """Stopping or retiring: no keeper, restart or rollout may act on an instance after."""
         self.stopping = True
         tasks = [*self._keepers, *self._tasks]
         if self._rolling is not None:
@@ -363,6 +363,10 @@ class AppGroup:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop every instance gracefully (SIGTERM, SIGKILL after kill_timeout), at once."""
+        await self._end_background_work()
         alive = [inst for inst in [*self.slots, *self.retiring] if inst.running()]
         for inst in alive:
             inst.state = "stopping"
@@ -375,13 +379,7 @@ class AppGroup:
 
     async def retire(self) -> None:
         """A reload removed this group: out of the set first, drained, then stopped."""
-        self.stopping = True
-        tasks = [*self._keepers, *self._tasks]
-        if self._rolling is not None:
-            tasks.append(self._rolling)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._end_background_work()
         leaving = [inst for inst in self.slots if inst.running()]
         self.slots = []
         self.membership.update(self.name, source_name(self.name), ())
