@@ -30,6 +30,7 @@ from tests.dnsmasq import Dnsmasq, available
 
 from .load import WrkResult, parse_wrk
 from .procs import CPU_LOAD, Supervisor, free_port, pinned, wait_port
+from .proxies import nginx_http_backend
 
 CPU_PROXY = 0
 RESULTS = Path(__file__).parent / "results" / "dns_scaling.md"
@@ -38,31 +39,8 @@ HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 
 def start_backend(sup: Supervisor, workdir: Path, host: str, port: int) -> None:
     """An nginx answering 200 "ok" on host:port, one process, on the load CPU."""
-    prefix = workdir / f"nginx-{host}"
-    for sub in ("logs", "tmp"):
-        (prefix / sub).mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(f"""\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    server {{
-        listen {host}:{port} backlog=4096;
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-""")
-    sup.start(f"nginx-{host}", ["nginx", "-p", str(prefix), "-c", str(conf)], CPU_LOAD)
+    cmd = nginx_http_backend(workdir / f"nginx-{host}", [f"{host}:{port} backlog=4096"])
+    sup.start(f"nginx-{host}", cmd, CPU_LOAD)
 
 
 def balancer_config(listen: int, admin: int, port: int, nameserver: str, workers: int) -> str:

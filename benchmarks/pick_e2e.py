@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import load
 from .procs import CPU_LOAD, Supervisor, cpu_seconds, free_port, wait_port
-from .proxies import MAX_CONN, NOFILE
+from .proxies import nginx_http_backend
 from .setup_latency import publish
 
 CPU_PROXY = 0
@@ -35,33 +35,8 @@ def start_nginx_many(sup: Supervisor, workdir: Path, count: int) -> list[int]:
         port = free_port()
         if port not in ports:
             ports.append(port)
-    prefix = workdir / "nginx"
-    for sub in ("logs", "tmp"):
-        (prefix / sub).mkdir(parents=True, exist_ok=True)
-    listens = "\n".join(f"        listen 127.0.0.1:{port} backlog=512;" for port in ports)
-    conf = prefix / "nginx.conf"
-    conf.write_text(f"""\
-daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile {NOFILE};
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
-events {{ worker_connections {MAX_CONN}; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    server {{
-{listens}
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-""")
-    cmd = ["nginx", "-p", str(prefix), "-e", f"{prefix}/logs/error.log", "-c", str(conf)]
+    cmd = nginx_http_backend(workdir / "nginx",
+                             [f"127.0.0.1:{port} backlog=512" for port in ports])
     proc = sup.start("nginx", cmd, CPU_LOAD)
     for port in (ports[0], ports[-1]):
         wait_port(port, 15, proc.popen, proc.log)

@@ -51,15 +51,12 @@ def _nginx_dirs(prefix: Path) -> None:
         (prefix / sub).mkdir(parents=True, exist_ok=True)
 
 
-def start_nginx_backend(sup: Supervisor, workdir: Path, index: int,
-                        proxy_protocol: bool = False) -> tuple[Proc, int]:
-    """An nginx returning 200 "ok" on a port of its own, single process, on CPU 1;
-    `proxy_protocol`: every connection must begin with a PROXY header (for `send_proxy`)."""
-    port = free_port()
-    listen_extra = " proxy_protocol" if proxy_protocol else ""
-    prefix = workdir / f"backend{index}"
+def nginx_http_backend(prefix: Path, listens: list[str], extra: str = "") -> list[str]:
+    """Write a one-process nginx under `prefix` answering 200 "ok" on every `listen` line
+    (`extra`: more http-level directives); returns the command that runs it."""
     _nginx_dirs(prefix)
     conf = prefix / "nginx.conf"
+    listen_lines = "\n".join(f"        listen {listen};" for listen in listens)
     conf.write_text(f"""\
 daemon off;
 master_process off;
@@ -75,15 +72,24 @@ http {{
     fastcgi_temp_path {prefix}/tmp/fastcgi;
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;
-    keepalive_timeout 600s;
-    keepalive_requests 100000000;
-    server {{
-        listen 127.0.0.1:{port}{listen_extra} backlog=4096;
+{extra}    server {{
+{listen_lines}
         location / {{ return 200 "ok"; }}
     }}
 }}
 """)
-    cmd = ["nginx", "-p", str(prefix), "-e", f"{prefix}/logs/error.log", "-c", str(conf)]
+    return ["nginx", "-p", str(prefix), "-e", f"{prefix}/logs/error.log", "-c", str(conf)]
+
+
+def start_nginx_backend(sup: Supervisor, workdir: Path, index: int,
+                        proxy_protocol: bool = False) -> tuple[Proc, int]:
+    """An nginx returning 200 "ok" on a port of its own, single process, on CPU 1;
+    `proxy_protocol`: every connection must begin with a PROXY header (for `send_proxy`)."""
+    port = free_port()
+    listen_extra = " proxy_protocol" if proxy_protocol else ""
+    cmd = nginx_http_backend(
+        workdir / f"backend{index}", [f"127.0.0.1:{port}{listen_extra} backlog=4096"],
+        "    keepalive_timeout 600s;\n    keepalive_requests 100000000;\n")
     proc = sup.start(f"backend{index}", cmd, CPU_LOAD)
     wait_port(port, 10, proc.popen, proc.log)
     return proc, port
