@@ -88,11 +88,19 @@ class Membership:
         self._version += 1
         old_keys = {server.key for server in old}
         new_keys = {server.key for server in new}
-        added = [f"+{server.key}" for server in new if server.key not in old_keys]
-        removed = [f"-{server.key}" for server in old if server.key not in new_keys]
+        named = self._file_keys(upstream)  # the file wins on these: no change to report
+        added = [f"+{server.key}" for server in new
+                 if server.key not in old_keys and server.key not in named]
+        removed = [f"-{server.key}" for server in old
+                   if server.key not in new_keys and server.key not in named]
         if added or removed:
             log.info("upstream %s: %s (%s)", upstream, " ".join(added + removed), source)
         self._schedule()
+
+    def _file_keys(self, upstream: str) -> set[str]:
+        """The addresses the file names for `upstream`: a source finding one changes nothing."""
+        section = self.config.upstreams.get(upstream)
+        return {server.key for server in section.servers} if section is not None else set()
 
     def active(self, upstream: str, key: str) -> int:
         """Open connections to a server, in every worker (also one no longer in the set)."""

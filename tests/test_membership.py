@@ -103,14 +103,24 @@ async def test_a_burst_of_updates_is_applied_once_from_the_latest_state(
     assert caplog.text.count("configuration reloaded") == 1
 
 
-async def test_a_found_address_the_file_names_is_left_to_the_file(running, start_backend):
+async def test_a_found_address_the_file_names_is_left_to_the_file(
+        running, start_backend, caplog):
     balancer, membership = running
     static = balancer.upstreams["app"].servers[0]
     duplicate = ServerConfig(static.config.address, weight=7, source="test")
     b = start_backend("name", "b")
+    caplog.set_level(logging.INFO, "balancer.membership")
     membership.update("app", "dns test", [duplicate, found(b)])
     await eventually(lambda: len(keys(balancer)) == 2)
     assert balancer.upstreams["app"].servers[0].config.weight == 1
+    # The log tells what changed: the file's server neither joined nor, below, left.
+    membership.update("app", "dns test", [found(b)])
+    membership.update("app", "dns test", [])
+    await membership.settled()
+    lines = [r.getMessage() for r in caplog.records if r.name == "balancer.membership"]
+    assert lines == [f"upstream app: +{found(b).key} (dns test)",
+                     f"upstream app: -{found(b).key} (dns test)"]
+    assert keys(balancer) == [static.key]
 
 
 async def test_a_file_reload_keeps_what_was_found(running, start_backend, tmp_path):
