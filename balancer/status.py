@@ -138,7 +138,9 @@ def upstream_status(up: Any, servers: list[dict[str, Any]]) -> dict[str, Any]:
         first = down[0]
         more = f" and {len(down) - 1} more" if len(down) > 1 else ""
         summary += f"; {first['address']} down: {first['reason']}{more}"
-    return {"strategy": up.config.strategy, "up": up_count, "total": len(servers),
+    return {"strategy": up.config.strategy,
+            "hash": up.config.hash if up.config.strategy == "ip_hash" else None,
+            "up": up_count, "total": len(servers),
             "summary": summary, "servers": servers}
 
 

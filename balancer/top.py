@@ -180,7 +180,8 @@ def render(status: dict[str, Any], colour: bool = False) -> list[str]:
     for name, up in status["upstreams"].items():
         servers = sorted(up["servers"], key=lambda s: RANK.get(s["state"], 9))
         summary = up.get("summary", "")
-        head = f"upstream {name} ({up['strategy']}): {summary}"
+        strategy = f"{up['strategy']}, {up['hash']}" if up.get("hash") else up["strategy"]
+        head = f"upstream {name} ({strategy}): {summary}"
         bad = up.get("up", 0) < up.get("total", 0)
         lines += ["", f"{RED}{head}{RESET}" if colour and bad else head]
         columns = SERVER_COLUMNS

@@ -156,7 +156,7 @@ async def test_status_json(start_backend, start_balancer):
     assert listener["rejected"] == dict.fromkeys(REJECT_REASONS, 0)
     assert listener["tls_handshake_errors"] is None
     upstream = data["upstreams"]["app"]
-    assert upstream["strategy"] == "weighted"
+    assert upstream["strategy"] == "weighted" and upstream["hash"] is None
     first, second = upstream["servers"]
     assert first["address"] == a.address and first["state"] == "up"
     assert first["active"] == 1 and first["weight"] == 3 and first["effective_weight"] == 3

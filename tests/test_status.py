@@ -162,6 +162,16 @@ async def test_history_gives_sparkline_points(start_backend, start_balancer):
     assert "history" not in servers_of(await status(port))[echo.address]
 
 
+@pytest.mark.parametrize("hash_name", ["maglev", "ring", None])
+async def test_an_ip_hash_upstream_says_which_table(start_backend, start_balancer, hash_name):
+    echo = start_backend("echo", "e")
+    config = with_metrics(make_config([echo.address], "ip_hash"))
+    if hash_name is not None:
+        config["upstreams"]["app"]["hash"] = hash_name
+    upstream = (await status(admin_port(start_balancer(config))))["upstreams"]["app"]
+    assert (upstream["strategy"], upstream["hash"]) == ("ip_hash", hash_name or "maglev")
+
+
 # -- the page in headless Chromium -----------------------------------------------------------
 
 
