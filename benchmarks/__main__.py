@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import conntrack, report
 from .procs import CPU_LOAD, StartError, Supervisor
 from .proxies import (
     PROXIES,
@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "else `-c CONFIG` is appended (default: this python -m balancer)")
     p.add_argument("--out", type=Path, default=RESULTS,
                    help="directory for latest.md and latest.json (benchmarks/results)")
+    p.add_argument("--notrack", action="store_true",
+                   help="exempt loopback from the host's conntrack table for the run (root, "
+                        "iptables): a full table drops new connections (benchmarks/conntrack.py)")
     p.add_argument("--keep-temp", action="store_true",
                    help="keep the temp dir with generated configs and process logs")
     args = p.parse_args(argv)
@@ -130,7 +133,7 @@ def machine_and_versions() -> tuple[dict[str, Any], dict[str, str]]:
             model = line.split(":", 1)[1].strip()
             break
     machine = {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-               "loadavg_start": _loadavg()}
+               "loadavg_start": _loadavg(), "conntrack_start": conntrack.fill()}
     try:
         import uvloop
 
@@ -222,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     if not proxies or not tests:
         log("nothing to run")
         return 2
+    if args.notrack:
+        why = conntrack.untrack_loopback()
+        meta["notrack"] = why is None
+        log("loopback is not tracked by conntrack during the run" if why is None
+            else f"--notrack: not applied: {why}")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="balancer-bench-"))
     sup = Supervisor(workdir)
@@ -253,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         sup.stop_all()
+        if meta.get("notrack"):
+            conntrack.restore_tracking()
         if args.keep_temp:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     meta["machine"]["loadavg_end"] = _loadavg()
+    meta["machine"]["conntrack_end"] = conntrack.fill()
     meta["elapsed_s"] = round(time.monotonic() - started)
     results = {p: {k: report.summarize(v) for k, v in runs[p].items()}
                for p in runs}

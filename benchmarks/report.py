@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from . import conntrack
+
 # (column title, result key, metric, show ratio to HAProxy, decimals). The key is the test,
 # with the variant's flavor for HAProxy's and nginx's other bulk setups (`bulk_splice`).
 COLUMNS: tuple[tuple[str, str, str, bool, int], ...] = (
@@ -154,6 +156,26 @@ def targets(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _conntrack_line(meta: dict[str, Any]) -> str:
+    """The host's conntrack table, whose filling up drops new connections (conntrack.py)."""
+    start = meta["machine"].get("conntrack_start")
+    end = meta["machine"].get("conntrack_end")
+    if start is None and end is None:
+        return "- conntrack: not loaded on this host (nothing tracks loopback connections)"
+    if meta.get("notrack"):
+        how = "loopback exempted for the run (--notrack)"
+    elif conntrack.nearly_full(start) or conntrack.nearly_full(end):
+        how = ("**nearly full: new connections may have been dropped; stalls and connect "
+               "errors may be the host's** (rerun with --notrack)")
+    else:
+        how = "loopback tracked"
+    return f"- conntrack table: {_entries(start)} entries at start, {_entries(end)} at end; {how}"
+
+
+def _entries(reading: tuple[int, int] | None) -> str:
+    return f"{reading[0]:,} of {reading[1]:,}" if reading else "unknown"
+
+
 def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
     """The full report: header facts, the table, then every failure and client error."""
     lines = [
@@ -170,6 +192,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         + (" (--quick: before/after a data-path change, not figures to publish)"
            if meta["settings"].get("quick") else ""),
     ]
+    lines.append(_conntrack_line(meta))
     if meta["settings"].get("balancer_cmd"):
         lines.append(f"- balancer started with --balancer-cmd `{meta['settings']['balancer_cmd']}`")
     lines += [

@@ -155,3 +155,50 @@ def test_targets_compare_each_p99_run_with_haproxys() -> None:
     assert "balancer: CPU per new connection 1.05x (at most 1.1x): met" in lines
     assert "balancer: bulk vs HAProxy option splice-auto 0.95x (at least 1.0x): NOT met" in lines
     assert any("worst run 1.60x" in line and line.endswith("NOT met") for line in lines)
+
+
+@pytest.mark.parametrize(("start", "end", "notrack", "says"), [
+    (None, None, False, "conntrack: not loaded"),
+    ((1_000, 262_144), (2_000, 262_144), False, "1,000 of 262,144 entries at start"),
+    ((1_000, 262_144), (250_000, 262_144), False, "nearly full: new connections may have"),
+    ((1_000, 262_144), (250_000, 262_144), True, "loopback exempted for the run"),
+])
+def test_report_says_how_full_the_conntrack_table_was(start, end, notrack, says) -> None:
+    meta = {"date": "d", "machine": {"nproc": 2, "cpu_model": "x", "kernel": "k",
+                                     "loadavg_start": 0.1, "conntrack_start": start,
+                                     "conntrack_end": end},
+            "versions": {}, "settings": {"duration": 1.0, "runs": 1, "idle_connections": 2000},
+            "notrack": notrack}
+    md = report.markdown(meta, {})
+    assert says in md
+    assert ("nearly full" in md) == (says.startswith("nearly full"))
+
+
+def test_notrack_rules_come_and_go() -> None:
+    """Real iptables: the run's two raw-table rules are added, and all removed after."""
+    import os
+    import shutil
+    import subprocess
+
+    from benchmarks import conntrack
+
+    if shutil.which("iptables") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iptables")
+
+    def ours() -> list[str]:
+        listed = subprocess.run(["iptables", "-t", "raw", "-S"], capture_output=True,
+                                text=True, check=True).stdout
+        return [line for line in listed.splitlines() if "balancer-bench-notrack" in line]
+
+    why = conntrack.untrack_loopback()
+    if why is not None and "iptables failed" in why:
+        pytest.skip(f"iptables cannot change the raw table here: {why}")
+    try:
+        assert why is None
+        rules = ours()
+        assert len(rules) == 2 and all("--notrack" in r for r in rules)
+        assert {r.split()[1] for r in rules} == {"PREROUTING", "OUTPUT"}
+        assert conntrack.untrack_loopback() is None and len(ours()) == 2  # stale ones go
+    finally:
+        conntrack.restore_tracking()
+    assert ours() == []
