@@ -9,7 +9,9 @@ Each row is a (revision, config variant) pair: the working tree and every `--aga
 benchmark config. Each run starts a fresh balancer on CPU 0 and drives it with wrk on CPU 1
 (`-c64`, with `Connection: close` for `conn`: one client and one upstream connection per
 request), after a 2 s warm-up; the figure is the balancer's CPU time per request (utime +
-stime of its process, from /proc). Runs go round all rows in turn (run 1 of every row, then
+stime of its process, from /proc), and its user part alone (where a change to the
+balancer's Python shows, apart from the kernel's share; /proc counts in 10 ms ticks, so
+about 2% resolution at 8 s). Runs go round all rows in turn (run 1 of every row, then
 run 2...) so that the load of the machine, which other work shares, spreads evenly; each run
 records the 1-minute load average at its start. The table has the medians, every run, and
 each row's ratio to the first row, both as the ratio of the medians and as the median
@@ -18,7 +20,8 @@ of the per-run ratios (run i of each row against run i of the first: less drift)
 Variants: `plain` (the harness's config), `per_client` (limits far above the load: nothing
 refused, only the gate is paid for), `send_proxy` (a PROXY v2 header on every server
 connection; the nginx backends then require one), `both`, `defer_accept`
-(TCP_DEFER_ACCEPT on the listener).
+(TCP_DEFER_ACCEPT on the listener), `metrics` (the admin endpoint on, so every connection
+feeds the Prometheus metrics; nothing scrapes them during the run).
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ import yaml
 
 from . import load
 from .__main__ import _export
-from .procs import CPU_PROXY, Supervisor, cpu_seconds, free_port, wait_port
+from .procs import CPU_PROXY, Supervisor, cpu_split, free_port, wait_port
 from .proxies import REPO, balancer_conf, start_nginx_backend
 from .setup_latency import publish
 
-VARIANTS = ("plain", "per_client", "send_proxy", "both", "defer_accept")
+VARIANTS = ("plain", "per_client", "send_proxy", "both", "defer_accept", "metrics")
 
 
 def config_for(variant: str, port: int, backends: list[int]) -> str:
@@ -52,6 +55,8 @@ def config_for(variant: str, port: int, backends: list[int]) -> str:
         upstream["send_proxy"] = "v2"
     if variant == "defer_accept":
         listener["defer_accept"] = True
+    if variant == "metrics":
+        data["metrics"] = {"bind": "127.0.0.1:0"}
     return yaml.safe_dump(data)
 
 
@@ -68,14 +73,16 @@ def one_run(sup: Supervisor, workdir: Path, source: Path, variant: str, test: st
     try:
         wait_port(port, 15, proc.popen, proc.log)
         load.run_wrk(port, 2, 64, close=close)  # warm-up
-        before = cpu_seconds(proc.pid)
+        user0, sys0 = cpu_split(proc.pid)
         result = load.run_wrk(port, duration, 64, close=close)
-        used = cpu_seconds(proc.pid) - before
+        user1, sys1 = cpu_split(proc.pid)
+        used = user1 - user0 + sys1 - sys0
         if not result.requests or result.errors:
             raise RuntimeError(f"{run_id}: {result.requests} requests, {result.errors} errors")
         if not proc.alive():
             raise RuntimeError(proc.death())
-        return {"cpu_us": used * 1e6 / result.requests, "rate": result.rate,
+        return {"cpu_us": used * 1e6 / result.requests,
+                "user_us": (user1 - user0) * 1e6 / result.requests, "rate": result.rate,
                 "loadavg": loadavg}
     finally:
         sup.stop(proc)
@@ -115,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.duration, f"{test}-{variant}-{len(figures)}-{run}")
                     figures.setdefault((test, rev, variant), []).append(r)
                     print(f"run {run + 1}/{args.runs} {test:9s} {rev} {variant:12s} "
-                          f"{r['cpu_us']:6.1f} µs  load {r['loadavg']:.2f}", flush=True)
+                          f"{r['cpu_us']:6.1f} µs (user {r['user_us']:5.1f})  "
+                          f"load {r['loadavg']:.2f}", flush=True)
     finally:
         sup.stop_all()
     lines = [
@@ -130,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         what = "new connection" if test == "conn" else "keep-alive request"
         lines += [f"CPU µs per {what}:", "",
                   "| revision | variant | median | ratio to first row | paired ratio | runs "
-                  "| load averages |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| user µs (median, paired ratio) | load averages |",
+                  "|---|---|---|---|---|---|---|---|"]
         first = figures[(test, *rows[0])]
         base = statistics.median(r["cpu_us"] for r in first)
         for rev, variant in rows:
@@ -143,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                                    strict=True))
             cpus = ", ".join(f"{r['cpu_us']:.1f}" for r in runs)
             loads = ", ".join(f"{r['loadavg']:.1f}" for r in runs)
+            user = statistics.median(r["user_us"] for r in runs)
+            user_paired = statistics.median(
+                r["user_us"] / f["user_us"] for r, f in zip(runs, first, strict=True)
+                if f["user_us"]) if any(f["user_us"] for f in first) else 0.0
             lines.append(f"| {rev} | {variant} | {median:.1f} | {median / base:.3f}x | "
-                         f"{paired:.3f}x | {cpus} | {loads} |")
+                         f"{paired:.3f}x | {cpus} | {user:.1f}, {user_paired:.3f}x | "
+                         f"{loads} |")
         lines.append("")
     publish(lines, Path(args.out))
     return 0

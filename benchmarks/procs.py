@@ -88,15 +88,22 @@ def tree_pids(root: int) -> list[int]:
 
 def cpu_seconds(root: int) -> float:
     """utime+stime of a process tree, in seconds (live processes only)."""
-    ticks = 0
+    return sum(cpu_split(root))
+
+
+def cpu_split(root: int) -> tuple[float, float]:
+    """(utime, stime) of a process tree, in seconds (live processes only): user time is
+    where a change to the balancer's own code shows, apart from the kernel's share."""
+    user = system = 0
     for pid in tree_pids(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         # After the comm field: state=0 ... utime=11, stime=12 (stat fields 14 and 15).
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLK_TCK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def cpu_ticks(cpu: int) -> tuple[int, int]:
