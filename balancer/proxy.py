@@ -598,16 +598,20 @@ class ClientConnection(asyncio.Protocol):
             self.route.events.connected(self, connect_seconds, pooled)
         self.upstream = upstream
         self.upstream_write = transport.write
+        early = self.early
         encode = self.server.send_proxy  # type: ignore[union-attr]
         if encode is not None:  # the first bytes on this server connection, pooled or new
-            transport.write(self._proxy_header(encode))
+            if early:  # in the same write as the bytes held: one syscall, not two
+                early.insert(0, self._proxy_header(encode))
+            else:  # at once: a server that speaks first waits for it
+                transport.write(self._proxy_header(encode))
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.moved = True
-        if self.early:
+        if early:
             # Resume first: writing the held bytes may itself fill the buffer and pause us.
             self.transport.resume_reading()
-            transport.writelines(self.early)
+            transport.writelines(early)
             self.early = []
         if self.client_eof:
             upstream.send_eof()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import socketserver
+import sys
 import threading
 
 import pytest
@@ -24,16 +26,22 @@ class Recorder:
 
     def __init__(self) -> None:
         self.received: list[bytearray] = []
-        received = self.received
+        # Per connection, the TCP segments with data it had received (Linux), read before
+        # the bytes are recorded: once `received` shows them, this counts their segments.
+        self.segments: list[int] = []
+        received, segments = self.received, self.segments
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 got = bytearray()
                 received.append(got)
+                segments.append(0)
+                index = len(segments) - 1
                 self.request.settimeout(60)
                 with contextlib.suppress(OSError):
                     self.request.sendall(b"hi\n")
                     while data := self.request.recv(65536):
+                        segments[index] = data_segments_in(self.request)
                         got += data
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
@@ -50,6 +58,14 @@ class Recorder:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """tcp_info's tcpi_data_segs_in (Linux 4.6+): segments received that carried data."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int.from_bytes(info[152:156], sys.byteorder)
 
 
 @pytest.fixture
@@ -114,6 +130,22 @@ async def test_accepted_v1_address_is_sent_on_as_v2(recorder, start_balancer):
     assert await asyncio.wait_for(reader.readline(), 10) == b"hi\n"
     header = encode_v2("192.0.2.7", 40000, "198.51.100.1", 443)
     await eventually(lambda: bytes(recorder.received[0]) == header + b"hello")
+    await finish(writer)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tcp_info is Linux's")
+async def test_header_and_held_bytes_go_in_one_write(recorder, start_balancer):
+    # What follows an accepted header is held until the server connect completes (it is
+    # handed over before the connect can finish), so the PROXY header sent on and those
+    # bytes can leave in one write: one segment, one syscall, not two.
+    balancer = start_balancer(proxied(make_config([recorder.address], send_proxy="v2"),
+                                      accept_proxy=True))
+    reader, writer = await connect(balancer.port)
+    writer.write(b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 443\r\nhello")
+    assert await asyncio.wait_for(reader.readline(), 10) == b"hi\n"
+    header = encode_v2("192.0.2.7", 40000, "198.51.100.1", 443)
+    await eventually(lambda: bytes(recorder.received[0]) == header + b"hello")
+    assert recorder.segments[0] == 1
     await finish(writer)
 
 
