@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import NamedTuple, Protocol
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -166,8 +167,16 @@ def encode_v1(source: str, source_port: int, dest: str, dest_port: int) -> bytes
     return f"PROXY {proto} {source} {dest} {source_port} {dest_port}\r\n".encode("ascii")
 
 
+_V2_TCP4 = V2_SIGNATURE + b"\x21\x11\x00\x0c"
+_pack_v2_tcp4 = struct.Struct("!16s4s4sHH").pack
+_pton, AF_INET = socket.inet_pton, socket.AF_INET
+
+
 def encode_v2(source: str, source_port: int, dest: str, dest_port: int) -> bytes:
     """The binary header for a TCP connection from `source` to `dest` (no TLVs)."""
+    if ":" not in source and ":" not in dest:  # IPv4 both ends, the common case: one pack
+        return _pack_v2_tcp4(_V2_TCP4, _pton(AF_INET, source), _pton(AF_INET, dest),
+                             source_port, dest_port)
     source, dest, six = _same_family(source, dest)
     if six:
         family, head = socket.AF_INET6, b"\x21\x21\x00\x24"
