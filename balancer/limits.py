@@ -106,6 +106,10 @@ class Gate:
         self.client_conns = per_client.max_conns if per_client else 0
         self.client_rate = per_client.rate if per_client else 0.0
         self.burst = max(1.0, self.client_rate)
+        # What admit() asks per connection, decided here once: a rule not configured costs
+        # one attribute test, not a call.
+        self.screens = bool(self.allow or self.deny)
+        self.limits_clients = bool(self.client_conns or self.client_rate)
         if not per_client:
             self.clients.clear()
         if self.paused and (not self.max_conns or self.open < self.max_conns):
@@ -182,8 +186,8 @@ class Gate:
         """Apply allow/deny and the per-client limits to an accepted connection; a rejected
         one is closed here (and counted)."""
         ip = conn.client_ip
-        reason: AdmitReason | None = self._check(ip, conn) if self.allow or self.deny else None
-        if reason is None and (self.client_conns or self.client_rate):
+        reason: AdmitReason | None = self._check(ip, conn) if self.screens else None
+        if reason is None and self.limits_clients:
             reason = self._per_client(ip, conn)
         if reason is None:
             return True
@@ -222,11 +226,14 @@ class Gate:
                 clients.popitem(last=False)  # its open connections still hold the object
         else:
             clients.move_to_end(ip)
-        if self.client_conns and client.conns >= self.client_conns:
+        limit = self.client_conns
+        if limit and client.conns >= limit:
             return "client_conns"
         rate = self.client_rate
         if rate:
-            tokens = min(self.burst, client.tokens + (now - client.last) * rate)
+            tokens = client.tokens + (now - client.last) * rate
+            if tokens > self.burst:  # min() is a call; this is the same, cheaper
+                tokens = self.burst
             client.last = now
             if tokens < 1.0:
                 client.tokens = tokens
@@ -252,19 +259,19 @@ class GatedConnection(ClientConnection):
     __slots__ = ("client", "gate")
 
     def __init__(self, route: Route, gate: Gate) -> None:
-        super().__init__(route)
+        ClientConnection.__init__(self, route)  # not super(): no proxy object per client
         self.gate = gate
         self.client: _Client | None = None  # its per-client entry, if that is limited
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         gate = self.gate
-        if not gate.accepted(self.transport):
+        if not gate.accepted(transport):  # type: ignore[arg-type]
             self.closed = True
             return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
-        if gate.admit(self):
+        if not (gate.screens or gate.limits_clients) or gate.admit(self):
             self.start()
 
     def close(self, abort: bool = False) -> None:
