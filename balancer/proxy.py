@@ -93,6 +93,7 @@ class Route:
     """
 
     __slots__ = (
+        "clock",
         "connect_expiry",
         "connect_timeout",
         "connect_watch",
@@ -117,6 +118,7 @@ class Route:
     ) -> None:
         self.listener_name = listener_name
         self.loop = loop
+        self.clock = loop.time  # bound once: every connection of the route shares it
         self.connections: set[ClientConnection] = set()
         self.events = events or ConnectionEvents()
         self.idle_sweep: asyncio.TimerHandle | None = None
@@ -126,16 +128,18 @@ class Route:
         self.gate: Gate | None = None  # the listener's accept-time limits, if it has any
         self.use(upstream)
 
-    def watch_connect(self, conn: ClientConnection, timeout: float) -> ConnectWatch:
+    def watch_connect(self, conn: ClientConnection, timeout: float,
+                      now: float | None = None) -> ConnectWatch:
         """Time a connect out after `timeout`, cheaper than a timer of its own.
 
         Every connect of a route gets the same timeout, so deadlines arrive in order: a FIFO
         and one timer for its head replace a TimerHandle made and cancelled per connect.
         Settling a connect is `entry.conn = None`. A retry limited by the remaining budget has
-        an earlier deadline than the tail, so it gets a timer of its own.
+        an earlier deadline than the tail, so it gets a timer of its own. `now`: the loop's
+        time, if the caller just read it.
         """
         loop = self.loop
-        deadline = loop.time() + timeout
+        deadline = (loop.time() if now is None else now) + timeout
         entry = ConnectWatch(deadline, conn)
         watch = self.connect_watch
         if watch and watch[-1].deadline > deadline:
@@ -316,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, route: Route) -> None:
         self.route = route
-        self.clock = route.loop.time
+        self.clock = route.clock
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.upstream: UpstreamConnection | None = None
         # Until the upstream is connected, client bytes wait in `early` (bounded, see below).
@@ -396,12 +400,16 @@ class ClientConnection(asyncio.Protocol):
         server.acquire()
         self.server = server
         # Taken now, not when the connect resumes: other clients accepted in this same loop
-        # pass must already see a half-open server's one trial as in use.
-        self.trial = server.health.connect_started()
+        # pass must already see a half-open server's one trial as in use. (`ok` means up:
+        # no trial to take, and no call to find that out.)
+        health = server.health
+        self.trial = not health.ok and health.connect_started()
         self.tries_left -= 1
         now = self.connect_began = self.clock()
-        timeout = min(route.connect_timeout, self.retry_deadline - now)
-        self.connect_timer = route.watch_connect(self, timeout)
+        timeout = route.connect_timeout
+        if self.retry_deadline - now < timeout:  # (min() is a call more per connection)
+            timeout = self.retry_deadline - now
+        self.connect_timer = route.watch_connect(self, timeout, now)
         address = server.config.address
         self.waiting = None
         tls = server.tls
@@ -486,10 +494,13 @@ class ClientConnection(asyncio.Protocol):
         self._connect_failed("timeout")
 
     def _connected(self, upstream: UpstreamConnection) -> None:
-        self._settle_connect_timer()
-        server = self.server
-        assert server is not None
-        server.health.connect_succeeded()
+        entry = self.connect_timer  # _settle_connect_timer, inline: once per connection
+        if entry is not None:
+            entry.conn = None
+            self.connect_timer = None
+        health = self.server.health  # type: ignore[union-attr]
+        if health.fails or not health.ok:  # an up server without failures: nothing to reset
+            health.connect_succeeded()
         self._attach(upstream, self.clock() - self.connect_began, False)
 
     def _connect_failed(self, reason: FailureReason) -> None:

@@ -382,7 +382,6 @@ class Balancer:
         if self.config.log.access is not None:
             self.access_log = AccessLog(self.config.log)
             self.events.sinks.append(self.access_log)
-        self.events.sinks.append(_DrainWatch(self))
 
     def _count_rejections(self, cfg: ListenerConfig) -> None:
         """Export every rejection reason of a listener with rules, from 0."""
@@ -609,6 +608,8 @@ class Balancer:
         if timeout is None:
             timeout = self.config.shutdown_timeout
         self._stopping = True
+        # Only now: until a stop, a connection's end has no one to tell (one call less each).
+        self.events.sinks.append(_DrainWatch(self))
         for listener in self.listeners:
             listener.stop_accepting()
         for upstream in self.upstreams.values():

@@ -188,8 +188,11 @@ class LeastConn(Strategy):
                 index = 0
             server = servers[index]
             if usable(server):
-                active = server.active  # may sum shared counters: read once
-                weight = server.weight
+                # Server.active and .weight, read inline (two calls less per server): the
+                # shared counters only with workers, the slow-start ramp only while it runs.
+                cell = server.cell
+                active = server.local_active if cell is None else cell.total_active()
+                weight = server.weight if server.ramp_until else server.config.weight
                 # active / weight < best_active / best_weight, without division (as nginx)
                 if best < 0 or active * best_weight < best_active * weight:
                     best = index

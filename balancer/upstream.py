@@ -175,12 +175,13 @@ class Server:
         return limit == 0 or self.active < limit
 
     def usable(self) -> bool:
-        """May a new connection be sent here: healthy, not draining, not full."""
-        return (
-            (self.health.ok or self.health.available())
-            and not self.draining
-            and self.has_room()
-        )
+        """May a new connection be sent here: healthy, not draining, not full. Asked for
+        every server a pick looks at, so `draining` and `has_room` are read inline."""
+        health = self.health
+        if not (health.ok or health.available()) or self._draining:
+            return False
+        limit = self.config.max_conns
+        return limit == 0 or self.active < limit
 
     def _health_changed(self, health: ServerHealth) -> None:
         if health.ok and self.slow_start and health.reason != "initial":
