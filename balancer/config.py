@@ -186,6 +186,8 @@ class ListenerConfig:
     reuse_port: bool = False  # share the address with other processes (SO_REUSEPORT) on purpose
     # TCP_DEFER_ACCEPT: accept a client only once it has sent data (client-speaks-first only)
     defer_accept: bool = False
+    # Past 1 MiB one way, a plain TCP direction goes through splice(2) (splice.py)
+    splice_auto: bool = True
     tls: ListenerTlsConfig | None = None  # terminate TLS here
     sni: tuple[tuple[str, str], ...] = ()  # (server name, upstream): route by SNI, unread
     accept_proxy: bool = False  # every connection must begin with a PROXY v1 or v2 header
@@ -277,8 +279,8 @@ class Config:
 
 TOP_KEYS = ("listeners", "upstreams", "metrics", "workers", "loop", "shutdown_timeout", "log",
             "worker_timeout", "watch_config", "resolvers")
-LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "defer_accept", "tls", "sni",
-                 "accept_proxy", "max_conns", "per_client", "allow", "deny", "timeouts")
+LISTENER_KEYS = ("name", "bind", "upstream", "reuse_port", "defer_accept", "splice_auto", "tls",
+                 "sni", "accept_proxy", "max_conns", "per_client", "allow", "deny", "timeouts")
 PER_CLIENT_KEYS = ("max_conns", "rate")
 LISTENER_TIMEOUTS_KEYS = ("proxy_header",)
 UPSTREAM_KEYS = ("strategy", "slow_start", "servers", "health", "retries", "pool", "timeouts",
@@ -403,6 +405,7 @@ def _listener(section: Section, known: set[str] | None, base: Path) -> ListenerC
     name = section.string("name")
     reuse_port = section.boolean("reuse_port", _LISTENER.reuse_port)
     defer_accept = section.boolean("defer_accept", _LISTENER.defer_accept)
+    splice_auto = section.boolean("splice_auto", _LISTENER.splice_auto)
     sni = listener_sni(section, known)
     tls = listener_tls(section, base)
     if sni is not None and section.get("tls") is not None:
@@ -433,7 +436,8 @@ def _listener(section: Section, known: set[str] | None, base: Path) -> ListenerC
     if section.get("tls") is not None and tls is None:
         return None  # its problems are reported; never serve a TLS port in the clear
     return ListenerConfig(name=name or str(bind), bind=bind, upstream=upstream,
-                          reuse_port=reuse_port, defer_accept=defer_accept, tls=tls,
+                          reuse_port=reuse_port, defer_accept=defer_accept,
+                          splice_auto=splice_auto, tls=tls,
                           sni=tuple((sni or {}).items()),
                           accept_proxy=accept_proxy, max_conns=max_conns,
                           per_client=per_client, allow=allow, deny=deny,

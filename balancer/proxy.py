@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from .events import ConnectionEvents, Outcome
 from .health import NOT_THE_SERVERS, FailureReason, failure_reason
-from .splice import NEVER, SPLICE_AT, SplicePump, can_splice
+from .splice import NEVER, SplicePump, can_splice, threshold
 
 if TYPE_CHECKING:
     from .limits import Gate
@@ -105,6 +105,7 @@ class Route:
         "listener_name",
         "loop",
         "retry_budget",
+        "splice_at",
         "tries",
         "upstream",
     )
@@ -126,6 +127,7 @@ class Route:
         self.connect_watch: deque[ConnectWatch] = deque()
         self.connect_expiry: asyncio.TimerHandle | None = None
         self.gate: Gate | None = None  # the listener's accept-time limits, if it has any
+        self.splice_at = threshold(True)  # the listener's splice_auto (Listener.use)
         self.use(upstream)
 
     def watch_connect(self, conn: ClientConnection, timeout: float,
@@ -336,7 +338,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_down = 0  # server -> client
         # Past these byte counts a direction moves to splice (splice.py); NEVER: it does not.
         # Whether the transports allow it is asked only then: nothing per connection.
-        self.splice_at_up = self.splice_at_down = SPLICE_AT
+        self.splice_at_up = self.splice_at_down = route.splice_at
         self.splicing: list[SplicePump] | None = None
         self.client_eof = False
         self.upstream_eof = False

@@ -45,6 +45,7 @@ from .proxy import ClientConnection, Route
 from .signals import handle_stop_signals, remove_stop_signals
 from .sni import SniListenerState, SniPreread, SniRouter
 from .sockets import LISTEN_BACKLOG, BindError, bind_group, set_defer_accept
+from .splice import threshold
 from .terminate import TlsHandshake
 from .tls import ServerCertificates
 from .upstream import CellFor, Server, Upstream, no_cell
@@ -139,6 +140,7 @@ class Listener:
                     route.start_idle_sweep()
             else:
                 route.use(upstreams[name])
+            route.splice_at = threshold(config.splice_auto)
         self.route = self.routes[config.upstream] if config.upstream is not None else None
         self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
         if config.sni:

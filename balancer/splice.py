@@ -15,6 +15,9 @@ How, for one direction (src -> dst):
 - backpressure as on the normal path: while dst cannot take what sits in the pipe, src is
   not read (writer callback on dst, reader callback on src, never both), so at most one
   pipe's worth (`PIPE_SIZE`) is in flight;
+- a readable event moves pipe loads until src would block (or ends, or fails): uvloop
+  reports an error on a descriptor only once, so a reset queued behind unread bytes must be
+  met by reading on, not by waiting for another event (`SplicePump._readable`);
 - EOF from src and errors are handed back to the connection, which forwards the FIN or
   closes both sides exactly as it does for the transports; byte counters count what is read.
 The pump closes its four descriptors in `stop()`, which the connection calls when it ends,
@@ -36,16 +39,17 @@ if TYPE_CHECKING:
 SPLICE_AFTER = 1 << 20  # bytes one way before that direction moves to splice
 NEVER = sys.maxsize  # a threshold no connection reaches: splice off
 PIPE_SIZE = 1 << 18  # asked of the kernel (F_SETPIPE_SZ); the default is 64 KiB
+BURST = 16  # pipe loads per readable event (4 MiB) before yielding to other connections
 
 _splice: Callable[..., int] | None = getattr(os, "splice", None)
 AVAILABLE = _splice is not None and sys.platform.startswith("linux")
 FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
-# Off unless asked for (BALANCER_SPLICE=1): on uvloop a client's reset in the middle of a
-# spliced transfer is sometimes noticed only by the idle timeout (tests/test_splice.py, about
-# 1 run in 16; not understood yet), so the pump stays opt-in until that is found.
-ENABLED = AVAILABLE and os.environ.get("BALANCER_SPLICE", "") == "1"
-SPLICE_AT = SPLICE_AFTER if ENABLED else NEVER  # every connection's threshold at first
 
+
+def threshold(enabled: bool) -> int:
+    """A connection's bytes one way before that direction moves to splice: a listener's
+    `splice_auto` (on by default), where splice exists."""
+    return SPLICE_AFTER if enabled and AVAILABLE else NEVER
 
 def _plain_transport_types() -> tuple[type, ...]:
     """The loops' plain TCP transport classes: the only ones whose socket carries the
@@ -114,30 +118,46 @@ class SplicePump:
         self.loop.add_reader(self.src, self._readable)
 
     def _readable(self) -> None:
+        """Move pipe loads until src would block, dst is full, or src ended or failed.
+
+        Until then, not one load per event: on uvloop an error on src (the client's reset:
+        EPOLLERR) is reported once, by libuv's poll handle stopping itself and uvloop running
+        this callback a last time and dropping the registration unsaid. The bytes the peer
+        sent before its reset are read first, so a single read returned data and the reset
+        behind it was never seen (only the idle timeout ended the connection). Reading on
+        until EAGAIN meets the error itself: with one pending, splice never says EAGAIN.
+        After `BURST` loads it yields to other connections and carries on in the next loop
+        pass (call_soon) rather than trusting the registration to call again.
+        """
         assert _splice is not None
-        if self.src < 0:  # stopped, and this callback was already under way
-            return
-        try:
-            n = _splice(self.src, self.pipe_w, PIPE_SIZE, flags=FLAGS)
-        except BlockingIOError:
-            return
-        except OSError:  # reset by src's peer
-            self.owner.splice_failed(self.up, True)
-            return
         owner = self.owner
-        if n == 0:  # src's FIN; the pipe is empty (we read only then): pass it on
-            self._stop_reading()
-            owner.splice_eof(self.up)
-            return
-        if self.up:
-            owner.bytes_up += n
-        else:
-            owner.bytes_down += n
-        owner.moved = True
-        self.pending = n
-        self._drain()
+        up = self.up
+        for _ in range(BURST):
+            if not self.reading:  # stopped, or waiting for dst to drain the pipe
+                return
+            try:
+                n = _splice(self.src, self.pipe_w, PIPE_SIZE, flags=FLAGS)
+            except BlockingIOError:  # nothing to read and no error: the registration holds
+                return
+            except OSError:  # reset by src's peer
+                owner.splice_failed(up, True)
+                return
+            if n == 0:  # src's FIN; the pipe is empty (we read only then): pass it on
+                self._stop_reading()
+                owner.splice_eof(up)
+                return
+            if up:
+                owner.bytes_up += n
+            else:
+                owner.bytes_down += n
+            owner.moved = True
+            self.pending = n
+            self._drain()
+        if self.reading:
+            self.loop.call_soon(self._readable)
 
     def _drain(self) -> None:
+        """Write the pipe to dst; if dst is full, wait for it (writer on dst, src not read)."""
         assert _splice is not None
         while self.pending and self.src >= 0:
             try:
@@ -147,16 +167,26 @@ class SplicePump:
                     self._stop_reading()
                 if not self.writing:
                     self.writing = True
-                    self.loop.add_writer(self.dst, self._drain)
+                    self.loop.add_writer(self.dst, self._writable)
                 return
             except OSError:  # reset by dst's peer
                 self.owner.splice_failed(self.up, False)
                 return
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.dst)
-            self.reading = True
-            self.loop.add_reader(self.src, self._readable)
+
+    def _writable(self) -> None:
+        """dst took bytes again: finish the pipe, then read src again.
+
+        An error on dst (its peer's reset) comes here too, a last time on uvloop (see
+        `_readable`): the write then fails, which ends the connection."""
+        self._drain()
+        if self.pending or self.src < 0:
+            return
+        self.writing = False
+        self.loop.remove_writer(self.dst)
+        self.reading = True
+        # Re-registered rather than read at once: a pending error on src is reported on
+        # registering (uvloop: the one last callback), which `_readable` then meets.
+        self.loop.add_reader(self.src, self._readable)
 
     def _stop_reading(self) -> None:
         self.reading = False

@@ -143,6 +143,13 @@ def test_omitted_keys_take_the_dataclass_defaults() -> None:
     assert upstream.health == HealthConfig(3, 10.0, None)
     assert (config.metrics, config.workers, config.loop) == (None, 1, "auto")
     assert config.log == LogConfig(None, "text")
+    assert config.listeners[0].splice_auto  # bulk splices unless a listener opts out
+
+
+def test_splice_auto_false_opts_a_listener_out_of_splice() -> None:
+    data = minimal()
+    data["listeners"][0]["splice_auto"] = False
+    assert not parse_config(data).listeners[0].splice_auto
 
 
 @pytest.mark.parametrize(("bind", "address"), [
@@ -313,6 +320,8 @@ MISTAKES = [
     ("listeners.0.name", 7, "listeners[0].name: must be a string, got 7"),
     ("listeners.0.name", "", "listeners[0].name: must not be empty"),
     ("listeners.0.reuse_port", "yes", "listeners[0].reuse_port: must be a boolean, got 'yes'"),
+    ("listeners.0.splice_auto", "auto",
+     "listeners[0].splice_auto: must be a boolean, got 'auto'"),
     ("listeners", [], "listeners: must not be empty"),
     ("listeners", None, "listeners: required"),
     ("listeners", {"bind": "x:1"}, "listeners: must be a list, got a mapping"),

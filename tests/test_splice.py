@@ -1,23 +1,28 @@
 """Bulk through splice(2) (balancer/splice.py): the pump takes over past 1 MiB one way, and
 integrity, backpressure, half-close, resets and byte counters stay as on the normal path.
 
-The other data-path tests (tests/test_proxy.py: 64 MiB each way, 1 GiB to a slow reader
-either way, half-closes after megabytes) run through the pump too, since they pass 1 MiB.
+The pump is on by default (`splice_auto`), so the other data-path tests (tests/test_proxy.py:
+64 MiB each way, 1 GiB to a slow reader either way, half-closes after megabytes) run through
+it too, since they pass 1 MiB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import socket
+import struct
 import sys
+import termios
 from pathlib import Path
 
 import pytest
 
-from balancer.splice import AVAILABLE, SPLICE_AFTER
+from balancer.loops import new_event_loop
+from balancer.splice import AVAILABLE, SPLICE_AFTER, SplicePump
 
 from .utils import (
     admin_port,
@@ -31,7 +36,6 @@ from .utils import (
 )
 
 MiB = 1 << 20
-SPLICE_ON = {"BALANCER_SPLICE": "1"}  # the pump is opt-in (see balancer/splice.py)
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.both_loops,
@@ -52,7 +56,7 @@ def pipes(pid: int) -> int:
 
 async def test_bulk_both_ways_is_spliced_counted_and_released(start_backend, start_balancer):
     echo = start_backend("echo")
-    balancer = start_balancer(with_metrics(make_config([echo.address])), env=SPLICE_ON)
+    balancer = start_balancer(with_metrics(make_config([echo.address])))
     metrics = admin_port(balancer)
     baseline_pipes = pipes(balancer.pid)
     baseline_fds = balancer.fd_count()
@@ -93,7 +97,7 @@ async def test_bulk_both_ways_is_spliced_counted_and_released(start_backend, sta
 
 async def test_short_exchanges_are_never_spliced(start_backend, start_balancer):
     echo = start_backend("echo")
-    balancer = start_balancer(make_config([echo.address]), env=SPLICE_ON)
+    balancer = start_balancer(make_config([echo.address]))
     baseline = pipes(balancer.pid)
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     block = b"x" * (SPLICE_AFTER // 4)
@@ -107,12 +111,7 @@ async def test_short_exchanges_are_never_spliced(start_backend, start_balancer):
 
 @pytest.mark.parametrize("who", ["client", "server"])
 async def test_a_reset_during_a_spliced_transfer_closes_both_sides(start_backend,
-                                                                   start_balancer, who,
-                                                                   balancer_loop, request):
-    if who == "client" and balancer_loop == "uvloop":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "known bug, why splice is opt-in: on uvloop the client's reset is sometimes found "
-            "only by the idle timeout (about 1 run in 16)")))
+                                                                   start_balancer, who):
     # Once a pump carries the client's bytes, one end resets; the balancer must close both
     # sides and free every descriptor, pipes included. The client's reset is found by the
     # pump's next read, so its sink reads at full speed (behind a slow reader the reset, as
@@ -120,7 +119,7 @@ async def test_a_reset_during_a_spliced_transfer_closes_both_sides(start_backend
     # upstream transport, still reading the other way.
     sink = start_backend("sink", "fast") if who == "client" else start_backend(
         "sink", "slow", "--slow-seconds", "30")
-    balancer = start_balancer(make_config([sink.address]), env=SPLICE_ON)
+    balancer = start_balancer(make_config([sink.address]))
     baseline_fds = balancer.fd_count()
     baseline_pipes = pipes(balancer.pid)
     sock = socket.create_connection(("127.0.0.1", balancer.port))
@@ -147,6 +146,143 @@ async def test_a_reset_during_a_spliced_transfer_closes_both_sides(start_backend
     assert balancer.alive()
 
 
+def received_not_read(local_port: int, remote_port: int) -> int:
+    """Bytes in the receive queue of the 127.0.0.1:local_port socket connected to
+    127.0.0.1:remote_port (the balancer's side of a client connection), from /proc/net/tcp."""
+    local, remote = f"0100007F:{local_port:04X}", f"0100007F:{remote_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+async def test_a_client_reset_behind_queued_bytes_is_noticed_once_the_server_reads(
+        start_backend, start_balancer):
+    # The pump waits for a slow server (the client is not read meanwhile) while the client's
+    # last bytes fill the balancer's receive queue; then the client resets. Once the server
+    # reads again the pump moves those bytes and must meet the reset queued behind them. On
+    # uvloop it used to read one pipe load and hear nothing more (libuv reports EPOLLERR once,
+    # see SplicePump._readable): the connection stayed until the idle timeout.
+    sink = start_backend("sink", "slow", "--slow-seconds", "3")
+    balancer = start_balancer(make_config([sink.address]))
+    baseline_fds = balancer.fd_count()
+    baseline_pipes = pipes(balancer.pid)
+    sock = socket.create_connection(("127.0.0.1", balancer.port))
+    try:
+        sock.setblocking(False)
+        client_port = sock.getsockname()[1]
+        block = b"z" * MiB
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+
+        def queued() -> bool:
+            return (pipes(balancer.pid) >= baseline_pipes + 2
+                    and received_not_read(balancer.port, client_port) >= 64 * 1024)
+
+        while not queued() and loop.time() < deadline:
+            try:
+                sock.send(block)
+            except BlockingIOError:
+                await asyncio.sleep(0.05)  # wait for room
+        assert pipes(balancer.pid) >= baseline_pipes + 2, "no pump"
+        assert received_not_read(balancer.port, client_port) >= 64 * 1024, "nothing queued"
+        reset(sock)
+    finally:
+        sock.close()
+    # The sink reads at full speed 3 s after it accepted; the idle timeout is 10 minutes.
+    await eventually(lambda: balancer.fd_count() == baseline_fds, timeout=20)
+    assert pipes(balancer.pid) == baseline_pipes
+    assert balancer.alive()
+
+
+class Recorder:
+    """A pump's owner (the ClientConnection's part): keeps what the pump reports."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.bytes_up = self.bytes_down = 0
+        self.moved = False
+        self.ended: asyncio.Future[tuple[object, ...]] = loop.create_future()
+
+    def splice_eof(self, up: bool) -> None:
+        if not self.ended.done():
+            self.ended.set_result(("eof", up))
+
+    def splice_failed(self, up: bool, read_side: bool) -> None:
+        if not self.ended.done():
+            self.ended.set_result(("failed", up, read_side))
+
+
+class Accepted(asyncio.Protocol):
+    """Keeps each transport it is made with (what it receives is dropped)."""
+
+    def __init__(self, made: list[asyncio.BaseTransport]) -> None:
+        self.made = made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(transport)
+
+
+async def _pump_over_a_reset(queued: int) -> tuple[tuple[object, ...], int]:
+    """A pump from a connection whose peer sent `queued` bytes and then reset, to a
+    connection whose peer reads: what the pump reported, and how many bytes it counted."""
+    loop = asyncio.get_running_loop()
+    transports: list[asyncio.BaseTransport] = []
+    sources = await loop.create_server(lambda: Accepted(transports), "127.0.0.1", 0)
+    sinks = await loop.create_server(lambda: Accepted(transports), "127.0.0.1", 0)
+    peer = socket.create_connection(sources.sockets[0].getsockname()[:2])
+    pump = None
+    try:
+        await eventually(lambda: len(transports) == 1)
+        src = transports[0]
+        src.pause_reading()  # the pump reads it, as after ClientConnection.start_splice
+        dst, _ = await loop.create_connection(asyncio.Protocol,
+                                              *sinks.sockets[0].getsockname()[:2])
+        await eventually(lambda: len(transports) == 2)  # the sink's side, which reads
+        transports.append(dst)
+        fd = src.get_extra_info("socket").fileno()
+        peer.sendall(b"q" * queued)
+
+        def waiting() -> int:
+            return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+        await eventually(lambda: waiting() == queued)
+        reset(peer)  # the reset now sits behind `queued` unread bytes
+        recorder = Recorder(loop)
+        pump = SplicePump(recorder, True, loop, src, dst)
+        pump.start()
+        try:
+            outcome = await asyncio.wait_for(recorder.ended, 5)
+        except TimeoutError:
+            outcome = ("nothing reported",)
+        return outcome, recorder.bytes_up
+    finally:
+        peer.close()
+        if pump is not None:
+            pump.stop()
+        for transport in transports:
+            transport.abort()
+        sources.close()
+        sinks.close()
+        await asyncio.wait_for(asyncio.gather(sources.wait_closed(), sinks.wait_closed()), 5)
+        await asyncio.sleep(0)  # one loop pass: the pump closes its descriptors in it
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_the_pump_meets_a_reset_queued_behind_bytes(loop_name):
+    # The mechanism under the end-to-end tests, in one process: registered on a descriptor
+    # whose peer has reset behind 32 KiB not yet read, the pump must read those bytes, then
+    # report the reset. On uvloop the registration is called once (EPOLLERR), then dropped.
+    loop = new_event_loop(loop_name)
+    try:
+        outcome, counted = loop.run_until_complete(
+            asyncio.wait_for(_pump_over_a_reset(32 * 1024), 30))
+    finally:
+        loop.close()
+    assert outcome == ("failed", True, True)  # up, reading side
+    assert counted == 32 * 1024
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 async def test_tls_listener_keeps_the_normal_path(start_backend, start_balancer, tmp_path):
     # A TLS transport's socket carries records, not the bytes: never spliced.
@@ -160,7 +296,7 @@ async def test_tls_listener_keeps_the_normal_path(start_backend, start_balancer,
     echo = start_backend("echo")
     config = make_config([echo.address])
     config["listeners"][0]["tls"] = {"certificates": [{"cert": str(cert), "key": str(key)}]}
-    balancer = start_balancer(config, env=SPLICE_ON)
+    balancer = start_balancer(config)
     baseline = pipes(balancer.pid)
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -176,9 +312,12 @@ async def test_tls_listener_keeps_the_normal_path(start_backend, start_balancer,
         await writer.wait_closed()
 
 
-async def test_without_being_asked_for_bulk_never_splices(start_backend, start_balancer):
+async def test_splice_auto_false_keeps_bulk_on_the_normal_path(start_backend, start_balancer):
+    # The opt-out: a listener with `splice_auto: false` never splices, however much moves.
     echo = start_backend("echo")
-    balancer = start_balancer(make_config([echo.address]))
+    config = make_config([echo.address])
+    config["listeners"][0]["splice_auto"] = False
+    balancer = start_balancer(config)
     baseline = pipes(balancer.pid)
     reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     block = os.urandom(MiB)
