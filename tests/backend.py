@@ -5,7 +5,8 @@ Prints `listening <port>` once bound, then serves until SIGTERM. Modes:
 - name:   sends "<name>\\n" on connect, then echoes until EOF (who answered?)
 - echo:   echoes everything; forwards EOF after the last byte (half-close aware)
 - sink:   reads and counts; on EOF answers "<count> <sha256>\\n" and closes. With
-          `--slow-seconds S` it reads only ~1 MiB/s for the first S seconds (a slow reader)
+          `--slow-seconds S` it reads only ~1 MiB/s for the first S seconds (a slow reader);
+          with `--pause-after N --pause-seconds S`, once it has N bytes it reads nothing for S s
 - source: sends `--bytes N` bytes at full speed, then "closes first"
 - reply:  reads one line, answers "<name>:<line>" and closes first (churn, upstream closes)
 - abort:  resets the connection (RST) as soon as it accepts (SO_LINGER 0)
@@ -53,7 +54,8 @@ async def echo_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 async def serve_sink(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow_seconds: float
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow_seconds: float,
+    pause_after: int = 0, pause_seconds: float = 0.0,
 ) -> None:
     loop = asyncio.get_running_loop()
     slow_until = loop.time() + slow_seconds
@@ -68,6 +70,9 @@ async def serve_sink(
         digest.update(data)
         if slow:
             await asyncio.sleep(0.016)  # ~1 MiB/s: this backend *is* a slow reader
+        if pause_after and count >= pause_after:
+            pause_after = 0
+            await asyncio.sleep(pause_seconds)  # a reader that stalls once, mid-transfer
     writer.write(f"{count} {digest.hexdigest()}\n".encode())
     await writer.drain()
 
@@ -113,7 +118,8 @@ async def handle(args: argparse.Namespace, reader: asyncio.StreamReader,
         elif args.mode == "echo":
             await echo_until_eof(reader, writer)
         elif args.mode == "sink":
-            await serve_sink(reader, writer, args.slow_seconds)
+            await serve_sink(reader, writer, args.slow_seconds, args.pause_after,
+                             args.pause_seconds)
         elif args.mode == "source":
             await serve_source(writer, args.bytes)
         elif args.mode == "reply":
@@ -171,6 +177,8 @@ async def main() -> None:
     parser.add_argument("--name", default="backend")
     parser.add_argument("--bytes", type=int, default=1 << 20)
     parser.add_argument("--slow-seconds", type=float, default=0.0)
+    parser.add_argument("--pause-after", type=int, default=0)
+    parser.add_argument("--pause-seconds", type=float, default=0.0)
     parser.add_argument("--idle-close", type=float, default=0.5)
     parser.add_argument("--report", action="store_true", help='print "open"/"closed" lines')
     parser.add_argument("--tls-cert", help="serve over TLS with this certificate chain")

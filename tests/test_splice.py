@@ -159,12 +159,14 @@ def received_not_read(local_port: int, remote_port: int) -> int:
 
 async def test_a_client_reset_behind_queued_bytes_is_noticed_once_the_server_reads(
         start_backend, start_balancer):
-    # The pump waits for a slow server (the client is not read meanwhile) while the client's
-    # last bytes fill the balancer's receive queue; then the client resets. Once the server
-    # reads again the pump moves those bytes and must meet the reset queued behind them. On
-    # uvloop it used to read one pipe load and hear nothing more (libuv reports EPOLLERR once,
-    # see SplicePump._readable): the connection stayed until the idle timeout.
-    sink = start_backend("sink", "slow", "--slow-seconds", "3")
+    # The pump waits for a stalled server (the client is not read meanwhile) while the
+    # client's last bytes fill the balancer's receive queue; then the client resets. Once the
+    # server reads again the pump moves those bytes and must meet the reset queued behind
+    # them. On uvloop it used to read one pipe load and hear nothing more (libuv reports
+    # EPOLLERR once, see SplicePump._readable): the connection stayed until the idle timeout.
+    # The sink reads at full speed (the pump forms past 1 MiB), stalls at 32 MiB for 5 s (the
+    # pump waits, the client's bytes queue up), then reads at full speed again.
+    sink = start_backend("sink", "stall", "--pause-after", str(32 * MiB), "--pause-seconds", "5")
     balancer = start_balancer(make_config([sink.address]))
     baseline_fds = balancer.fd_count()
     baseline_pipes = pipes(balancer.pid)
@@ -176,21 +178,26 @@ async def test_a_client_reset_behind_queued_bytes_is_noticed_once_the_server_rea
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
 
-        def queued() -> bool:
-            return (pipes(balancer.pid) >= baseline_pipes + 2
-                    and received_not_read(balancer.port, client_port) >= 64 * 1024)
+        samples = [0]
 
-        while not queued() and loop.time() < deadline:
+        def stalled() -> bool:
+            """Bytes queued and, since the last look, neither read nor added to: the pump
+            waits for the sink and every buffer on the client's way is full."""
+            samples.append(received_not_read(balancer.port, client_port))
+            return (pipes(balancer.pid) >= baseline_pipes + 2
+                    and samples[-1] >= 64 * 1024 and samples[-1] == samples[-2])
+
+        while not stalled() and loop.time() < deadline:
             try:
                 sock.send(block)
             except BlockingIOError:
                 await asyncio.sleep(0.05)  # wait for room
         assert pipes(balancer.pid) >= baseline_pipes + 2, "no pump"
-        assert received_not_read(balancer.port, client_port) >= 64 * 1024, "nothing queued"
+        assert samples[-1] >= 64 * 1024 and samples[-1] == samples[-2], "not stalled"
         reset(sock)
     finally:
         sock.close()
-    # The sink reads at full speed 3 s after it accepted; the idle timeout is 10 minutes.
+    # The sink reads again at most 5 s after it stalled; the idle timeout is 10 minutes.
     await eventually(lambda: balancer.fd_count() == baseline_fds, timeout=20)
     assert pipes(balancer.pid) == baseline_pipes
     assert balancer.alive()
