@@ -130,22 +130,11 @@ async def test_accepted_v1_address_is_sent_on_as_v2(recorder, start_balancer):
     assert await asyncio.wait_for(reader.readline(), 10) == b"hi\n"
     header = encode_v2("192.0.2.7", 40000, "198.51.100.1", 443)
     await eventually(lambda: bytes(recorder.received[0]) == header + b"hello")
-    await finish(writer)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tcp_info is Linux's")
-async def test_header_and_held_bytes_go_in_one_write(recorder, start_balancer):
-    # What follows an accepted header is held until the server connect completes (it is
-    # handed over before the connect can finish), so the PROXY header sent on and those
-    # bytes can leave in one write: one segment, one syscall, not two.
-    balancer = start_balancer(proxied(make_config([recorder.address], send_proxy="v2"),
-                                      accept_proxy=True))
-    reader, writer = await connect(balancer.port)
-    writer.write(b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 443\r\nhello")
-    assert await asyncio.wait_for(reader.readline(), 10) == b"hi\n"
-    header = encode_v2("192.0.2.7", 40000, "198.51.100.1", 443)
-    await eventually(lambda: bytes(recorder.received[0]) == header + b"hello")
-    assert recorder.segments[0] == 1
+    if sys.platform.startswith("linux"):  # tcp_info's segment count is Linux's
+        # What follows an accepted header is held until the server connect completes (it
+        # is handed over before the connect can finish), so the PROXY header sent on and
+        # those bytes leave in one write: one segment, one syscall, not two.
+        assert recorder.segments[0] == 1
     await finish(writer)
 
 
