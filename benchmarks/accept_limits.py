@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from . import load
-from .procs import Supervisor, cpu_seconds, free_port, wait_port
+from .features import balancer_cpu
+from .procs import Supervisor, free_port
 from .proxies import balancer_conf, start_nginx_backend
 from .setup_latency import publish
 
@@ -43,21 +43,8 @@ def one_run(sup: Supervisor, workdir: Path, variant: str, backends: list[int],
             duration: float, run: int) -> float:
     """CPU µs of the balancer per completed connection, for one fresh balancer."""
     port = free_port()
-    config = workdir / f"{variant}-{run}.yaml"
-    config.write_text(config_for(variant, port, backends))
-    cmd = [sys.executable, "-m", "balancer", "-c", str(config), "-v", "warning"]
-    proc = sup.start(f"balancer-{variant}-{run}", cmd, CPU_PROXY)
-    try:
-        wait_port(port, 15, proc.popen, proc.log)
-        load.run_wrk(port, 2, 64, close=True)  # warm-up
-        before = cpu_seconds(proc.pid)
-        result = load.run_wrk(port, duration, 64, close=True)
-        used = cpu_seconds(proc.pid) - before
-        if not result.requests or result.errors:
-            raise RuntimeError(f"{variant}: {result.requests} requests, {result.errors} errors")
-        return used * 1e6 / result.requests
-    finally:
-        sup.stop(proc)
+    return balancer_cpu(sup, workdir, f"{variant}-{run}", config_for(variant, port, backends),
+                        port, duration)["cpu_us"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,32 +60,41 @@ def config_for(variant: str, port: int, backends: list[int]) -> str:
     return yaml.safe_dump(data)
 
 
+def balancer_cpu(sup: Supervisor, workdir: Path, name: str, config_text: str, port: int,
+                 duration: float, close: bool = True,
+                 source: Path | None = None) -> dict[str, float]:
+    """One fresh balancer (config `config_text`, listening on `port`) on CPU_PROXY under
+    wrk -c64 after a 2 s warm-up: its CPU µs per request (per connection with `close`), the
+    user part, and the rate. Shared by this module, accept_limits and pick_e2e."""
+    config = workdir / f"{name}.yaml"
+    config.write_text(config_text)
+    cmd = [sys.executable, "-m", "balancer", "-c", str(config), "-v", "warning"]
+    proc = sup.start(f"balancer-{name}", cmd, CPU_PROXY,
+                     cwd=str(source) if source is not None else None)
+    try:
+        wait_port(port, 30, proc.popen, proc.log)
+        load.run_wrk(port, 2, 64, close=close)  # warm-up
+        user0, sys0 = cpu_split(proc.pid)
+        result = load.run_wrk(port, duration, 64, close=close)
+        user1, sys1 = cpu_split(proc.pid)
+        if not result.requests or result.errors:
+            raise RuntimeError(f"{name}: {result.requests} requests, {result.errors} errors")
+        if not proc.alive():
+            raise RuntimeError(proc.death())
+        return {"cpu_us": (user1 - user0 + sys1 - sys0) * 1e6 / result.requests,
+                "user_us": (user1 - user0) * 1e6 / result.requests, "rate": result.rate}
+    finally:
+        sup.stop(proc)
+
+
 def one_run(sup: Supervisor, workdir: Path, source: Path, variant: str, test: str,
             backends: list[int], duration: float, run_id: str) -> dict[str, float]:
     """The balancer's CPU µs per request of one fresh balancer, and the load average."""
     loadavg = float(Path("/proc/loadavg").read_text().split()[0])
     port = free_port()
-    config = workdir / f"{run_id}.yaml"
-    config.write_text(config_for(variant, port, backends))
-    cmd = [sys.executable, "-m", "balancer", "-c", str(config), "-v", "warning"]
-    proc = sup.start(f"balancer-{run_id}", cmd, CPU_PROXY, cwd=str(source))
-    close = test == "conn"
-    try:
-        wait_port(port, 15, proc.popen, proc.log)
-        load.run_wrk(port, 2, 64, close=close)  # warm-up
-        user0, sys0 = cpu_split(proc.pid)
-        result = load.run_wrk(port, duration, 64, close=close)
-        user1, sys1 = cpu_split(proc.pid)
-        used = user1 - user0 + sys1 - sys0
-        if not result.requests or result.errors:
-            raise RuntimeError(f"{run_id}: {result.requests} requests, {result.errors} errors")
-        if not proc.alive():
-            raise RuntimeError(proc.death())
-        return {"cpu_us": used * 1e6 / result.requests,
-                "user_us": (user1 - user0) * 1e6 / result.requests, "rate": result.rate,
-                "loadavg": loadavg}
-    finally:
-        sup.stop(proc)
+    figures = balancer_cpu(sup, workdir, run_id, config_for(variant, port, backends), port,
+                           duration, close=test == "conn", source=source)
+    return {**figures, "loadavg": loadavg}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import load
-from .procs import CPU_LOAD, Supervisor, cpu_seconds, free_port, wait_port
+from .features import balancer_cpu
+from .procs import CPU_LOAD, Supervisor, free_port, wait_port
 from .proxies import nginx_http_backend
 from .setup_latency import publish
 
@@ -64,22 +64,8 @@ loop: uvloop
 def one_run(sup: Supervisor, workdir: Path, servers: list[int], strategy: str,
             duration: float, run: int) -> float:
     port = free_port()
-    config = workdir / f"balancer-{len(servers)}-{run}.yaml"
-    config.write_text(config_for(port, servers, strategy))
-    cmd = [sys.executable, "-m", "balancer", "-c", str(config), "-v", "warning"]
-    proc = sup.start(f"balancer-{len(servers)}-{run}", cmd, CPU_PROXY)
-    try:
-        wait_port(port, 30, proc.popen, proc.log)
-        load.run_wrk(port, 2, 64, close=True)  # warm-up
-        before = cpu_seconds(proc.pid)
-        result = load.run_wrk(port, duration, 64, close=True)
-        used = cpu_seconds(proc.pid) - before
-        if not result.requests or result.errors:
-            raise RuntimeError(f"{len(servers)} servers: {result.requests} requests, "
-                               f"{result.errors} errors")
-        return used * 1e6 / result.requests
-    finally:
-        sup.stop(proc)
+    return balancer_cpu(sup, workdir, f"{len(servers)}-{run}",
+                        config_for(port, servers, strategy), port, duration)["cpu_us"]
 
 
 def main(argv: list[str] | None = None) -> int:
