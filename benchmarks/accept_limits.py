@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from . import conntrack
 from .features import balancer_cpu
 from .procs import Supervisor, free_port
 from .proxies import balancer_conf, start_nginx_backend
@@ -52,20 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    conntrack.add_flag(parser)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="balancer-accept-"))
     sup = Supervisor(workdir)
     figures: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    try:
-        backends = [start_nginx_backend(sup, workdir, i)[1] for i in range(2)]
-        for run in range(args.runs):  # interleaved, so drift spreads evenly
-            for variant in VARIANTS:
-                figures[variant].append(
-                    one_run(sup, workdir, variant, backends, args.duration, run))
-                print(f"run {run + 1} {variant:10s} {figures[variant][-1]:6.1f} µs/conn",
-                      flush=True)
-    finally:
-        sup.stop_all()
+    with conntrack.loopback_untracked(args.notrack) as tracking:
+        try:
+            backends = [start_nginx_backend(sup, workdir, i)[1] for i in range(2)]
+            for run in range(args.runs):  # interleaved, so drift spreads evenly
+                for variant in VARIANTS:
+                    figures[variant].append(
+                        one_run(sup, workdir, variant, backends, args.duration, run))
+                    print(f"run {run + 1} {variant:10s} {figures[variant][-1]:6.1f} µs/conn",
+                          flush=True)
+        finally:
+            sup.stop_all()
     median = {variant: statistics.median(values) for variant, values in figures.items()}
     ratio = median["per_client"] / median["plain"]
     lines = [
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; wrk -t1 -c64 "
         f"`Connection: close`, {args.duration:g} s x {args.runs} runs interleaved (median); "
         "balancer on CPU 0, wrk and two nginx backends on CPU 1",
+        f"- {'; '.join(tracking)}",
         "",
         "| listener | CPU µs / connection | runs |",
         "|---|---|---|",

@@ -15,10 +15,13 @@ killed run are removed at the next start).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 _PROC = Path("/proc/sys/net/netfilter")
@@ -68,3 +71,34 @@ def restore_tracking() -> None:
     for line in listed.splitlines():
         if _TAG in line and line.startswith("-A "):
             _iptables("-D", *shlex.split(line)[1:])
+
+
+@contextlib.contextmanager
+def loopback_untracked(wanted: bool) -> Iterator[list[str]]:
+    """For the length of the block, loopback exempt from conntrack when `wanted`. Yields the
+    lines for the report's header, "; "-joined: the table's fill at the start, whether the
+    exemption held, and (once the block has ended) the fill at the end."""
+    reading = fill()
+    if reading is None:
+        yield ["conntrack not loaded"]
+        return
+    state = [f"conntrack table {reading[0]:,} of {reading[1]:,} entries at start"]
+    why = untrack_loopback() if wanted else "no --notrack"
+    state.append("loopback not tracked (--notrack)" if why is None
+                 else f"loopback tracked ({why})")
+    try:
+        yield state
+    finally:
+        if why is None:
+            restore_tracking()
+        end = fill()
+        if end is not None:
+            state.append(f"{end[0]:,} at end")
+
+
+def add_flag(parser: argparse.ArgumentParser) -> None:
+    """The `--notrack` option every churning benchmark takes (see `loopback_untracked`)."""
+    parser.add_argument("--notrack", action="store_true",
+                        help="exempt loopback from the host's conntrack table for the run "
+                             "(root, iptables): a filling table slows new connections run "
+                             "after run, and a full one drops them")

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from . import load
+from . import conntrack, load
 from .__main__ import _export
 from .procs import CPU_PROXY, Supervisor, cpu_split, free_port, wait_port
 from .proxies import REPO, balancer_conf, start_nginx_backend
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--title", default="CPU per request: balancer variants, interleaved")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "features.md"))
+    conntrack.add_flag(parser)
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     tests = [t for t in args.tests.split(",") if t]
@@ -119,28 +120,30 @@ def main(argv: list[str] | None = None) -> int:
     sources = {f"tree ({head})": REPO, **{rev: _export(rev, workdir) for rev in args.against}}
     rows = [(rev, variant) for rev in sources for variant in variants]
     figures: dict[tuple[str, str, str], list[dict[str, float]]] = {}
-    try:
-        plain = [start_nginx_backend(sup, workdir, i)[1] for i in range(2)]
-        proxied = ([start_nginx_backend(sup, workdir, 10 + i, proxy_protocol=True)[1]
-                    for i in range(2)] if {"send_proxy", "both"} & set(variants) else [])
-        for run in range(args.runs):
-            for test in tests:
-                for rev, variant in rows:
-                    backends = proxied if variant in ("send_proxy", "both") else plain
-                    r = one_run(sup, workdir, sources[rev], variant, test, backends,
-                                args.duration, f"{test}-{variant}-{len(figures)}-{run}")
-                    figures.setdefault((test, rev, variant), []).append(r)
-                    print(f"run {run + 1}/{args.runs} {test:9s} {rev} {variant:12s} "
-                          f"{r['cpu_us']:6.1f} µs (user {r['user_us']:5.1f})  "
-                          f"load {r['loadavg']:.2f}", flush=True)
-    finally:
-        sup.stop_all()
+    with conntrack.loopback_untracked(args.notrack) as tracking:
+        try:
+            plain = [start_nginx_backend(sup, workdir, i)[1] for i in range(2)]
+            proxied = ([start_nginx_backend(sup, workdir, 10 + i, proxy_protocol=True)[1]
+                        for i in range(2)] if {"send_proxy", "both"} & set(variants) else [])
+            for run in range(args.runs):
+                for test in tests:
+                    for rev, variant in rows:
+                        backends = proxied if variant in ("send_proxy", "both") else plain
+                        r = one_run(sup, workdir, sources[rev], variant, test, backends,
+                                    args.duration, f"{test}-{variant}-{len(figures)}-{run}")
+                        figures.setdefault((test, rev, variant), []).append(r)
+                        print(f"run {run + 1}/{args.runs} {test:9s} {rev} {variant:12s} "
+                              f"{r['cpu_us']:6.1f} µs (user {r['user_us']:5.1f})  "
+                              f"load {r['loadavg']:.2f}", flush=True)
+        finally:
+            sup.stop_all()
     lines = [
         f"# {args.title}",
         "",
         f"- date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; wrk -t1 -c64 "
         f"({', '.join(tests)}), {args.duration:g} s x {args.runs} runs interleaved (median); "
         "balancer on CPU 0, wrk and the nginx backends on CPU 1",
+        f"- {'; '.join(tracking)}",
         "",
     ]
     for test in tests:

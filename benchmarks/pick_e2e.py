@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import conntrack
 from .features import balancer_cpu
 from .procs import CPU_LOAD, Supervisor, free_port, wait_port
 from .proxies import nginx_http_backend
@@ -74,20 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--strategy", default="least_conn")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    conntrack.add_flag(parser)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="balancer-picks-"))
     sup = Supervisor(workdir)
     figures: dict[int, list[float]] = {size: [] for size in SIZES}
-    try:
-        ports = start_nginx_many(sup, workdir, max(SIZES))
-        for run in range(args.runs):  # interleaved, so drift spreads evenly
-            for size in SIZES:
-                figures[size].append(one_run(sup, workdir, ports[:size], args.strategy,
-                                             args.duration, run))
-                print(f"run {run + 1} {size:5d} servers {figures[size][-1]:6.1f} µs/conn",
-                      flush=True)
-    finally:
-        sup.stop_all()
+    with conntrack.loopback_untracked(args.notrack) as tracking:
+        try:
+            ports = start_nginx_many(sup, workdir, max(SIZES))
+            for run in range(args.runs):  # interleaved, so drift spreads evenly
+                for size in SIZES:
+                    figures[size].append(one_run(sup, workdir, ports[:size], args.strategy,
+                                                 args.duration, run))
+                    print(f"run {run + 1} {size:5d} servers {figures[size][-1]:6.1f} µs/conn",
+                          flush=True)
+        finally:
+            sup.stop_all()
     median = {size: statistics.median(values) for size, values in figures.items()}
     ratio = median[SIZES[-1]] / median[SIZES[0]]
     lines = [
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; wrk -t1 -c64 "
         f"`Connection: close`, {args.duration:g} s x {args.runs} runs interleaved (median); "
         "balancer (workers: 1, uvloop) on CPU 0, wrk and one nginx on 1,000 ports on CPU 1",
+        f"- {'; '.join(tracking)}",
         "",
         "| servers | CPU µs / connection | runs |",
         "|---|---|---|",
