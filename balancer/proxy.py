@@ -15,9 +15,10 @@ The rules, in one place:
   flowing. When both directions have ended, or either side is lost, *both* transports are closed
   here, explicitly: uvloop aborts the process if a half-closed transport is left for the garbage
   collector to free.
-- Bulk: past 1 MiB one way, that direction moves to a splice(2) pump (splice.py) when both
-  transports are plain TCP; the rules above hold there too, and the per-chunk cost of
-  offering it is one comparison.
+- Bulk: past 1 MiB one way, on a chunk of 16 KiB or more (a bulk flow's, not a small
+  message's), that direction moves to a splice(2) pump (splice.py) when both transports are
+  plain TCP; the rules above hold there too, and the per-chunk cost of offering it is one
+  comparison (two past 1 MiB).
 - Nothing on the per-chunk path logs, allocates beyond the chunk itself, or looks up labels.
 """
 
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from .events import ConnectionEvents, Outcome
 from .health import NOT_THE_SERVERS, FailureReason, failure_reason
-from .splice import NEVER, SplicePump, can_splice, threshold
+from .splice import NEVER, SPLICE_MIN_CHUNK, SplicePump, can_splice, threshold
 
 if TYPE_CHECKING:
     from .limits import Gate
@@ -221,7 +222,7 @@ class UpstreamConnection(asyncio.Protocol):
         client.bytes_down += len(data)
         client.moved = True
         client.transport.write(data)
-        if client.bytes_down >= client.splice_at_down:
+        if client.bytes_down >= client.splice_at_down and len(data) >= SPLICE_MIN_CHUNK:
             client.start_splice(False)
 
     def eof_received(self) -> bool:
@@ -655,7 +656,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_up += len(data)
         self.moved = True
         self.upstream_write(data)
-        if self.bytes_up >= self.splice_at_up:
+        if self.bytes_up >= self.splice_at_up and len(data) >= SPLICE_MIN_CHUNK:
             self.start_splice(True)
 
     def eof_received(self) -> bool:

@@ -4,7 +4,8 @@ direction go socket -> pipe -> socket inside the kernel, never copied through Py
 Why: a bulk stream through the loop's transports costs two copies per chunk (into a Python
 `bytes`, out of it) and a Python call; `splice` moves page references instead (HAProxy's
 `option splice-auto`). Short exchanges never reach the threshold, so they pay nothing but a
-comparison per chunk.
+comparison per chunk; long exchanges of small messages pass it but never bring a chunk of
+`SPLICE_MIN_CHUNK`, so they stay too (for them splice would cost more than it saves).
 
 How, for one direction (src -> dst):
 - only between two plain TCP transports of the loop (a TLS transport's socket carries
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 SPLICE_AFTER = 1 << 20  # bytes one way before that direction moves to splice
+# ... and only on a chunk at least this large (HAProxy's default buffer, 16 KiB): a bulk flow
+# reads that much or more at a time, request/response traffic mostly reads its messages one
+# by one. A long-lived connection of small messages (a redis or keep-alive HTTP client's)
+# passes 1 MiB in time too, and in the pump each message would cost a third syscall (the
+# read on until EAGAIN) and a Python callback: 27.4 against 25.3 µs per request under wrk -c4.
+SPLICE_MIN_CHUNK = 16 * 1024
 NEVER = sys.maxsize  # a threshold no connection reaches: splice off
 PIPE_SIZE = 1 << 18  # asked of the kernel (F_SETPIPE_SZ); the default is 64 KiB
 BURST = 16  # pipe loads per readable event (4 MiB) before yielding to other connections

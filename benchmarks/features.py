@@ -21,7 +21,8 @@ Variants: `plain` (the harness's config), `per_client` (limits far above the loa
 refused, only the gate is paid for), `send_proxy` (a PROXY v2 header on every server
 connection; the nginx backends then require one), `both`, `defer_accept`
 (TCP_DEFER_ACCEPT on the listener), `metrics` (the admin endpoint on, so every connection
-feeds the Prometheus metrics; nothing scrapes them during the run).
+feeds the Prometheus metrics; nothing scrapes them during the run), `nosplice`
+(`splice_auto: false`: no connection moves to the splice pump).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from .procs import CPU_PROXY, Supervisor, cpu_split, free_port, wait_port
 from .proxies import REPO, balancer_conf, start_nginx_backend
 from .setup_latency import publish
 
-VARIANTS = ("plain", "per_client", "send_proxy", "both", "defer_accept", "metrics")
+VARIANTS = ("plain", "per_client", "send_proxy", "both", "defer_accept", "metrics",
+            "nosplice")
 
 
 def config_for(variant: str, port: int, backends: list[int]) -> str:
@@ -57,6 +59,8 @@ def config_for(variant: str, port: int, backends: list[int]) -> str:
         listener["defer_accept"] = True
     if variant == "metrics":
         data["metrics"] = {"bind": "127.0.0.1:0"}
+    if variant == "nosplice":
+        listener["splice_auto"] = False
     return yaml.safe_dump(data)
 
 

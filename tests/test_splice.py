@@ -1,5 +1,6 @@
-"""Bulk through splice(2) (balancer/splice.py): the pump takes over past 1 MiB one way, and
-integrity, backpressure, half-close, resets and byte counters stay as on the normal path.
+"""Bulk through splice(2) (balancer/splice.py): the pump takes over past 1 MiB one way (on a
+bulk-sized chunk), and integrity, backpressure, half-close, resets and byte counters stay as
+on the normal path.
 
 The pump is on by default (`splice_auto`), so the other data-path tests (tests/test_proxy.py:
 64 MiB each way, 1 GiB to a slow reader either way, half-closes after megabytes) run through
@@ -105,6 +106,29 @@ async def test_short_exchanges_are_never_spliced(start_backend, start_balancer):
         writer.write(block)
         assert await asyncio.wait_for(reader.readexactly(len(block)), 10) == block
     assert pipes(balancer.pid) == baseline
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_small_messages_stay_past_the_threshold_until_bulk_comes(start_backend,
+                                                                       start_balancer):
+    # A long-lived connection of small messages (a redis client's) passes 1 MiB too; for it
+    # the pump would cost more than the copies it saves, so only a bulk-sized chunk moves it.
+    echo = start_backend("echo")
+    balancer = start_balancer(make_config([echo.address]))
+    baseline = pipes(balancer.pid)
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    message = b"m" * 4096
+    for _ in range(SPLICE_AFTER // len(message) + 64):  # 1.25 MiB each way, one at a time
+        writer.write(message)
+        assert await asyncio.wait_for(reader.readexactly(len(message)), 10) == message
+    assert pipes(balancer.pid) == baseline
+    block = os.urandom(MiB)  # now bulk: both directions move to pumps
+    writer.write(block)
+    assert await asyncio.wait_for(reader.readexactly(len(block)), 10) == block
+    await eventually(lambda: pipes(balancer.pid) >= baseline + 4, timeout=10)
+    writer.write(block)  # and the bytes still flow through them
+    assert await asyncio.wait_for(reader.readexactly(len(block)), 10) == block
     writer.close()
     await writer.wait_closed()
 
