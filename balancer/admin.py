@@ -32,7 +32,7 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -83,11 +83,14 @@ class AdminServer:
         balancer: Balancer,
         settings: MetricsConfig,
         render_metrics: Callable[[], bytes] | None = None,
+        before_scrape: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.balancer = balancer
         self.settings = settings
         self.token = settings.admin_token
         self.render_metrics = render_metrics or generate_latest
+        # Awaited before a /metrics answer is rendered (the primary: the workers' flushes).
+        self.before_scrape = before_scrape
         self.server: asyncio.Server | None = None
         # The last minutes of every server, sampled each second while this endpoint runs.
         self.history = History(lambda: readings(self.balancer))
@@ -122,7 +125,7 @@ class AdminServer:
         a new one, already listening (AdminBindError: this one keeps serving, untouched)."""
         if settings.bind == self.settings.bind:
             return self
-        new = AdminServer(self.balancer, settings, self.render_metrics)
+        new = AdminServer(self.balancer, settings, self.render_metrics, self.before_scrape)
         await new.start()
         return new
 
@@ -154,6 +157,8 @@ class AdminServer:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
             head_only = head.startswith(b"HEAD ")
+            if self.before_scrape is not None and _target(head) == b"/metrics":
+                await self.before_scrape()
             status, content_type, body = self.respond(head, writer.get_extra_info("sockname"))
         except asyncio.LimitOverrunError:
             status, content_type, body = _text(431, f"request head over {MAX_REQUEST_HEAD} "
@@ -252,6 +257,12 @@ class AdminServer:
         else:
             code, body = apps.rollout(upstream)
         return code, "application/json", json.dumps(body).encode()
+
+
+def _target(head: bytes) -> bytes:
+    """The path a request head asks for (undecoded, without the query)."""
+    parts = head.split(b" ", 2)
+    return parts[1].partition(b"?")[0] if len(parts) > 2 else b""
 
 
 def _text(status: int, text: str) -> Response:

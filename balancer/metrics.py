@@ -1,11 +1,15 @@
 """Every Prometheus metric the balancer exports, defined in one place, and the sink that
 feeds them from connection events.
 
-Cost rules: nothing here runs per chunk. Labelled children are bound once per
-(listener, server) pair and reused; byte counters are brought up to date once a second for
-open connections and once more when a connection closes, so long transfers show progress
-without any work on the byte path. Works unchanged in prometheus-client's multiprocess mode
-(gauges declare how to combine workers).
+Cost rules: nothing here runs per chunk, and nothing of prometheus-client runs per
+connection. Each (listener, server) pair has its plain counts (`_Children`), bumped by the
+connection events; `flush()` adds them to the prometheus-client objects once a second
+(`FLUSH_INTERVAL`), at stop, and right before every scrape, so a scrape is exact at scrape
+time (with workers the primary asks every worker to flush first, proc/). Byte counts of
+open connections are brought up to date by the same flush, so long transfers show progress
+without any work on the byte path. The histograms are plain bucket counts rendered at scrape
+time (histogram.py). Works in prometheus-client's multiprocess mode (gauges declare how to
+combine workers).
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .events import ConnectionEvents
 from .health import FAILURE_REASONS
+from .histogram import HistogramChild, PlainHistogram
 from .stats import ListenerStats, ServerStats
 
 if TYPE_CHECKING:
@@ -36,7 +41,7 @@ NO_SERVER: Final = "no_server"
 ReloadResult = Literal["success", "failure"]
 
 SNI_REJECTIONS = ("not_tls", "timeout", "no_route")
-FLUSH_INTERVAL = 1.0  # seconds between byte-counter updates for open connections
+FLUSH_INTERVAL = 1.0  # seconds between two flushes of the plain counts (and open bytes)
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
@@ -64,10 +69,10 @@ class Metrics:
         self.bytes = Counter(
             "balancer_bytes", "Bytes proxied; direction upstream is client to server.",
             ["upstream", "server", "direction"], **kw)
-        self.connect_seconds = Histogram(
+        self.connect_seconds = PlainHistogram(
             "balancer_upstream_connect_seconds", "Time to connect to a server.",
             ["upstream", "server"], buckets=CONNECT_BUCKETS, **kw)
-        self.duration = Histogram(
+        self.duration = PlainHistogram(
             "balancer_connection_duration_seconds", "Lifetime of client connections.",
             ["upstream"], buckets=DURATION_BUCKETS, **kw)
         self.server_up = Gauge(
@@ -87,7 +92,7 @@ class Metrics:
             "balancer_tls_handshake_errors", "Client TLS handshakes that failed on a "
             "terminating listener (bad bytes, old version, no shared cipher, timeout).",
             ["listener"], **kw)
-        self.tls_handshake_seconds = Histogram(
+        self.tls_handshake_seconds = PlainHistogram(
             "balancer_tls_handshake_seconds", "Time from accept to a completed client TLS "
             "handshake.", ["listener"], buckets=HANDSHAKE_BUCKETS, **kw)
         self.sni_rejected = Counter(
@@ -102,6 +107,7 @@ class Metrics:
             "balancer_config_reloads", "Configuration reloads by result.", ["result"], **kw)
         for result in get_args(ReloadResult):
             self.config_reloads.labels(result)
+        self.histograms = (self.connect_seconds, self.duration, self.tls_handshake_seconds)
 
 
 _process_metrics: Metrics | None = None
@@ -156,10 +162,12 @@ def reject_reload(log: logging.Logger, problems: Iterable[str]) -> bool:
 
 
 class _Children:
-    """The labelled children one (listener, server) pair needs, bound once."""
+    """The labelled children one (listener, server) pair needs, bound once, and the counts
+    the connection events made since the last flush (plain ints: no lock, no call)."""
 
-    __slots__ = ("active", "bytes_down", "bytes_up", "connect", "connections", "duration",
-                 "listener", "pool_hit", "pool_miss", "stats")
+    __slots__ = ("active", "bytes_down", "bytes_up", "connect", "connections", "down",
+                 "duration", "hits", "listener", "misses", "new", "open", "pool_hit",
+                 "pool_miss", "stats", "up")
 
     def __init__(self, metrics: Metrics, listener: str, upstream: str, server: str,
                  stats: ServerStats, listener_stats: ListenerStats) -> None:
@@ -167,12 +175,36 @@ class _Children:
         self.listener = listener_stats
         self.connections = metrics.connections.labels(listener, upstream, server)
         self.active = metrics.active.labels(listener, upstream, server)
-        self.connect = metrics.connect_seconds.labels(upstream, server)
-        self.duration = metrics.duration.labels(upstream)
+        self.connect: HistogramChild = metrics.connect_seconds.labels(upstream, server)
+        self.duration: HistogramChild = metrics.duration.labels(upstream)
         self.bytes_up = metrics.bytes.labels(upstream, server, "upstream")
         self.bytes_down = metrics.bytes.labels(upstream, server, "downstream")
         self.pool_hit = metrics.pool_requests.labels(upstream, server, "hit")
         self.pool_miss = metrics.pool_requests.labels(upstream, server, "miss")
+        # Since the last flush: connections paired, opened minus closed, pool hits and
+        # misses, bytes each way.
+        self.new = self.open = self.hits = self.misses = self.up = self.down = 0
+
+    def flush(self) -> None:
+        """Add the counts since the last flush to the prometheus-client children."""
+        if self.new:
+            self.connections.inc(self.new)
+            self.new = 0
+        if self.open:
+            self.active.inc(self.open)
+            self.open = 0
+        if self.hits:
+            self.pool_hit.inc(self.hits)
+            self.hits = 0
+        if self.misses:
+            self.pool_miss.inc(self.misses)
+            self.misses = 0
+        if self.up:
+            self.bytes_up.inc(self.up)
+            self.up = 0
+        if self.down:
+            self.bytes_down.inc(self.down)
+            self.down = 0
 
 
 class MetricsEvents(ConnectionEvents):
@@ -252,8 +284,8 @@ class MetricsEvents(ConnectionEvents):
         self._leaving.discard(server)
         upstream, key = server.upstream_name, server.key
         listeners = [pair[0] for pair in self._children if pair[1] is server]
-        for listener in listeners:
-            del self._children[(listener, server)]
+        for listener in listeners:  # their counts first: a server that came back shows them
+            self._children.pop((listener, server)).flush()
         if self._watched.get((upstream, key)) not in (server, None):
             return  # it came back (a new Server for the same address) and shows again
         self._watched.pop((upstream, key), None)
@@ -306,9 +338,16 @@ class MetricsEvents(ConnectionEvents):
         self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._tick)
 
     def flush(self) -> None:
-        """Add the bytes open connections moved since the last flush."""
-        for conn, (up, down, children) in list(self._counted.items()):
+        """Bring the prometheus-client objects up to date: the bytes open connections moved
+        since the last flush, then every pair's counts since then."""
+        counted = self._counted
+        for conn, (up, down, children) in list(counted.items()):
             self._count_bytes(conn, up, down, children)
+            counted[conn] = (conn.bytes_up, conn.bytes_down, children)
+        for children in self._children.values():
+            children.flush()
+        for histogram in self.metrics.histograms:
+            histogram.flush()
 
     def listener(self, name: str) -> ListenerStats:
         stats = self.listeners.get(name)
@@ -316,15 +355,17 @@ class MetricsEvents(ConnectionEvents):
             stats = self.listeners[name] = ListenerStats()
         return stats
 
-    def _count_bytes(self, conn: ClientConnection, up: int, down: int,
-                     children: _Children) -> None:
-        if conn.bytes_up > up:
-            children.bytes_up.inc(conn.bytes_up - up)
-            children.stats.bytes_in += conn.bytes_up - up
-        if conn.bytes_down > down:
-            children.bytes_down.inc(conn.bytes_down - down)
-            children.stats.bytes_out += conn.bytes_down - down
-        self._counted[conn] = (conn.bytes_up, conn.bytes_down, children)
+    @staticmethod
+    def _count_bytes(conn: ClientConnection, up: int, down: int, children: _Children) -> None:
+        """Count what `conn` moved beyond `up` and `down` bytes (already counted)."""
+        moved = conn.bytes_up - up
+        if moved:
+            children.up += moved
+            children.stats.bytes_in += moved
+        moved = conn.bytes_down - down
+        if moved:
+            children.down += moved
+            children.stats.bytes_out += moved
 
     def _children_for(self, conn: ClientConnection, server: Server) -> _Children:
         key = (conn.route.listener_name, server)
@@ -341,19 +382,19 @@ class MetricsEvents(ConnectionEvents):
         server = conn.server
         assert server is not None
         children = self._children_for(conn, server)
-        children.connections.inc()
-        children.active.inc()
+        children.new += 1
+        children.open += 1
         stats = children.stats
         stats.connections += 1
         children.listener.connections += 1
         if pooled:
-            children.pool_hit.inc()
+            children.hits += 1
         else:
             children.connect.observe(connect_seconds)
             stats.connect_us += int(connect_seconds * 1_000_000)
             stats.connect_count += 1
             if server.pool is not None:
-                children.pool_miss.inc()
+                children.misses += 1
         self._counted[conn] = (0, 0, children)
 
     def connect_failed(self, conn: ClientConnection, server: Server,
@@ -383,8 +424,7 @@ class MetricsEvents(ConnectionEvents):
         if counted is not None:
             up, down, children = counted
             self._count_bytes(conn, up, down, children)
-            del self._counted[conn]
-            children.active.dec()
+            children.open -= 1
             children.duration.observe(conn.clock() - conn.started)
         elif conn.outcome == NO_SERVER:
             self.metrics.errors.labels(conn.route.upstream.name, "", NO_SERVER).inc()

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from prometheus_client import generate_latest
+
 from .accesslog import AccessLog
 from .admin import AdminBindError, AdminServer
 from .config import (
@@ -336,7 +338,7 @@ class Balancer:
             for cfg in self.config.listeners:
                 await self._open_listener(cfg)
             if self.config.metrics is not None and self.serve_admin:
-                self.admin = AdminServer(self, self.config.metrics)
+                self.admin = AdminServer(self, self.config.metrics, self.render_metrics)
                 await self.admin.start()
         except OSError:
             for listener in self.listeners:
@@ -398,6 +400,16 @@ class Balancer:
             for server in upstream.servers:
                 if server.pool is not None and server.pool.on_change is None:
                     self.metrics_events.watch_pool(server.pool)
+
+    def flush_metrics(self) -> None:
+        """Bring the Prometheus objects up to date with the plain counts (metrics.py)."""
+        if self.metrics_events is not None:
+            self.metrics_events.flush()
+
+    def render_metrics(self) -> bytes:
+        """/metrics of one process: exact at scrape time."""
+        self.flush_metrics()
+        return generate_latest()
 
     def listener_totals(self, name: str) -> tuple[int, ...]:
         """A listener's running totals, in proc/shared.py LISTENER_COUNTERS order."""

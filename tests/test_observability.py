@@ -608,3 +608,30 @@ async def test_a_removed_servers_label_sets_go_once_its_connections_have_ended(
         for writer in held:
             writer.close()
     await wait_until(lambda: scrape(port), lambda s: servers_in(s) == {a.address})
+
+
+async def test_a_server_back_before_its_last_connection_ends_keeps_that_connections_counts(
+        start_backend, start_balancer):
+    """Removed by a reload, then back (a new server for the same address) while a
+    connection to the old one still runs: when that connection ends, the old server's label
+    sets stay (the new one shows under them), and so must what it counted last: its close
+    (active back to 0) and its bytes, kept as plain counts until the next flush."""
+    a, b = start_backend("echo", "a"), start_backend("echo", "b")
+    config = with_metrics(make_config([a.address, b.address], "least_conn"))
+    balancer = start_balancer(config)
+    port = admin_port(balancer)
+    held = await hold_echo_connections(balancer.port, 2)  # one on each server
+    samples = await scrape(port)
+    assert total(samples, "balancer_active_connections", server=a.address) == 1
+    config["upstreams"]["app"]["servers"] = [b.address]
+    reload(balancer, config)
+    config["upstreams"]["app"]["servers"] = [a.address, b.address]
+    reload(balancer, config)
+    for writer in held:
+        writer.close()
+    # Both closes seen (the duration histogram is the upstream's: it stays whatever goes).
+    samples = await wait_until(lambda: scrape(port), lambda s: total(
+        s, "balancer_connection_duration_seconds_count") == 2)
+    assert total(samples, "balancer_active_connections", server=a.address) == 0
+    assert total(samples, "balancer_connections_total", server=a.address) == 1
+    assert total(samples, "balancer_bytes_total", server=a.address, direction="upstream") == 1

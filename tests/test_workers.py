@@ -197,6 +197,30 @@ async def test_metrics_and_status_aggregate_all_workers(start_backend, start_bal
         writer.close()
 
 
+async def test_a_stopping_workers_last_counts_reach_metrics(start_backend, start_balancer):
+    """A worker keeps its counts in plain ints until the next flush (once a second, or when
+    the primary asks before a scrape); one that stops flushes them as it exits, so nothing
+    it counted is lost to a restart, a replacement or a scale-down."""
+    echo = start_backend("echo")
+    balancer = start_workers(start_balancer, with_metrics(make_config([echo.address])))
+    port = admin_port(balancer)
+    for _ in range(10):
+        assert await echo_round_trip(balancer.port, b"12345")
+    for pid in worker_pids(balancer):  # at once: no scrape, and no flush tick, in between
+        os.kill(pid, signal.SIGTERM)
+    await eventually(lambda: sum("exited with status 0" in x for x in list(balancer.lines))
+                     == 2, timeout=20)
+    await eventually(lambda: sum(" started (pid" in x for x in list(balancer.lines)) == 4,
+                     timeout=20)
+    samples = await scrape(port)
+    assert total(samples, "balancer_connections_total") == 10
+    assert total(samples, "balancer_bytes_total", direction="upstream") == 50
+    assert total(samples, "balancer_bytes_total", direction="downstream") == 50
+    assert total(samples, "balancer_connection_duration_seconds_count") == 10
+    assert total(samples, "balancer_upstream_connect_seconds_count") == 10
+    assert total(samples, "balancer_active_connections") == 0
+
+
 async def test_reload_under_load_drops_nothing(start_backend, start_balancer, tmp_path):
     a, b = start_backend("echo", "a"), start_backend("echo", "b")
     base = with_metrics(make_config([a.address]))

@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ..config import Address, Config, ListenerConfig
+from ..histogram import from_counters
 from ..upstream import Server, Upstream
 from .shared import COUNTERS, SYNC_INTERVAL, SharedCell, SharedTable
 
@@ -171,12 +172,25 @@ def render_cluster_metrics(path: str | None = None,
     primary's own process metrics. With `rows` (the shared table's `upstream/host:port`
     keys), a server without a row is left out: it was removed and its last connection has
     ended (multiprocess mode cannot remove a worker's label sets, so they are filtered here:
-    with servers coming and going they would pile up without end)."""
+    with servers coming and going they would pile up without end). The histograms arrive as
+    counter pairs and leave as histograms (histogram.py)."""
     registry = CollectorRegistry()
-    collector = ClusterCollector(None, path)
-    registry.register(collector if rows is None else _KnownServers(collector, rows))
+    collector: Collector = ClusterCollector(None, path)
+    if rows is not None:
+        collector = _KnownServers(collector, rows)
+    registry.register(_Histograms(collector))
     ProcessCollector(registry=registry)
     return generate_latest(registry)
+
+
+class _Histograms(Collector):
+    """The samples of `inner`, with the workers' histogram counter pairs made histograms."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterable[Metric]:
+        return from_counters(self.inner.collect())
 
 
 class _KnownServers(Collector):

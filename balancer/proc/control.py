@@ -47,6 +47,9 @@ class Channel:
         self._fds: deque[int] = deque()  # received, not yet claimed by a frame
         self._broken = False  # a send was cut short: the stream is out of step
         self._eof = False
+        # One frame at a time: a send may wait half-way (a big config, fds), and another
+        # task's frame (a metrics flush) must not land inside it.
+        self._sending = asyncio.Lock()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -54,6 +57,10 @@ class Channel:
     async def send(self, message: Message, fds: list[int] | None = None) -> None:
         """Send one frame. Raises ChannelClosed if the other side is gone; a send that is
         cancelled half-way leaves the channel unusable (every later send raises)."""
+        async with self._sending:
+            await self._send(message, fds)
+
+    async def _send(self, message: Message, fds: list[int] | None) -> None:
         if self._broken:
             raise ChannelClosed("the channel broke during an earlier send")
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)

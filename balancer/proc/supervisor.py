@@ -65,6 +65,9 @@ STABLE_RUN = 30.0  # a worker that served this long before it died restarts at o
 READY_TIMEOUT = 15.0
 EXIT_GRACE = 5.0  # for a worker that closed its channel before it was ready to exit
 REPLY_TIMEOUT = 15.0  # for a worker to apply a reload; past it, the worker is replaced
+# For the workers to flush their metrics before a scrape; one that has not answered by then
+# shows what it flushed last (at most FLUSH_INTERVAL, a second, old).
+FLUSH_TIMEOUT = 0.5
 SHARED_ROWS = 16384  # servers the shared table can hold (pages never touched cost nothing)
 ROW_SWEEP_INTERVAL = 1.0  # seconds between looks for rows to free
 STATE_PREFIX = "balancer-"  # + the primary's pid + a random part, in the temp folder
@@ -123,6 +126,7 @@ class WorkerProcess:
     ready_at: float = 0.0  # monotonic time it said "ready"
     hung: bool = False  # killed because its heartbeat stopped
     stop_sent: bool = False  # a second SIGTERM would close its connections at once
+    flushes: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # asked, by id
 
     def stop(self) -> None:
         """Ask it to stop accepting and drain (once)."""
@@ -159,6 +163,7 @@ class Supervisor:
         self.stopping = False
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_ids = 0
         from .shared import SharedTable
 
         self.table = SharedTable(state_dir / "shared", SHARED_ROWS, len(self.free_columns),
@@ -374,11 +379,41 @@ class Supervisor:
         except ChannelClosed:
             asyncio.get_running_loop().remove_reader(worker.control.fileno())
             worker.replies.put_nowait({"kind": "closed"})
+            for waiter in worker.flushes.values():
+                if not waiter.done():
+                    waiter.set_result(None)
             return
         for message, fds in frames:
             for fd in fds:
                 os.close(fd)
+            if message["kind"] == "flushed":  # not an exchange's answer: whoever asked
+                asker = worker.flushes.get(message["id"])
+                if asker is not None and not asker.done():
+                    asker.set_result(None)
+                continue
             worker.replies.put_nowait(message)
+
+    async def flush_workers(self) -> None:
+        """Before a scrape: every serving worker adds its plain counts to its metrics files
+        (metrics.py), so that /metrics is exact at scrape time; waits FLUSH_TIMEOUT at most.
+        A worker that is stopping no longer reads its channel: it flushes as it exits."""
+        loop = asyncio.get_running_loop()
+        self._flush_ids += 1
+        number = self._flush_ids
+        asked = [w for w in [*self.workers.values(), *self.retired] if not w.stop_sent]
+        try:
+            for worker in asked:
+                worker.flushes[number] = loop.create_future()
+                with contextlib.suppress(ChannelClosed):  # gone: nothing more to flush
+                    await worker.control.send({"kind": "flush", "id": number})
+                    continue
+                worker.flushes[number].set_result(None)
+            waiting = [worker.flushes[number] for worker in asked]
+            if waiting:
+                await asyncio.wait(waiting, timeout=FLUSH_TIMEOUT)
+        finally:
+            for worker in asked:
+                worker.flushes.pop(number, None)
 
     async def _kill(self, worker: WorkerProcess) -> int:
         with contextlib.suppress(ProcessLookupError):
@@ -796,7 +831,8 @@ class Supervisor:
         self.view.start()
         if self.config.metrics is not None:
             self.admin = AdminServer(self.view, self.config.metrics,
-                                     render_metrics=partial(render_cluster_metrics, rows=self.rows))
+                                     render_metrics=partial(render_cluster_metrics, rows=self.rows),
+                                     before_scrape=self.flush_workers)
             await self.admin.start()
 
 

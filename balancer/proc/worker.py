@@ -70,6 +70,7 @@ class Worker:
         self.sockets = listener_sockets(start["listeners"], fds)
         self._reloads: asyncio.Queue[tuple[Message, list[int]]] = asyncio.Queue()
         self._heartbeat: asyncio.TimerHandle | None = None
+        self._answers: set[asyncio.Task[None]] = set()  # "flushed" on its way to the primary
 
     def cell_for(self, key: str) -> Any:
         row = self.rows.get(key)
@@ -125,9 +126,20 @@ class Worker:
         for message, fds in frames:
             if message["kind"] == "reload":
                 self._reloads.put_nowait((message, fds))
+            elif message["kind"] == "flush":  # a scrape is about to read our metrics files
+                self.balancer.flush_metrics()
+                task = asyncio.get_running_loop().create_task(self._flushed(message["id"]))
+                self._answers.add(task)
+                task.add_done_callback(self._answers.discard)
             else:
                 for fd in fds:
                     os.close(fd)
+
+    async def _flushed(self, number: int) -> None:
+        try:
+            await self.control.send({"kind": "flushed", "id": number})
+        except ChannelClosed as exc:
+            self._primary_gone(exc)
 
     def _primary_gone(self, why: ChannelClosed) -> None:
         """The channel to the primary is gone (or broken): finish what we have and leave;
