@@ -60,11 +60,36 @@ class ConnectionEvents:
         """An SNI listener closed a client: `not_tls`, `timeout` or `no_route`."""
 
 
+EVENTS = ("connected", "connect_failed", "retried", "closed", "tls_handshake",
+          "tls_handshake_failed", "sni_rejected")
+
+
 class FanOutEvents(ConnectionEvents):
-    """Passes every event to several sinks, in order."""
+    """Passes every event to several sinks, in order (change them with `add`/`remove`).
+
+    With one sink (the metrics, in most deployments) its methods are bound onto this
+    object, so an event is one call, not two: the connection path reports twice per
+    connection."""
 
     def __init__(self, sinks: list[ConnectionEvents]) -> None:
-        self.sinks = sinks
+        self.sinks: list[ConnectionEvents] = []
+        for sink in sinks:
+            self.add(sink)
+
+    def add(self, sink: ConnectionEvents) -> None:
+        self.sinks.append(sink)
+        self._rebind()
+
+    def remove(self, sink: ConnectionEvents) -> None:
+        self.sinks.remove(sink)
+        self._rebind()
+
+    def _rebind(self) -> None:
+        for name in EVENTS:
+            if len(self.sinks) == 1:
+                setattr(self, name, getattr(self.sinks[0], name))
+            else:
+                self.__dict__.pop(name, None)  # the loops below
 
     def connected(self, conn: ClientConnection, connect_seconds: float, pooled: bool) -> None:
         for sink in self.sinks:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
@@ -187,24 +188,16 @@ class _Children:
 
     def flush(self) -> None:
         """Add the counts since the last flush to the prometheus-client children."""
-        if self.new:
-            self.connections.inc(self.new)
-            self.new = 0
-        if self.open:
-            self.active.inc(self.open)
-            self.open = 0
-        if self.hits:
-            self.pool_hit.inc(self.hits)
-            self.hits = 0
-        if self.misses:
-            self.pool_miss.inc(self.misses)
-            self.misses = 0
-        if self.up:
-            self.bytes_up.inc(self.up)
-            self.up = 0
-        if self.down:
-            self.bytes_down.inc(self.down)
-            self.down = 0
+        for pending, child in _PENDING:
+            count = getattr(self, pending)
+            if count:
+                getattr(self, child).inc(count)  # the active gauge's may be negative
+                setattr(self, pending, 0)
+
+
+# _Children's counts since the last flush, and the child each one goes to.
+_PENDING = (("new", "connections"), ("open", "active"), ("hits", "pool_hit"),
+            ("misses", "pool_miss"), ("up", "bytes_up"), ("down", "bytes_down"))
 
 
 class MetricsEvents(ConnectionEvents):
@@ -367,21 +360,22 @@ class MetricsEvents(ConnectionEvents):
             children.down += moved
             children.stats.bytes_out += moved
 
-    def _children_for(self, conn: ClientConnection, server: Server) -> _Children:
-        key = (conn.route.listener_name, server)
-        children = self._children.get(key)
-        if children is None:
-            children = _Children(self.metrics, conn.route.listener_name, server.upstream_name,
-                                 server.key, server.stats, self.listener(key[0]))
-            self._children[key] = children
+    def _new_children(self, key: tuple[str, Server]) -> _Children:
+        listener, server = key
+        children = _Children(self.metrics, listener, server.upstream_name, server.key,
+                             server.stats, self.listener(listener))
+        self._children[key] = children
         return children
 
     # -- events -----------------------------------------------------------------------------
+    # `connected` and `closed` run for every connection: a lookup, plain additions, and the
+    # histograms' observe written out (bisect as in HistogramChild.observe): no call of ours.
 
     def connected(self, conn: ClientConnection, connect_seconds: float, pooled: bool) -> None:
         server = conn.server
         assert server is not None
-        children = self._children_for(conn, server)
+        key = (conn.route.listener_name, server)
+        children = self._children.get(key) or self._new_children(key)
         children.new += 1
         children.open += 1
         stats = children.stats
@@ -390,7 +384,9 @@ class MetricsEvents(ConnectionEvents):
         if pooled:
             children.hits += 1
         else:
-            children.connect.observe(connect_seconds)
+            histogram = children.connect
+            histogram.counts[bisect_left(histogram.bounds, connect_seconds)] += 1
+            histogram.sum += connect_seconds
             stats.connect_us += int(connect_seconds * 1_000_000)
             stats.connect_count += 1
             if server.pool is not None:
@@ -423,9 +419,19 @@ class MetricsEvents(ConnectionEvents):
         counted = self._counted.pop(conn, None)
         if counted is not None:
             up, down, children = counted
-            self._count_bytes(conn, up, down, children)
+            moved = conn.bytes_up - up  # _count_bytes written out
+            if moved:
+                children.up += moved
+                children.stats.bytes_in += moved
+            moved = conn.bytes_down - down
+            if moved:
+                children.down += moved
+                children.stats.bytes_out += moved
             children.open -= 1
-            children.duration.observe(conn.clock() - conn.started)
+            lifetime = conn.clock() - conn.started
+            histogram = children.duration
+            histogram.counts[bisect_left(histogram.bounds, lifetime)] += 1
+            histogram.sum += lifetime
         elif conn.outcome == NO_SERVER:
             self.metrics.errors.labels(conn.route.upstream.name, "", NO_SERVER).inc()
         server = conn.server

@@ -373,7 +373,7 @@ class Balancer:
             self.metrics_events = MetricsEvents(process_metrics())
             for upstream in self.upstreams.values():
                 self.metrics_events.watch_upstream(upstream)
-            self.events.sinks.append(self.metrics_events)
+            self.events.add(self.metrics_events)
             rejected = self.metrics_events.metrics.rejected
             stats = self.metrics_events.listener
 
@@ -385,7 +385,7 @@ class Balancer:
             self.rejections.on_reject = on_reject
         if self.config.log.access is not None:
             self.access_log = AccessLog(self.config.log)
-            self.events.sinks.append(self.access_log)
+            self.events.add(self.access_log)
 
     def _count_rejections(self, cfg: ListenerConfig) -> None:
         """Export every rejection reason of a listener with rules, from 0."""
@@ -550,12 +550,12 @@ class Balancer:
         """A reload changed `log`: the access log follows at once (for connections that end
         from now on)."""
         if self.access_log is not None:
-            self.events.sinks.remove(self.access_log)
+            self.events.remove(self.access_log)
             self.access_log.close()
             self.access_log = None
         if config.access is not None:
             self.access_log = AccessLog(config)
-            self.events.sinks.append(self.access_log)
+            self.events.add(self.access_log)
 
     def _end_leftovers(self, gone: set[Server], retiring: list[Listener]) -> None:
         """`shutdown_timeout` after a reload: close what still runs through a listener or to
@@ -623,7 +623,7 @@ class Balancer:
             timeout = self.config.shutdown_timeout
         self._stopping = True
         # Only now: until a stop, a connection's end has no one to tell (one call less each).
-        self.events.sinks.append(_DrainWatch(self))
+        self.events.add(_DrainWatch(self))
         for listener in self.listeners:
             listener.stop_accepting()
         for upstream in self.upstreams.values():

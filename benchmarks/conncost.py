@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 
 from . import conntrack
-from .__main__ import _export
-from .features import VARIANTS, config_for
+from .features import VARIANTS, config_for, revisions
 from .procs import CPU_PROXY, Supervisor, free_port, wait_port
-from .proxies import REPO, start_nginx_backend
+from .proxies import start_nginx_backend
 
 # The balancer's CLI, with cProfile switched on and off from outside (run with -c, so that
 # an exported revision's `balancer/` in the working directory is the one imported).
@@ -148,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown {bad}")
     workdir = Path(tempfile.mkdtemp(prefix="balancer-conncost-"))
     sup = Supervisor(workdir)
-    head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                          capture_output=True, text=True, check=False).stdout.strip()
-    sources = {f"tree ({head})": REPO, **{rev: _export(rev, workdir) for rev in args.against}}
+    sources = revisions(args.against, workdir)
     rows = [(rev, variant) for rev in sources for variant in variants]
     results: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     with conntrack.loopback_untracked(args.notrack) as tracking:

@@ -91,6 +91,14 @@ def balancer_cpu(sup: Supervisor, workdir: Path, name: str, config_text: str, po
         sup.stop(proc)
 
 
+def revisions(against: list[str], workdir: Path) -> dict[str, Path]:
+    """Where each row's `balancer/` is: the working tree ("tree (git describe)"), then each
+    `--against` revision's, unpacked into `workdir`."""
+    head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    return {f"tree ({head})": REPO, **{rev: _export(rev, workdir) for rev in against}}
+
+
 def one_run(sup: Supervisor, workdir: Path, source: Path, variant: str, test: str,
             backends: list[int], duration: float, run_id: str) -> dict[str, float]:
     """The balancer's CPU µs per request of one fresh balancer, and the load average."""
@@ -119,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown {bad}; variants: {','.join(VARIANTS)}; tests: conn,keepalive")
     workdir = Path(tempfile.mkdtemp(prefix="balancer-features-"))
     sup = Supervisor(workdir)
-    head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                          capture_output=True, text=True, check=False).stdout.strip()
-    sources = {f"tree ({head})": REPO, **{rev: _export(rev, workdir) for rev in args.against}}
+    sources = revisions(args.against, workdir)
     rows = [(rev, variant) for rev in sources for variant in variants]
     figures: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     with conntrack.loopback_untracked(args.notrack) as tracking:
