@@ -220,6 +220,10 @@ class MetricsEvents(ConnectionEvents):
         self._leaving: set[Server] = set()
         self._forgets = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
         self._sources: dict[tuple[str, str], str] = {}  # shown in balancer_server_info
+        # Pools whose idle count changed since the last flush, and their gauges: a pool
+        # changes twice per pooled connection (taken, refilled), a set.add each.
+        self._pool_gauges: dict[ServerPool, Any] = {}
+        self._pools_changed: set[ServerPool] = set()
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -276,6 +280,8 @@ class MetricsEvents(ConnectionEvents):
     def _forget(self, server: Server) -> None:
         self._leaving.discard(server)
         upstream, key = server.upstream_name, server.key
+        if server.pool is not None:
+            self._pool_gauges.pop(server.pool, None)
         listeners = [pair[0] for pair in self._children if pair[1] is server]
         for listener in listeners:  # their counts first: a server that came back shows them
             self._children.pop((listener, server)).flush()
@@ -310,9 +316,11 @@ class MetricsEvents(ConnectionEvents):
         """Export a pool's idle count, and count its failed connects with the clients': a
         server that refuses only pool connects still shows in the errors (as in /status
         `failures`, which counts both)."""
-        gauge = self.metrics.pool_idle.labels(pool.server.upstream_name, pool.server.key)
+        self._pool_gauges[pool] = self.metrics.pool_idle.labels(pool.server.upstream_name,
+                                                                 pool.server.key)
         errors = self.metrics.errors
-        pool.on_change = lambda p: gauge.set(len(p.idle))
+        pool.on_change = self._pools_changed.add
+        self._pools_changed.add(pool)
         pool.on_connect_failed = lambda p, reason: errors.labels(
             p.server.upstream_name, p.server.key, reason).inc()
 
@@ -339,6 +347,11 @@ class MetricsEvents(ConnectionEvents):
             counted[conn] = (conn.bytes_up, conn.bytes_down, children)
         for children in self._children.values():
             children.flush()
+        changed = list(self._pools_changed)
+        self._pools_changed.clear()  # (the pools hold its `add`: the same set stays)
+        for pool in changed:
+            if pool in self._pool_gauges:
+                self._pool_gauges[pool].set(len(pool.idle))
         for histogram in self.metrics.histograms:
             histogram.flush()
 

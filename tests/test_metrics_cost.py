@@ -110,18 +110,26 @@ def prometheus_calls_from(names: set[str], counts: list[int]) -> Any:
     return hook
 
 
-async def test_a_connection_makes_no_prometheus_client_call(start_backend):
+@pytest.mark.parametrize("pool", [None, {"size": 2}])
+async def test_a_connection_makes_no_prometheus_client_call(start_backend, pool):
     """The connection events bump plain ints: before, every connection made nine locked
     value updates (connections, active up and down, two histogram observes of two each,
-    bytes both ways) through about thirty prometheus-client calls."""
+    bytes both ways) through about thirty prometheus-client calls, and with a pool two
+    gauge sets more (the pooled connection taken, then replaced)."""
     echo = start_backend("echo")
-    config = parse_config(with_metrics(make_config([echo.address])))
+    raw = with_metrics(make_config([echo.address])) if pool is None else \
+        with_metrics(make_config([echo.address], pool=pool))
+    config = parse_config(raw)
     balancer = Balancer(config, serve_admin=False)
     await balancer.start()
     counts = [0]
+    # This process's metrics outlive one test (one registry): the upstream's histogram too.
+    duration = ("connection_duration_seconds_count", (("upstream", "app"),))
+    before = samples_of(balancer.render_metrics().decode(), "balancer_").get(duration, 0)
     try:
         port = balancer.listeners[0].address()[1]
-        sys.setprofile(prometheus_calls_from({"connected", "closed", "_count_bytes"}, counts))
+        sys.setprofile(prometheus_calls_from({"connected", "closed", "_count_bytes",
+                                              "<lambda>"}, counts))
         try:
             for i in range(20):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -147,9 +155,18 @@ async def test_a_connection_makes_no_prometheus_client_call(start_backend):
         key = (("listener", "test"), ("server", echo.address), ("upstream", "app"))
         assert found[("connections_total", key)] == 20
         assert found[("active_connections", key)] == 0
-        assert found[("connection_duration_seconds_count", (("upstream", "app"),))] == 20
-        assert found[("upstream_connect_seconds_count", key[1:])] == 20
+        assert found[duration] - before == 20
         assert found[("bytes_total", (("direction", "upstream"), *key[1:]))] == 50
+        connects = found[("upstream_connect_seconds_count", key[1:])]
+        if pool is None:
+            assert connects == 20
+        else:
+            hits = found[("pool_requests_total", (("result", "hit"), *key[1:]))]
+            misses = found[("pool_requests_total", (("result", "miss"), *key[1:]))]
+            assert hits > 0 and hits + misses == 20 and connects == misses
+            idle = balancer.upstreams["app"].servers[0].pool
+            assert idle is not None
+            assert found[("pool_idle_connections", key[1:])] == len(idle.idle)
     finally:
         await balancer.shutdown(timeout=1)
 
