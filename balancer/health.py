@@ -171,6 +171,13 @@ class ServerHealth:
             self._eject(now, f"trial connection failed ({reason})", quiet=self.adopted)
             return
         if self.state == DOWN:
+            if now < self.down_until:
+                return  # a connect begun before the ejection: it says nothing new
+            # Its ejection is over but nothing asked since (`available()` would have made it
+            # half-open): a failure now is what a failed trial would be, so it goes back out
+            # for longer, whether or not a pick happened to look at it in between.
+            self._eject(now, f"connect failed after its ejection ended ({reason})",
+                        quiet=self.adopted)
             return
         if self.fails == 0 or now - self.first_fail_at > self.fail_timeout:
             self.fails = 0

@@ -88,6 +88,24 @@ def test_failed_trial_doubles_the_ejection_up_to_ten_times():
     assert downs == [10, 20, 40, 80, 100, 100]
 
 
+def test_a_failure_after_the_ejection_ended_counts_whether_or_not_anything_asked():
+    # A pool refill or a connect begun earlier can fail after the ejection's end with no
+    # pick in between to move the server to half-open; the outcome must not depend on that
+    # (the least_conn index asks fewer servers than the scan, and chose differently).
+    asked, clock_a = make()
+    unasked, clock_u = make()
+    for health, clock in ((asked, clock_a), (unasked, clock_u)):
+        for _ in range(3):
+            health.connect_failed("refused")
+        clock.now += 10
+    assert asked.available() and asked.state == HALF_OPEN
+    for health in (asked, unasked):
+        health.connect_failed("refused")
+    assert (unasked.state, unasked.down_until) == (asked.state, asked.down_until) == (
+        DOWN, clock_a.now + 20)
+    assert not unasked.available() and not asked.available()
+
+
 def test_abandoned_trial_frees_the_slot():
     health, clock = make()
     for _ in range(3):
