@@ -9,11 +9,11 @@ each class (a handful: weights are 1..256 and upstreams use few), charges the wi
 re-pushes it: O(classes + log N) instead of O(N), and the same sequence as the scan.
 
 Servers `Server.usable()` refuses gain nothing, as in the scan: they are parked with their
-credit frozen when an event says so (`changed()`: acquire/release, health, drain), when a
-pick meets one, or at the latest `RECHECK` seconds after; an ejection's end is awaited on
-the clock (`down_until`). A retry's `exclude` gains nothing for that pick. Servers in slow
-start (weight ramping with time) sit outside the classes with an explicit credit, updated
-at each pick as the scan does (O(ramping servers)).
+credit frozen when an event says so (its watcher: health, drain, and acquire/release when
+the server has max_conns), when a pick meets one, or at the latest `RECHECK` seconds after;
+an ejection's end is awaited on the clock (`down_until`). A retry's `exclude` gains nothing
+for that pick. Servers in slow start (weight ramping with time) sit outside the classes
+with an explicit credit, updated at each pick as the scan does (O(ramping servers)).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class SmoothIndex:
 
     def __init__(self, servers: Sequence[Server],
                  clock: Callable[[], float] = time.monotonic) -> None:
+        from .upstream import Server  # upstream.py imports strategies.py, which imports this
+
+        self.plain = Server.usable  # what Upstream.pick passes without a retry's exclude
         self.clock = clock
         self.servers = list(servers)
         self.position = {server: index for index, server in enumerate(self.servers)}
@@ -55,7 +58,10 @@ class SmoothIndex:
         self.recheck_at = INF
         for index, server in enumerate(self.servers):
             self._join(index, 0.0)
-            server.watchers.append(self.changed)
+            watcher = self._watcher(index)
+            server.watchers.append(watcher)
+            if server.config.max_conns:  # else a count never changes whether it is usable
+                server.count_watchers.append(watcher)
             if not server.usable():
                 self._park(index)
 
@@ -104,17 +110,27 @@ class SmoothIndex:
         self.parked.discard(index)
         self._join(index, self.credit[index])
 
-    def changed(self, server: Server) -> None:
-        """A count, health or drain change: park or unpark the server to match."""
-        index = self.position.get(server)
-        if index is None:
-            return
-        usable = server.usable()
-        if self.state[index] == PARKED:
-            if usable:
-                self._unpark(index)
-        elif not usable:
-            self._park(index)
+    def _watcher(self, index: int) -> Callable[[Server], None]:
+        """What the server at `index` calls on a count, health or drain change: park or
+        unpark it to match (bound to its index: with max_conns it runs on every acquire and
+        release)."""
+        state, park, unpark = self.state, self._park, self._unpark
+
+        def changed(server: Server) -> None:
+            if state[index] != PARKED and server.health.ok and not server._draining:
+                limit = server.config.max_conns  # usable, as Server.usable would answer:
+                cell = server.cell  # and in the running, so nothing to do (a count change)
+                if limit == 0 or (server.local_active if cell is None
+                                  else cell.total_active()) < limit:
+                    return
+            usable = server.usable()
+            if state[index] == PARKED:
+                if usable:
+                    unpark(index)
+            elif not usable:
+                park(index)
+
+        return changed
 
     def _on_clock(self) -> None:
         """Parked servers whose time has come (an ejection's end) are asked again."""
@@ -142,6 +158,45 @@ class SmoothIndex:
 
     def pick(self, usable: Callable[[Server], bool],
              exclude: Server | None = None) -> Server | None:
+        if self.parked or self.ramping or exclude is not None or usable is not self.plain:
+            return self._pick(usable, exclude)
+        # The common case, nothing parked, ramping or excluded: the richest top of a class
+        # wins, and if it is healthy, not draining and has room (Server.usable's answer, read
+        # inline) it pays the total, else the general case decides (nothing changed yet but
+        # stale heap entries dropped, which it would drop too).
+        ticks = self.ticks + 1
+        state, bases = self.state, self.base
+        best = -1
+        best_credit = 0.0
+        best_heap: list[tuple[float, int]] = []
+        for weight, heap in self.classes.items():
+            while heap:
+                key, index = heap[0]
+                if state[index] == ACTIVE and bases[index] == -key:
+                    break
+                heapq.heappop(heap)  # stale: charged, parked or skipped since
+            else:
+                continue
+            credit = -key + weight * ticks
+            if best < 0 or credit > best_credit or (credit == best_credit and index < best):
+                best, best_credit, best_heap = index, credit, heap
+        if best >= 0:
+            server = self.servers[best]
+            if server.health.ok and not server._draining:
+                limit = server.config.max_conns
+                cell = server.cell
+                if limit == 0 or (server.local_active if cell is None
+                                  else cell.total_active()) < limit:
+                    self.ticks = ticks
+                    base = bases[best] = bases[best] - self.active_weight
+                    heapq.heapreplace(best_heap, (-base, best))  # it won from the top
+                    return server
+        return self._pick(usable, exclude)
+
+    def _pick(self, usable: Callable[[Server], bool],
+              exclude: Server | None) -> Server | None:
+        """Any pick: ramping servers credited, a retry's exclude and servers `usable`
+        refuses left out of this pick (parked when Server.usable refuses them too)."""
         if self.parked:
             self._on_clock()
         self.ticks += 1

@@ -38,6 +38,7 @@ class Server:
         "_draining",
         "cell",
         "config",
+        "count_watchers",
         "health",
         "key",
         "local_active",
@@ -66,9 +67,12 @@ class Server:
         self.key = config.key
         self.upstream_name = upstream_name
         self.local_active = 0  # this process's connections proxied to (or connecting to) it
-        # Told of every change a pick depends on (count, health, drain): the strategies that
-        # keep servers in order (loadindex.py). Upstream.rebuild clears it for a new build.
+        # Told of every change a pick depends on, for the strategies that keep servers in
+        # order (loadindex.py, smoothindex.py): `watchers` of health and drain changes,
+        # `count_watchers` of every acquire and release (apart: weighted's index needs a
+        # count only with max_conns). Upstream.rebuild clears both for a new build.
         self.watchers: list[Callable[[Server], None]] = []
+        self.count_watchers: list[Callable[[Server], None]] = []
         self._draining = False  # operator asked for no new connections
         self.peak = 0  # the most open at once (HAProxy smax): here, or sampled by a primary
         self.stats = ServerStats()  # this process's totals, for /status
@@ -100,14 +104,14 @@ class Server:
             self.peak = self.local_active
         if self.cell is not None:
             self.cell.add_active(1)
-        for watcher in self.watchers:
+        for watcher in self.count_watchers:
             watcher(self)
 
     def release(self) -> None:
         self.local_active -= 1
         if self.cell is not None:
             self.cell.add_active(-1)
-        for watcher in self.watchers:
+        for watcher in self.count_watchers:
             watcher(self)
 
     @property
@@ -257,6 +261,7 @@ class Upstream:
         self.servers = servers
         for server in servers:  # the old generation's strategies stop following them
             server.watchers.clear()
+            server.count_watchers.clear()
         self.primary: Strategy = make_strategy(
             config.strategy, [s for s in servers if not s.config.backup], config.hash
         )
@@ -286,6 +291,7 @@ class Upstream:
         removed = [server for key, server in old.items() if key not in kept]
         for server in removed:
             server.watchers.clear()  # in no strategy now: nothing to keep in order
+            server.count_watchers.clear()
             if server.pool is not None:
                 server.pool.close()
                 server.pool = None
