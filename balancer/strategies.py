@@ -4,10 +4,11 @@ A strategy is built once for a fixed list of servers (a reload builds a new one)
 per client connection, for a server that `usable(server)` accepts. `usable` folds in health,
 draining, `max_conns` and the server a retry must avoid, so every strategy honours them the
 same way. `pick` is on the per-connection path: no logging, and no allocation on the
-common path. Small upstreams are scanned (O(servers)); above a few dozen servers least_conn
-keeps them in order instead (loadindex.py), as HAProxy keeps its servers in trees, because
-discovery brings upstreams of hundreds. Weights are read from `server.weight` at every pick
-(or, in the index, re-read on a short clock) because slow start changes them over time.
+common path. Small upstreams are scanned (O(servers)); above `SCAN_UP_TO` (32) servers
+least_conn and weighted keep them in order instead (loadindex.py, smoothindex.py), as
+HAProxy keeps its servers in trees, because discovery brings upstreams of hundreds. Weights
+are read from `server.weight` at every pick (or, in the index, re-read on a short clock)
+because slow start changes them over time.
 """
 
 from __future__ import annotations
@@ -31,12 +32,21 @@ if TYPE_CHECKING:
 
 Usable = Callable[["Server"], bool]
 
+# Up to this many servers least_conn and weighted scan them; above, an index keeps them in
+# order.
+SCAN_UP_TO = 32
+
 
 class Strategy(ABC):
     """Chooses one server among a fixed list."""
 
     def __init__(self, servers: Sequence[Server]) -> None:
+        from .upstream import Server  # upstream.py imports this module
+
         self.servers: list[Server] = list(servers)
+        # `Upstream.pick` passes exactly this when there is no retry to avoid: the scans
+        # then read its common case (healthy, not draining) inline, a call less per server.
+        self.plain: Usable = Server.usable
 
     @abstractmethod
     def pick(self, client_ip: str, usable: Usable,
@@ -47,20 +57,28 @@ class Strategy(ABC):
 
 
 def smooth_pick(servers: list[Server], current: list[float], usable: Usable,
-                share: bool) -> int:
+                share: bool, plain: Usable | None = None) -> int:
     """One step of smooth weighted round robin (nginx): every usable server gains its weight
     in credit, the richest wins and pays the total. Returns its index, or -1 if none is
-    usable. With `share`, a server's weight is its slow-start share (0..1) instead."""
+    usable. With `share`, a server's weight is its slow-start share (0..1) instead. When
+    `usable` is `plain` (Server.usable), its common case is read inline."""
     best = -1
     best_current = 0.0
     total = 0.0
     for index in range(len(servers)):
         server = servers[index]
-        if not usable(server):
+        config = server.config
+        if usable is plain and server.health.ok and not server._draining:
+            limit = config.max_conns  # Server.usable's answer for a healthy server
+            if limit:
+                cell = server.cell
+                if (server.local_active if cell is None else cell.total_active()) >= limit:
+                    continue
+        elif not usable(server):
             continue
-        weight = server.weight
+        weight = server.weight if server.ramp_until else config.weight
         if share:
-            weight /= server.config.weight
+            weight /= config.weight
         value = current[index] + weight
         current[index] = value
         total += weight
@@ -122,7 +140,7 @@ class RoundRobin(Strategy):
             for index in range(len(current)):
                 current[index] = 0.0
             self.smooth = True
-        best = smooth_pick(servers, current, usable, share=True)
+        best = smooth_pick(servers, current, usable, share=True, plain=self.plain)
         if best < 0:
             return None
         self.cursor = best + 1  # once the ramp ends, the rotation goes on after this one
@@ -138,7 +156,7 @@ class Weighted(Strategy):
     (smoothindex.py), which keeps credits lazily per weight class instead of adding to
     every server at every pick."""
 
-    SCAN_UP_TO = 32
+    SCAN_UP_TO = SCAN_UP_TO
 
     def __init__(self, servers: Sequence[Server], indexed: bool | None = None) -> None:
         super().__init__(servers)
@@ -151,7 +169,8 @@ class Weighted(Strategy):
              exclude: Server | None = None) -> Server | None:
         if self.index is not None:
             return self.index.pick(usable, exclude)
-        best = smooth_pick(self.servers, self.current, usable, share=False)
+        best = smooth_pick(self.servers, self.current, usable, share=False,
+                           plain=self.plain)
         return self.servers[best] if best >= 0 else None
 
 
@@ -164,7 +183,7 @@ class LeastConn(Strategy):
     process the choices are the scan's; with workers it may use other workers' counts up
     to `LoadIndex.refresh_period` old (20 ms at 1,000 servers), see its docstring."""
 
-    SCAN_UP_TO = 32  # at this size the scan costs about what the index does
+    SCAN_UP_TO = SCAN_UP_TO
 
     def __init__(self, servers: Sequence[Server], indexed: bool | None = None) -> None:
         super().__init__(servers)
@@ -179,6 +198,7 @@ class LeastConn(Strategy):
             return self.index.pick(usable)
         servers = self.servers
         count = len(servers)
+        plain = usable is self.plain
         best = -1
         best_active = 0
         best_weight = 1.0
@@ -187,12 +207,19 @@ class LeastConn(Strategy):
             if index >= count:
                 index = 0
             server = servers[index]
-            if usable(server):
-                # Server.active and .weight, read inline (two calls less per server): the
-                # shared counters only with workers, the slow-start ramp only while it runs.
-                cell = server.cell
-                active = server.local_active if cell is None else cell.total_active()
-                weight = server.weight if server.ramp_until else server.config.weight
+            # Server.active and .weight, read inline (two calls less per server): the
+            # shared counters only with workers, the slow-start ramp only while it runs.
+            config = server.config
+            cell = server.cell
+            active = server.local_active if cell is None else cell.total_active()
+            if plain and server.health.ok and not server._draining:
+                # Server.usable's answer for a healthy server, without the call
+                limit = config.max_conns
+                usable_here = limit == 0 or active < limit
+            else:
+                usable_here = usable(server)
+            if usable_here:
+                weight = server.weight if server.ramp_until else config.weight
                 # active / weight < best_active / best_weight, without division (as nginx)
                 if best < 0 or active * best_weight < best_active * weight:
                     best = index
@@ -231,6 +258,14 @@ class IpHash(Strategy):
         points.sort()
         self.hashes: list[int] = [point for point, _ in points]
         self.owners: list[int] = [index for _, index in points]
+        # A bisect over 280,000 points (1,000 servers) chases pointers through 18 of them;
+        # buckets over the top bits of the hash space (about 4 points each) narrow it to
+        # the points that share the client's top bits: the same position, a few steps.
+        bits = max(0, len(self.hashes).bit_length() - 3)
+        self.shift = 64 - bits
+        self.starts: list[int] = [bisect.bisect_left(self.hashes, bucket << self.shift)
+                                  for bucket in range(1 << bits)]
+        self.starts.append(len(self.hashes))
         # Marks servers already refused during one walk; compared to a pick counter so it
         # never needs clearing (no per-pick set).
         self.seen: list[int] = [0] * len(self.servers)
@@ -242,7 +277,10 @@ class IpHash(Strategy):
         size = len(hashes)
         if not size:
             return None
-        position = bisect.bisect(hashes, _hash(_client_key(client_ip)))
+        point = _hash(_client_key(client_ip))
+        bucket = point >> self.shift
+        starts = self.starts
+        position = bisect.bisect(hashes, point, starts[bucket], starts[bucket + 1])
         if position == size:
             position = 0
         owners = self.owners
@@ -410,7 +448,10 @@ class RandomTwo(Strategy):
         order = self.order
         count = len(order)
         rand = self.random.random
+        plain = usable is self.plain
         first: Server | None = None
+        first_active = 0
+        first_weight = 1.0
         for slot in range(count):
             # Swap a random not-yet-drawn index into `slot`: a uniform draw without repeats.
             other = slot + int(rand() * (count - slot))
@@ -418,12 +459,21 @@ class RandomTwo(Strategy):
             order[other] = order[slot]
             order[slot] = drawn
             server = servers[drawn]
-            if not usable(server):
+            # Server.active and .weight read inline, and Server.usable's common case too
+            config = server.config
+            cell = server.cell
+            active = server.local_active if cell is None else cell.total_active()
+            if plain and server.health.ok and not server._draining:
+                limit = config.max_conns
+                if limit and active >= limit:
+                    continue
+            elif not usable(server):
                 continue
+            weight = server.weight if server.ramp_until else config.weight
             if first is None:
-                first = server
+                first, first_active, first_weight = server, active, weight
                 continue
-            if server.active * first.weight < first.active * server.weight:
+            if active * first_weight < first_active * weight:
                 return server
             return first
         return first
@@ -450,10 +500,14 @@ def make_strategy(name: StrategyName, servers: Sequence[Server],
     return STRATEGIES[name](servers)
 
 
+_blake2b = hashlib.blake2b  # bound once: _hash is on the ring's per-connection path
+_from_bytes = int.from_bytes
+
+
 def _hash(text: str) -> int:
     """A stable 64-bit hash: Python's hash() is randomised per process, and every worker
     and every restart must map a client to the same server."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    return _from_bytes(_blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 def _client_key(client_ip: str) -> str:

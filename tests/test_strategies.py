@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import math
 import random
@@ -654,3 +655,25 @@ def test_ip_hash_ring_stays_bounded_for_servers_beyond_the_config_cap(monkeypatc
     assert {strategy.pick(ip, always) for ip in random_ipv4(random.Random(16), 4000)} == set(
         servers)
     assert len(IpHash(servers[:10]).hashes) == 10 * 2 * 160  # within the cap: as before
+
+
+@pytest.mark.parametrize("count", [1, 3, 200])
+def test_ip_hash_ring_buckets_keep_every_client_where_a_whole_ring_bisect_puts_it(count):
+    """The bucket table only narrows the bisect: each client lands on the point a bisect
+    over every point gives (the ring's mapping is unchanged), at bucket edges too."""
+    from balancer.strategies import _client_key, _hash
+
+    strategy = IpHash(spread_servers(count))
+    hashes, owners = strategy.hashes, strategy.owners
+    clients = random_ipv4(random.Random(count), 3000) + random_ipv6(random.Random(count), 300)
+    for ip in clients:
+        position = bisect.bisect(hashes, _hash(_client_key(ip))) % len(hashes)
+        assert strategy.pick(ip, always) is strategy.servers[owners[position]], ip
+    shift, starts = strategy.shift, strategy.starts
+    edges = [0, 2**64 - 1, *hashes[:50], *(point - 1 for point in hashes[:50]),
+             *(bucket << shift for bucket in range(0, len(starts) - 1, 7)),
+             *((bucket << shift) - 1 for bucket in range(1, len(starts) - 1, 7))]
+    for point in edges:
+        bucket = point >> shift
+        assert bisect.bisect(hashes, point, starts[bucket], starts[bucket + 1]) == \
+            bisect.bisect(hashes, point), point
