@@ -244,7 +244,7 @@ def check_same_choices(kind, specs, ops):
                 clocks[side].now += 0.4 * arg
 
 
-@pytest.mark.parametrize(("kind", "scan_up_to"), [("least_conn", 32), ("weighted", 32)])
+@pytest.mark.parametrize(("kind", "scan_up_to"), [("least_conn", 6), ("weighted", 6)])
 def test_index_is_used_for_large_upstreams_only(kind, scan_up_to):
     small = [Server(ServerConfig(Address("10.0.0.1", 3000 + i))) for i in range(scan_up_to)]
     large = [Server(ServerConfig(Address("10.0.0.2", 3000 + i)))
