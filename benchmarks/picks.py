@@ -1,7 +1,8 @@
 """Cost of one pick per strategy as upstreams grow (issue 18: at most 2 µs at 1,000 servers,
 1 µs at 10).
 
-    python -m benchmarks.picks [--picks 20000] [--out benchmarks/results]
+    python -m benchmarks.picks [--picks 20000] [--sizes 10,100,1000] [--out benchmarks/results]
+                               [--report picks.md]
 
 Stub servers (real `Server` objects, no sockets), one process, one core. Two figures per
 strategy and size:
@@ -10,7 +11,10 @@ strategy and size:
 - `conn`: what one connection costs the strategy in steady state: the pick, `acquire()` on
   the chosen server and `release()` of a random earlier one (about 4 x N held), through
   `Server.usable`: for least_conn that includes keeping its index in order.
-`least_conn (scan)` is the old scan, for comparison. Writes benchmarks/results/picks.md.
+`weighted` and `least_conn` are what an upstream of that size gets (a scan up to SCAN_UP_TO
+servers, an index above); `(scan)` and `(index)` force one at every size, for comparison
+(`--sizes 2,5,8,10,20,32` shows where the index starts to pay).
+Writes benchmarks/results/picks.md (`--report` names another file).
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ SIZES = (10, 100, 1000)
 VARIANTS: dict[str, Callable[[list[Server]], Strategy]] = {
     "round_robin": RoundRobin,
     "weighted": Weighted,
+    "weighted (scan)": lambda servers: Weighted(servers, indexed=False),
+    "weighted (index)": lambda servers: Weighted(servers, indexed=True),
     "least_conn": LeastConn,
     "least_conn (scan)": lambda servers: LeastConn(servers, indexed=False),
+    "least_conn (index)": lambda servers: LeastConn(servers, indexed=True),
     "ip_hash maglev": Maglev,
     "ip_hash ring": IpHash,
     "random_two": RandomTwo,
@@ -104,13 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.picks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--picks", type=int, default=20_000)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                        help="upstream sizes, comma-separated (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--report", default="picks.md")
     args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",")]
     logging.getLogger("balancer").setLevel(logging.ERROR)
     rng = random.Random(2)
     ips = [str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(args.picks)]
     header = " | ".join(f"{kind} {n}" for kind in ("pick", "pick usable", "conn")
-                        for n in SIZES)
+                        for n in sizes)
     lines = [
         "# Cost per pick as upstreams grow",
         "",
@@ -121,18 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         "pick + acquire + release of a random earlier connection (4 x N held), Server.usable",
         "",
         f"| strategy | {header} |",
-        "|---|" + "---|" * (3 * len(SIZES)),
+        "|---|" + "---|" * (3 * len(sizes)),
     ]
     for name, make in VARIANTS.items():
-        cells = [f"{pick_us(make, n, ips, always):.2f}" for n in SIZES]
-        cells += [f"{pick_us(make, n, ips, Server.usable):.2f}" for n in SIZES]
-        cells += [f"{conn_us(make, n, ips):.2f}" for n in SIZES]
+        cells = [f"{pick_us(make, n, ips, always):.2f}" for n in sizes]
+        cells += [f"{pick_us(make, n, ips, Server.usable):.2f}" for n in sizes]
+        cells += [f"{conn_us(make, n, ips):.2f}" for n in sizes]
         line = f"| {name} | " + " | ".join(cells) + " |"
         lines.append(line)
         print(line, file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "picks.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'picks.md'}", file=sys.stderr)
+    lines.append(f"- load average at end {os.getloadavg()[0]:.1f}")
+    (args.out / args.report).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / args.report}", file=sys.stderr)
     return 0
 
 
