@@ -165,6 +165,25 @@ class SmoothIndex:
         # inline) it pays the total, else the general case decides (nothing changed yet but
         # stale heap entries dropped, which it would drop too).
         ticks = self.ticks + 1
+        best, _, heap = self._richest(ticks)
+        if best >= 0:
+            server = self.servers[best]
+            if server.health.ok and not server._draining:
+                limit = server.config.max_conns
+                cell = server.cell
+                if limit == 0 or (server.local_active if cell is None
+                                  else cell.total_active()) < limit:
+                    self.ticks = ticks
+                    bases = self.base
+                    base = bases[best] = bases[best] - self.active_weight
+                    heapq.heapreplace(heap, (-base, best))  # it won from the top
+                    return server
+        return self._pick(usable, exclude)
+
+    def _richest(self, ticks: int) -> tuple[int, float, list[tuple[float, int]]]:
+        """The richest top of the weight classes at `ticks` (lowest index on ties): its
+        index (-1 if no class has an ACTIVE server), credit and heap. Drops the stale
+        entries it meets on the way."""
         state, bases = self.state, self.base
         best = -1
         best_credit = 0.0
@@ -180,18 +199,7 @@ class SmoothIndex:
             credit = -key + weight * ticks
             if best < 0 or credit > best_credit or (credit == best_credit and index < best):
                 best, best_credit, best_heap = index, credit, heap
-        if best >= 0:
-            server = self.servers[best]
-            if server.health.ok and not server._draining:
-                limit = server.config.max_conns
-                cell = server.cell
-                if limit == 0 or (server.local_active if cell is None
-                                  else cell.total_active()) < limit:
-                    self.ticks = ticks
-                    base = bases[best] = bases[best] - self.active_weight
-                    heapq.heapreplace(best_heap, (-base, best))  # it won from the top
-                    return server
-        return self._pick(usable, exclude)
+        return best, best_credit, best_heap
 
     def _pick(self, usable: Callable[[Server], bool],
               exclude: Server | None) -> Server | None:
@@ -222,22 +230,8 @@ class SmoothIndex:
             if index >= 0 and self.state[index] != PARKED:
                 total -= self._skip(index, skipped, ramping_credit)
         chosen: Server | None = None
-        state, bases = self.state, self.base
         while True:
-            best = -1
-            best_credit = 0.0
-            for weight, heap in self.classes.items():
-                while heap:
-                    key, index = heap[0]
-                    if state[index] == ACTIVE and bases[index] == -key:
-                        break
-                    heapq.heappop(heap)  # stale: charged, parked or skipped since
-                else:
-                    continue
-                credit = -key + weight * ticks
-                if best < 0 or credit > best_credit or (credit == best_credit
-                                                        and index < best):
-                    best, best_credit = index, credit
+            best, best_credit, _ = self._richest(ticks)
             for index, credit in ramping_credit.items():
                 if best < 0 or credit > best_credit or (credit == best_credit
                                                         and index < best):
