@@ -177,17 +177,18 @@ class LoadIndex:
     def pick(self, usable: Callable[[Server], bool]) -> Server | None:
         if self.parked or self.ramping or self.shared:
             self._on_clock()
-        least = min(self.mins)
-        if least != INF and usable is self.plain and not self.shared:
+        if usable is self.plain and not self.shared:
             # The common case: the least loaded is healthy, not draining and has room (as
             # Server.usable answers, read inline; one process: its count is local_active).
-            index = self._first(least)
-            server = self.servers[index]
-            if server.health.ok and not server._draining:
-                limit = server.config.max_conns
-                if limit == 0 or server.local_active < limit:
-                    self.cursor = index + 1
-                    return server
+            least = min(self.mins)
+            if least != INF:
+                index = self._first(least)
+                server = self.servers[index]
+                if server.health.ok and not server._draining:
+                    limit = server.config.max_conns
+                    if limit == 0 or server.local_active < limit:
+                        self.cursor = index + 1
+                        return server
         return self._pick(usable)
 
     def _pick(self, usable: Callable[[Server], bool]) -> Server | None:
