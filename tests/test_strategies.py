@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import ipaddress
 import math
 import random
@@ -11,6 +12,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from balancer import config
 from balancer.config import Address, ServerConfig
@@ -677,3 +680,13 @@ def test_ip_hash_ring_buckets_keep_every_client_where_a_whole_ring_bisect_puts_i
         bucket = point >> shift
         assert bisect.bisect(hashes, point, starts[bucket], starts[bucket + 1]) == \
             bisect.bisect(hashes, point), point
+
+
+@given(st.text(max_size=60))
+def test_ip_hash_ring_hash_is_blake2b_64_of_the_key(text):
+    """The ring's points and clients are placed by this hash: any other function (or a
+    faster way to compute it that differs) would move clients between servers."""
+    from balancer.strategies import _hash
+
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    assert _hash(text) == int.from_bytes(digest, "big")
