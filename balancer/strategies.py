@@ -290,7 +290,13 @@ class IpHash(Strategy):
         servers = self.servers
         owner = owners[position]
         server = servers[owner]
-        if usable(server):
+        if usable is self.plain and server.health.ok and not server._draining:
+            limit = server.config.max_conns  # Server.usable's answer, read inline
+            cell = server.cell
+            if limit == 0 or (server.local_active if cell is None
+                              else cell.total_active()) < limit:
+                return server
+        elif usable(server):
             return server
         return self._walk(position, owner, usable)
 

@@ -132,6 +132,18 @@ def test_draining_and_excluded_servers_are_skipped(name: str):
         assert strategy.pick(ip, usable) is servers[2]
 
 
+@pytest.mark.parametrize(("name", "table"), [*((name, "ring") for name in STRATEGIES),
+                                             ("ip_hash", "maglev")])
+def test_draining_servers_are_skipped_through_server_usable(name, table):
+    """Upstream.pick passes Server.usable itself without a retry: the strategies that read
+    its common case inline must still see the drain flag."""
+    servers = make_servers(1, 1, 1)
+    strategy = make_strategy(name, servers, table)
+    servers[0].draining = True
+    for ip in random_ipv4(random.Random(1), 50):
+        assert strategy.pick(ip, Server.usable) is not servers[0]
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_max_conns_is_honoured_through_usable(name: str):
     servers = make_servers(1, 1, max_conns=2)
