@@ -382,7 +382,7 @@ class MetricsEvents(ConnectionEvents):
 
     # -- events -----------------------------------------------------------------------------
     # `connected` and `closed` run for every connection: a lookup, plain additions, and the
-    # histograms' observe written out (bisect as in HistogramChild.observe): no call of ours.
+    # histograms' observe written out (bisect as in HistogramChild.observe); bytes by _count_bytes.
 
     def connected(self, conn: ClientConnection, connect_seconds: float, pooled: bool) -> None:
         server = conn.server
@@ -432,14 +432,7 @@ class MetricsEvents(ConnectionEvents):
         counted = self._counted.pop(conn, None)
         if counted is not None:
             up, down, children = counted
-            moved = conn.bytes_up - up  # _count_bytes written out
-            if moved:
-                children.up += moved
-                children.stats.bytes_in += moved
-            moved = conn.bytes_down - down
-            if moved:
-                children.down += moved
-                children.stats.bytes_out += moved
+            self._count_bytes(conn, up, down, children)
             children.open -= 1
             lifetime = conn.clock() - conn.started
             histogram = children.duration
