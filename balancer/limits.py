@@ -311,12 +311,12 @@ def raise_fd_limit(listeners: tuple[ListenerConfig, ...]) -> int:
 class AcceptErrors:
     """The event loop's handler for errors nobody awaits, with one case of its own.
 
-    Out of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM), the stdlib loop stops accepting on
-    that socket for a second and reports it, once for every connection still queued: a log
-    flood while the balancer is already struggling. Here that report becomes one warning a
-    second at most; everything else goes to the loop's default handler. (uvloop's libuv
-    handles the same case on its own, quietly: it keeps a spare descriptor to accept and
-    close what is queued, so accepting never spins.)
+    Out of kernel memory (ENOBUFS, ENOMEM), or out of descriptors with not even the spare
+    one left (sockets.ListenSocket sheds queued clients otherwise), the stdlib loop stops
+    accepting on that socket for a second and reports it, once for every slot of its accept
+    batch: a log flood while the balancer is already struggling. Here that report becomes one
+    warning a second at most; everything else goes to the loop's default handler. (uvloop's
+    libuv handles these cases on its own, quietly.)
     """
 
     MESSAGE = "socket.accept() out of system resource"

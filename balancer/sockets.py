@@ -13,12 +13,18 @@ them: a second balancer started on the same port would silently join the group a
 of the traffic. So a group is exclusive unless asked otherwise: before binding it, a probe
 socket without SO_REUSEPORT is bound to the address, which fails while anything listens there
 (a listener's `reuse_port: true` skips the probe, to share the port on purpose).
+
+Every listening socket is a `ListenSocket`: see there for what it does once the process runs
+out of file descriptors.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import socket
+import time
 from typing import Any
 
 from .config import Address
@@ -28,6 +34,98 @@ LISTEN_BACKLOG = 1024
 # TCP_DEFER_ACCEPT's value, in seconds, as nginx's `deferred` sets it: a client that has sent
 # nothing by then is handed over anyway, after the kernel's next SYN-ACK retransmission.
 DEFER_ACCEPT_SECONDS = 1
+
+
+log = logging.getLogger(__name__)
+SHED_LOG_INTERVAL = 1.0  # seconds between two warnings about clients shed for descriptors
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+class ListenSocket(socket.socket):
+    """A listening socket that, out of file descriptors, closes the clients queued on it.
+
+    At the open files limit `accept()` fails with EMFILE while the kernel keeps the socket
+    readable. The stdlib loop then stops accepting for a second, but only after trying every
+    slot of its batch of 100, each scheduling its own retry: the retries pile up and it spins,
+    a third of a core on a process that is already struggling, while the queue it cannot take
+    holds clients that wait for nothing. libuv (under uvloop) does what is done here: a spare
+    descriptor kept open for the purpose is closed, which lets each queued client be accepted
+    and closed at once (it sees its connection end, as with a full HAProxy), then the spare is
+    opened again. The loop is told the queue is empty and waits for the next client; open
+    connections are served throughout. uvloop takes only the descriptor from this object, so
+    there this class changes nothing.
+    """
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            shed = _SPARE.shed(self)
+            if shed is None:  # no spare descriptor to do it with: the loop's own pause
+                raise
+            _SPARE.report(exc, shed)
+            raise BlockingIOError(errno.EAGAIN, "queued clients closed") from None
+
+
+class _Spare:
+    """The one descriptor per process held back to shed clients with (see ListenSocket)."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.logged_at = float("-inf")
+        self.unlogged = 0
+
+    def hold(self) -> None:
+        if self.fd is None:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.fd = None  # at the limit already: the next shed tries again
+
+    def shed(self, sock: socket.socket) -> int | None:
+        """Accept and close what is queued on `sock`; how many, or None without a spare."""
+        self.hold()
+        if self.fd is None:
+            return None
+        os.close(self.fd)
+        self.fd = None
+        shed = 0
+        try:
+            for _ in range(LISTEN_BACKLOG):
+                try:
+                    fd, _ = sock._accept()  # type: ignore[attr-defined]
+                except ConnectionAbortedError:
+                    continue
+                except OSError:  # BlockingIOError: the queue is empty; EMFILE: not ours to take
+                    break
+                os.close(fd)
+                shed += 1
+        finally:
+            self.hold()
+        return shed
+
+    def report(self, exc: OSError, shed: int) -> None:
+        """One warning a second at most: a storm of clients is one event, not thousands."""
+        self.unlogged += shed
+        now = time.monotonic()
+        if now - self.logged_at < SHED_LOG_INTERVAL:
+            return
+        self.logged_at = now
+        log.warning("cannot accept: %s; closed %d queued client(s) since the last report, open "
+                    "connections are still served (raise the open files limit: ulimit -n, "
+                    "LimitNOFILE=)", exc.strerror or exc, self.unlogged)
+        self.unlogged = 0
+
+
+_SPARE = _Spare()
+
+
+def listen_socket(fileno: int) -> ListenSocket:
+    """A ListenSocket for a descriptor inherited from the supervisor (a worker's listeners)."""
+    _SPARE.hold()
+    return ListenSocket(fileno=fileno)
 
 
 class BindError(OSError):
@@ -49,9 +147,10 @@ def bind_group(host: str, port: int, count: int = ACCEPT_SOCKETS, *,
     if exclusive and port != 0:
         _check_unused(family, address, where)
     group: list[socket.socket] = []
+    _SPARE.hold()
     try:
         for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = ListenSocket(family, socket.SOCK_STREAM)
             group.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if hasattr(socket, "SO_REUSEPORT"):
@@ -65,8 +164,8 @@ def bind_group(host: str, port: int, count: int = ACCEPT_SOCKETS, *,
             sock.setblocking(False)
             address = sock.getsockname()  # port 0: the rest join the port just chosen
     except OSError as exc:
-        for sock in group:
-            sock.close()
+        for bound in group:
+            bound.close()
         raise BindError(f"{where}: {exc.strerror or exc}") from exc
     return group
 

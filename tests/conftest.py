@@ -27,6 +27,7 @@ def start_backend() -> Iterator[Callable[..., Backend]]:
 
 
 LOOPS = ("uvloop", "asyncio")
+LOG_TAIL = 60  # lines of each balancer's log a failing test shows
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -62,5 +63,9 @@ def start_balancer(tmp_path: Path, balancer_loop: str) -> Iterator[Callable[...,
     yield start
     for process in started:
         process.stop()
+    for process in started:
+        # Shown only when the test fails (pytest keeps captured output for failures).
+        print(f"--- balancer pid {process.pid}: last lines of its log ---")
+        print("\n".join(process.lines[-LOG_TAIL:]))
     for process in started:
         process.check_log()

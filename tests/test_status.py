@@ -39,11 +39,13 @@ async def status(port: int, history: bool = False) -> dict:
 async def send_10k(port: int, payload: bytes) -> None:
     """One client: 10 KiB to an echo server and all of it back."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(payload)
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
-    assert await asyncio.wait_for(reader.read(), 10) == b""
-    writer.close()
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
 
 
 def servers_of(state: dict) -> dict[str, dict]:

@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from ..signals import handle_stop_signals
+from ..sockets import listen_socket
 from .control import EXIT_BOOT_ERROR, Channel, ChannelClosed, Message
 from .shared import HEARTBEAT_INTERVAL
 
@@ -47,7 +48,7 @@ def listener_sockets(layout: list[tuple[str, int]], fds: list[int]
     sockets: dict[str, list[socket.socket]] = {}
     position = 0
     for name, count in layout:
-        sockets[name] = [socket.socket(fileno=fd) for fd in fds[position : position + count]]
+        sockets[name] = [listen_socket(fd) for fd in fds[position : position + count]]
         position += count
     return sockets
 
