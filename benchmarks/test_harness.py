@@ -54,6 +54,12 @@ def test_parse_wrk_latency_and_errors() -> None:
     assert (r.socket_errors, r.non_2xx, r.errors) == (11, 2, 13)
 
 
+def test_tail_reads_percentiles_and_the_maximum() -> None:
+    from benchmarks.tail import latency_ms
+    assert latency_ms(WRK_LATENCY) == {"max": 60.01, "p50": 19.0, "p90": 22.0, "p99": 1250.0}
+    assert latency_ms(WRK_PLAIN) == {"max": 5.0}
+
+
 def test_parse_wrk_without_latency_or_errors() -> None:
     r = parse_wrk(WRK_PLAIN)
     assert (r.requests, r.p99_ms, r.errors) == (210000, None, 0)
