@@ -47,6 +47,11 @@ log = logging.getLogger("balancer.proxy")
 # up to 256 KiB) while bounding what one stalled connection can hold.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+# A connect timer that fires this much after its deadline found a loop that was not polling
+# (stalled: a long collection, a process starved or stopped). The connect may well have
+# completed meanwhile, its event waiting in the poll that comes next; failing it would eject
+# a healthy server for the balancer's own delay. So it gets one more look, this long after.
+LATE_CONNECT_TIMER = 0.05
 
 
 class ConnectWatch:
@@ -80,10 +85,18 @@ def _cancel_connect(connecting: Coroutine[object, None, object],
     connecting.close()
 
 
-def _expire_one(entry: ConnectWatch) -> None:
+def _expire_one(entry: ConnectWatch, loop: asyncio.AbstractEventLoop,
+                late_ok: bool = True) -> None:
+    """Time out `entry`'s connect, unless it settled, or the timer is late (see
+    LATE_CONNECT_TIMER): then once more after the next poll, which sees a finished connect."""
     conn = entry.conn
-    if conn is not None:
-        conn.connect_timed_out()
+    if conn is None:
+        return
+    now = loop.time()
+    if late_ok and now - entry.deadline > LATE_CONNECT_TIMER:
+        loop.call_at(now + LATE_CONNECT_TIMER, _expire_one, entry, loop, False)
+        return
+    conn.connect_timed_out()
 
 
 class Route:
@@ -146,7 +159,7 @@ class Route:
         entry = ConnectWatch(deadline, conn)
         watch = self.connect_watch
         if watch and watch[-1].deadline > deadline:
-            loop.call_at(deadline, _expire_one, entry)
+            loop.call_at(deadline, _expire_one, entry, loop)
             return entry
         watch.append(entry)
         if self.connect_expiry is None:
@@ -154,16 +167,17 @@ class Route:
         return entry
 
     def _expire_connects(self) -> None:
-        now = self.loop.time()
+        loop = self.loop
+        now = loop.time()
         watch = self.connect_watch
         while watch and watch[0].deadline <= now:
-            conn = watch.popleft().conn
-            if conn is not None:
-                conn.connect_timed_out()
+            entry = watch.popleft()
+            if entry.conn is not None:
+                _expire_one(entry, loop)
         # The next deadline, but at most a hundred wake-ups a second under a stream of
         # connects: a timeout may fire up to 10 ms late.
         self.connect_expiry = (
-            self.loop.call_at(max(watch[0].deadline, now + 0.01), self._expire_connects)
+            loop.call_at(max(watch[0].deadline, now + 0.01), self._expire_connects)
             if watch else None
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -309,6 +310,62 @@ async def test_client_leaving_during_connect_is_no_failure_and_leaks_no_slot(
     finally:
         for sock in sockets:
             sock.close()
+
+
+def syn_sent_to(port: int) -> bool:
+    """Whether some socket of this machine is in SYN_SENT towards 127.0.0.1:`port`."""
+    target = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return any(fields[2] == target and fields[3] == "02"
+                   for fields in (line.split() for line in list(table)[1:]))
+
+
+async def test_a_stalled_balancer_does_not_blame_the_server_for_its_own_delay(start_balancer):
+    """The balancer stops (SIGSTOP stands in for a stall: a long collection, a starved
+    process) while its connect is in flight, and resumes after the connect deadline; the
+    kernel finished the handshake meanwhile. The connect is used, not failed as a timeout:
+    failing it would eject a healthy server for the balancer's own delay."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # the one queue slot: SYNs drop
+    client = None
+    try:
+        config = with_metrics(make_config([f"127.0.0.1:{port}"],
+                                          health={"max_fails": 1, "fail_timeout": "60s"},
+                                          timeouts={"connect": "1500ms"},
+                                          retries={"tries": 1}))
+        balancer = start_balancer(config)
+        client = socket.create_connection(("127.0.0.1", balancer.port))
+        client.sendall(b"hello")
+        await eventually(lambda: syn_sent_to(port), timeout=5, interval=0.005)
+        began = time.monotonic()
+        os.kill(balancer.pid, signal.SIGSTOP)
+        try:
+            listener.settimeout(10)
+            listener.accept()[0].close()  # the filler: the queue has room again...
+            # ...for the SYN the kernel retransmits after 1 s: the handshake completes while
+            # the balancer is stopped.
+            upstream, _ = await asyncio.to_thread(listener.accept)
+            # The stall itself, not a synchronisation: past the 1.5 s connect deadline.
+            await asyncio.sleep(max(0.0, began + 2.0 - time.monotonic()))
+        finally:
+            os.kill(balancer.pid, signal.SIGCONT)
+        upstream.settimeout(10)
+        with upstream:
+            assert upstream.recv(100) == b"hello"
+            upstream.sendall(b"hi\n")
+            client.settimeout(10)
+            assert client.recv(100) == b"hi\n"
+        samples = await scrape(admin_port(balancer))
+        assert total(samples, "balancer_connection_errors_total") == 0
+        body = json.loads((await http(admin_port(balancer), path="/status"))[1])
+        assert body["upstreams"]["app"]["servers"][0]["state"] == "up"
+    finally:
+        for sock in (listener, filler, client):
+            if sock is not None:
+                sock.close()
 
 
 async def test_half_open_server_gets_exactly_one_trial_from_a_burst(
