@@ -61,6 +61,11 @@ LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 # Failure reasons that say nothing about the server: `local` (above) and `internal` (a bug of
 # ours on the connect path). They are counted in metrics but never fed to passive health.
 NOT_THE_SERVERS: frozenset[FailureReason] = frozenset({"local", "internal"})
+# A connect timer that fires this much after its deadline found a loop that was not polling
+# (stalled: a long collection, a process starved or stopped). The connect may well have
+# completed meanwhile, its event waiting in the poll that comes next; failing it would eject
+# a healthy server for the balancer's own delay (proxy.py looks once more, pool.py tries again).
+LATE_CONNECT_TIMER = 0.05
 
 
 def failure_reason(exc: BaseException) -> FailureReason:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .health import failure_reason
+from .health import LATE_CONNECT_TIMER, failure_reason
 
 if TYPE_CHECKING:
     from .health import FailureReason, ServerHealth
@@ -163,13 +163,18 @@ class ServerPool:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _retry_later(self) -> None:
+        if not self.closed and self._retry_timer is None:
+            self._retry_timer = self.loop.call_later(REFILL_RETRY_DELAY, self._retry)
+
     async def _connect_one(self) -> None:
         address = self.server.config.address
         health = self.server.health
         trial = health.connect_started()
         tls = self.server.tls  # a pooled TLS connection has done its handshake
+        deadline = self.loop.time() + self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 _, conn = await self.loop.create_connection(
                     lambda: IdleConnection(self), address.host, address.port,
                     ssl=tls.context if tls else None,
@@ -178,12 +183,17 @@ class ServerPool:
                 )
         except (OSError, TimeoutError) as exc:
             self.connecting -= 1
+            if (isinstance(exc, TimeoutError)
+                    and self.loop.time() - deadline > LATE_CONNECT_TIMER):
+                # The loop stalled past the deadline: say nothing about the server, try again.
+                health.connect_abandoned(trial)
+                self._retry_later()
+                return
             reason = failure_reason(exc)
             self.server.connect_failed(reason)
             if self.on_connect_failed is not None:
                 self.on_connect_failed(self, reason)
-            if not self.closed and self._retry_timer is None:
-                self._retry_timer = self.loop.call_later(REFILL_RETRY_DELAY, self._retry)
+            self._retry_later()
             return
         except asyncio.CancelledError:
             self.connecting -= 1

@@ -32,7 +32,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from .events import ConnectionEvents, Outcome
-from .health import NOT_THE_SERVERS, FailureReason, failure_reason
+from .health import LATE_CONNECT_TIMER, NOT_THE_SERVERS, FailureReason, failure_reason
 from .splice import NEVER, SPLICE_MIN_CHUNK, SplicePump, can_splice, threshold
 
 if TYPE_CHECKING:
@@ -47,11 +47,6 @@ log = logging.getLogger("balancer.proxy")
 # up to 256 KiB) while bounding what one stalled connection can hold.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-# A connect timer that fires this much after its deadline found a loop that was not polling
-# (stalled: a long collection, a process starved or stopped). The connect may well have
-# completed meanwhile, its event waiting in the poll that comes next; failing it would eject
-# a healthy server for the balancer's own delay. So it gets one more look, this long after.
-LATE_CONNECT_TIMER = 0.05
 
 
 class ConnectWatch:

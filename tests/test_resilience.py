@@ -320,52 +320,91 @@ def syn_sent_to(port: int) -> bool:
                    for fields in (line.split() for line in list(table)[1:]))
 
 
-async def test_a_stalled_balancer_does_not_blame_the_server_for_its_own_delay(start_balancer):
-    """The balancer stops (SIGSTOP stands in for a stall: a long collection, a starved
-    process) while its connect is in flight, and resumes after the connect deadline; the
-    kernel finished the handshake meanwhile. The connect is used, not failed as a timeout:
-    failing it would eject a healthy server for the balancer's own delay."""
+def full_listener() -> tuple[socket.socket, socket.socket]:
+    """A listener whose one queue slot a filler holds: a connect to it sends SYNs that drop."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())
+    return listener, filler
+
+
+async def stall_through_a_connect(balancer, listener: socket.socket) -> socket.socket:
+    """Stop the balancer (SIGSTOP stands in for a stall: a long collection, a starved
+    process) while its connect to `listener` is in flight, let the kernel finish that
+    handshake, and resume it past a 1.5 s connect deadline. Returns the server's side."""
     port = listener.getsockname()[1]
-    filler = socket.create_connection(("127.0.0.1", port))  # the one queue slot: SYNs drop
+    await eventually(lambda: syn_sent_to(port), timeout=5, interval=0.005)
+    began = time.monotonic()
+    os.kill(balancer.pid, signal.SIGSTOP)
+    try:
+        listener.settimeout(10)
+        listener.accept()[0].close()  # the filler: the queue has room again...
+        # ...for the SYN the kernel retransmits after 1 s: the handshake completes while the
+        # balancer is stopped.
+        upstream, _ = await asyncio.to_thread(listener.accept)
+        # The stall itself, not a synchronisation: past the 1.5 s connect deadline.
+        await asyncio.sleep(max(0.0, began + 2.0 - time.monotonic()))
+    finally:
+        os.kill(balancer.pid, signal.SIGCONT)
+    upstream.settimeout(10)
+    return upstream
+
+
+async def assert_nothing_blamed(balancer) -> None:
+    """No connect error counted, and the one server still up with no failure."""
+    port = admin_port(balancer)
+    assert total(await scrape(port), "balancer_connection_errors_total") == 0
+    server = json.loads((await http(port, path="/status"))[1])["upstreams"]["app"]["servers"][0]
+    assert server["state"] == "up" and server["failures"] == 0, server
+
+
+STALL_CONFIG = {"health": {"max_fails": 1, "fail_timeout": "60s"},
+                "timeouts": {"connect": "1500ms"}, "retries": {"tries": 1}}
+
+
+async def test_a_stalled_balancer_does_not_blame_the_server_for_its_own_delay(start_balancer):
+    """A client's connect that the kernel finished while the balancer was stalled past the
+    connect deadline is used, not failed as a timeout: failing it would eject a healthy
+    server for the balancer's own delay."""
+    listener, filler = full_listener()
     client = None
     try:
-        config = with_metrics(make_config([f"127.0.0.1:{port}"],
-                                          health={"max_fails": 1, "fail_timeout": "60s"},
-                                          timeouts={"connect": "1500ms"},
-                                          retries={"tries": 1}))
-        balancer = start_balancer(config)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        balancer = start_balancer(with_metrics(make_config([address], **STALL_CONFIG)))
         client = socket.create_connection(("127.0.0.1", balancer.port))
         client.sendall(b"hello")
-        await eventually(lambda: syn_sent_to(port), timeout=5, interval=0.005)
-        began = time.monotonic()
-        os.kill(balancer.pid, signal.SIGSTOP)
-        try:
-            listener.settimeout(10)
-            listener.accept()[0].close()  # the filler: the queue has room again...
-            # ...for the SYN the kernel retransmits after 1 s: the handshake completes while
-            # the balancer is stopped.
-            upstream, _ = await asyncio.to_thread(listener.accept)
-            # The stall itself, not a synchronisation: past the 1.5 s connect deadline.
-            await asyncio.sleep(max(0.0, began + 2.0 - time.monotonic()))
-        finally:
-            os.kill(balancer.pid, signal.SIGCONT)
-        upstream.settimeout(10)
-        with upstream:
+        with await stall_through_a_connect(balancer, listener) as upstream:
             assert upstream.recv(100) == b"hello"
             upstream.sendall(b"hi\n")
             client.settimeout(10)
             assert client.recv(100) == b"hi\n"
-        samples = await scrape(admin_port(balancer))
-        assert total(samples, "balancer_connection_errors_total") == 0
-        body = json.loads((await http(admin_port(balancer), path="/status"))[1])
-        assert body["upstreams"]["app"]["servers"][0]["state"] == "up"
+        await assert_nothing_blamed(balancer)
     finally:
         for sock in (listener, filler, client):
             if sock is not None:
                 sock.close()
+
+
+async def test_a_stalled_balancer_retries_a_pool_connect_without_blaming_the_server(
+        start_balancer):
+    """The same stall during a pool's connect: the timeout cannot be trusted, so it counts
+    against nobody and the pool connects again (and is filled)."""
+    listener, filler = full_listener()
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        balancer = start_balancer(with_metrics(make_config([address], pool={"size": 1},
+                                                           **STALL_CONFIG)))
+        with await stall_through_a_connect(balancer, listener):
+            pass
+        # The pool's next try: the queue has room now, so the connect completes at once
+        # (a server blamed for the stall would be down, and this accept would time out).
+        again, _ = await asyncio.to_thread(listener.accept)
+        again.close()
+        await assert_nothing_blamed(balancer)
+    finally:
+        listener.close()
+        filler.close()
 
 
 async def test_half_open_server_gets_exactly_one_trial_from_a_burst(
