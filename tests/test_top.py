@@ -76,7 +76,9 @@ def test_top_refreshes_and_quits_on_ctrl_c(start_backend, start_balancer, tmp_pa
     for _ in range(4):
         assert await_sync(who_answers(running.port)) in ("a", "b")
     term = Terminal("-c", str(running.config_path))
-    screen = term.read_until(r"\(Ctrl-C to quit\)")
+    # The whole first frame: its header and its three server rows (a read may end between).
+    row = r".*?\n  127\.0\.0\.1:\d+"
+    screen = term.read_until(r"(?s)\(Ctrl-C to quit\)" + row * 3)
     first = term.output
     term.read_until(r"(?s)Ctrl-C to quit.*Ctrl-C to quit")  # a second frame: it refreshes
     assert term.output != first
