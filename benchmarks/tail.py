@@ -26,8 +26,8 @@ from pathlib import Path
 
 from . import conntrack, load
 from .features import revisions
-from .procs import CPU_PROXY, Proc, Supervisor, cpu_seconds, free_port, tree_pids, wait_port
-from .proxies import balancer_command, balancer_conf, haproxy_conf, start_nginx_backend
+from .procs import Proc, Supervisor, cpu_seconds, tree_pids
+from .proxies import Variant, start_nginx_backend, start_proxy
 from .setup_latency import publish
 
 PERCENTILES = re.compile(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$")
@@ -68,27 +68,12 @@ def latency_ms(raw: str) -> dict[str, float]:
     return out
 
 
-def start(sup: Supervisor, workdir: Path, source: Path | None,
-          backends: list[int]) -> tuple[Proc, int]:
-    """HAProxy (`source` None) or the balancer from `source`, on CPU 0."""
-    port = free_port()
-    if source is None:
-        conf = workdir / f"haproxy-{port}.cfg"
-        conf.write_text(haproxy_conf(port, backends, False))
-        proc = sup.start("haproxy", ["haproxy", "-db", "-f", str(conf)], CPU_PROXY)
-    else:
-        conf = workdir / f"balancer-{port}.yaml"
-        conf.write_text(balancer_conf(port, backends))
-        proc = sup.start("balancer", balancer_command(None, conf), CPU_PROXY, cwd=str(source))
-    wait_port(port, 20, proc.popen, proc.log)
-    return proc, port
-
-
-def one_run(sup: Supervisor, workdir: Path, source: Path | None,
-            backends: list[tuple[Proc, int]], connections: int,
-            duration: float) -> dict[str, float]:
+def one_run(sup: Supervisor, workdir: Path, variant: Variant,
+            backends: list[tuple[Proc, int]], connections: int, duration: float,
+            run_id: str) -> dict[str, float]:
     """One fresh proxy: a warm-up, then the measured wrk run."""
-    proc, port = start(sup, workdir, source, [p for _, p in backends])
+    proc, port = start_proxy(sup, workdir, variant, [p for _, p in backends], None, run_id)
+    assert proc is not None
     try:
         load.run_wrk(port, 2, connections)  # warm-up: the proxy's first connections
         back_pids = [b.pid for b, _ in backends]
@@ -122,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     with conntrack.loopback_untracked(args.notrack) as tracking:
         try:
             backends = [start_nginx_backend(sup, workdir, i) for i in (1, 2)]
-            rows: dict[str, Path | None] = {"haproxy": None, **revisions(args.against, workdir)}
+            tree, *others = revisions(args.against, workdir).items()
+            rows = {"haproxy": Variant("haproxy"), tree[0]: Variant("balancer"),
+                    **{rev: Variant(f"balancer@{rev}", source=path) for rev, path in others}}
             for run in range(args.runs):
-                for row, source in rows.items():
+                for row, variant in rows.items():
                     for count in counts:
-                        figures = one_run(sup, workdir, source, backends, count,
-                                          args.duration)
+                        figures = one_run(sup, workdir, variant, backends, count,
+                                          args.duration, f"{run}-{count}")
                         results.setdefault((row, count), []).append(figures)
                         print(f"run {run + 1} {row} c{count}: " + ", ".join(
                             f"{k} {v:.3g}" for k, v in figures.items()), file=sys.stderr)
