@@ -31,6 +31,7 @@ from typing import Literal
 from .config import ListenerConfig, Network
 from .proxy import ClientConnection, Route
 from .proxyproto import Addresses, HeaderReader
+from .ratelog import Throttle
 
 log = logging.getLogger("balancer.limits")
 
@@ -322,9 +323,7 @@ class AcceptErrors:
     MESSAGE = "socket.accept() out of system resource"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.logged_at = float("-inf")
-        self.unlogged = 0
+        self.throttle = Throttle(LOG_INTERVAL, clock)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         if context.get("message") != self.MESSAGE:
@@ -335,12 +334,9 @@ class AcceptErrors:
                 return
             loop.default_exception_handler(context)
             return
-        now = self.clock()
-        if now - self.logged_at < LOG_INTERVAL:
-            self.unlogged += 1
+        count = self.throttle.due()
+        if count is None:
             return
-        self.logged_at = now
-        more = f" ({self.unlogged} more since the last report)" if self.unlogged else ""
-        self.unlogged = 0
+        more = f" ({count - 1} more since the last report)" if count > 1 else ""
         log.warning("cannot accept: %s; accepting pauses for 1s, open connections are still "
                     "served%s", context.get("exception"), more)

@@ -24,10 +24,10 @@ import errno
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 from .config import Address
+from .ratelog import Throttle
 
 ACCEPT_SOCKETS = 16
 LISTEN_BACKLOG = 1024
@@ -37,7 +37,6 @@ DEFER_ACCEPT_SECONDS = 1
 
 
 log = logging.getLogger(__name__)
-SHED_LOG_INTERVAL = 1.0  # seconds between two warnings about clients shed for descriptors
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
@@ -74,8 +73,7 @@ class _Spare:
 
     def __init__(self) -> None:
         self.fd: int | None = None
-        self.logged_at = float("-inf")
-        self.unlogged = 0
+        self.throttle = Throttle()
 
     def hold(self) -> None:
         if self.fd is None:
@@ -95,12 +93,12 @@ class _Spare:
         try:
             for _ in range(LISTEN_BACKLOG):
                 try:
-                    fd, _ = sock._accept()  # type: ignore[attr-defined]
+                    client, _ = socket.socket.accept(sock)  # not ours: it would shed again
                 except ConnectionAbortedError:
                     continue
                 except OSError:  # BlockingIOError: the queue is empty; EMFILE: not ours to take
                     break
-                os.close(fd)
+                client.close()
                 shed += 1
         finally:
             self.hold()
@@ -108,15 +106,11 @@ class _Spare:
 
     def report(self, exc: OSError, shed: int) -> None:
         """One warning a second at most: a storm of clients is one event, not thousands."""
-        self.unlogged += shed
-        now = time.monotonic()
-        if now - self.logged_at < SHED_LOG_INTERVAL:
-            return
-        self.logged_at = now
-        log.warning("cannot accept: %s; closed %d queued client(s) since the last report, open "
-                    "connections are still served (raise the open files limit: ulimit -n, "
-                    "LimitNOFILE=)", exc.strerror or exc, self.unlogged)
-        self.unlogged = 0
+        count = self.throttle.due(shed)
+        if count is not None:
+            log.warning("cannot accept: %s; closed %d queued client(s) since the last report, "
+                        "open connections are still served (raise the open files limit: "
+                        "ulimit -n, LimitNOFILE=)", exc.strerror or exc, count)
 
 
 _SPARE = _Spare()

@@ -314,3 +314,15 @@ async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(start_backend
     limits_text = Path(f"/proc/{balancer.pid}/limits").read_text()
     line = next(x for x in limits_text.splitlines() if x.startswith("Max open files"))
     assert line.split()[3:5] == [str(hard), str(hard)], line
+
+
+def test_a_storm_of_one_event_is_one_line_an_interval_with_its_count():
+    from balancer.ratelog import Throttle
+
+    now = [100.0]
+    throttle = Throttle(1.0, lambda: now[0])
+    assert throttle.due(3) == 3  # the first line at once
+    assert [throttle.due(2) for _ in range(4)] == [None] * 4  # held back, counted
+    now[0] += 1.0
+    assert throttle.due(0) == 8  # the next line reports all held back
+    assert throttle.due() is None
