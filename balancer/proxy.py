@@ -166,9 +166,7 @@ class Route:
         now = loop.time()
         watch = self.connect_watch
         while watch and watch[0].deadline <= now:
-            entry = watch.popleft()
-            if entry.conn is not None:
-                _expire_one(entry, loop)
+            _expire_one(watch.popleft(), loop)  # a settled connect's entry: nothing
         # The next deadline, but at most a hundred wake-ups a second under a stream of
         # connects: a timeout may fire up to 10 ms late.
         self.connect_expiry = (
