@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .health import LATE_CONNECT_TIMER, failure_reason
+from .tlsstream import open_tls
 
 if TYPE_CHECKING:
     from .health import FailureReason, ServerHealth
@@ -175,12 +176,13 @@ class ServerPool:
         deadline = self.loop.time() + self.connect_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                _, conn = await self.loop.create_connection(
-                    lambda: IdleConnection(self), address.host, address.port,
-                    ssl=tls.context if tls else None,
-                    server_hostname=tls.server_hostname if tls else None,
-                    ssl_handshake_timeout=self.connect_timeout if tls else None,
-                )
+                if tls is None:
+                    _, conn = await self.loop.create_connection(
+                        lambda: IdleConnection(self), address.host, address.port)
+                else:
+                    _, conn = await open_tls(
+                        self.loop, lambda: IdleConnection(self), address.host, address.port,
+                        tls.context, tls.server_hostname, self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             self.connecting -= 1
             if (isinstance(exc, TimeoutError)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from .events import ConnectionEvents, Outcome
 from .health import LATE_CONNECT_TIMER, NOT_THE_SERVERS, FailureReason, failure_reason
 from .splice import NEVER, SPLICE_MIN_CHUNK, SplicePump, can_splice, threshold
+from .tlsstream import open_tls
 
 if TYPE_CHECKING:
     from .limits import Gate
@@ -237,11 +238,8 @@ class UpstreamConnection(asyncio.Protocol):
         return True  # keep our write side open: the client may still be sending
 
     def send_eof(self) -> None:
-        """Pass the client's FIN on. A TLS transport cannot half-close (tls.py): there the
-        FIN is kept back, as the server's answer would otherwise be refused."""
-        transport = self.transport
-        if transport.can_write_eof():
-            transport.write_eof()
+        """Pass the client's FIN on (over TLS, a close_notify and then the FIN)."""
+        self.transport.write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.upstream_lost(exc)
@@ -252,17 +250,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client.transport.resume_reading()
-
-
-class TlsUpstreamConnection(UpstreamConnection):
-    """The upstream half over TLS: the loop's TLS transport closes itself after the server's
-    close_notify whatever eof_received answers (and warns when asked to stay open)."""
-
-    __slots__ = ()
-
-    def eof_received(self) -> bool:
-        self.client.upstream_ended()
-        return False
 
 
 class PooledUpstreamConnection(UpstreamConnection):
@@ -428,16 +415,12 @@ class ClientConnection(asyncio.Protocol):
                 self._new_upstream, address.host, address.port
             )
         else:  # the handshake is part of the connect, within the same timeout
-            self.connecting = route.loop.create_connection(
-                self._new_upstream, address.host, address.port, ssl=tls.context,
-                server_hostname=tls.server_hostname, ssl_handshake_timeout=timeout
-            )
+            self.connecting = open_tls(
+                route.loop, self._new_upstream, address.host, address.port, tls.context,
+                tls.server_hostname, timeout)
         self._connect_step(None)
 
     def _new_upstream(self) -> UpstreamConnection:
-        server = self.server
-        if server is not None and server.tls is not None:
-            return TlsUpstreamConnection(self)
         return UpstreamConnection(self)
 
     def _connect_step(self, waited: asyncio.Future[object] | None) -> None:
@@ -797,7 +780,7 @@ class ClientConnection(asyncio.Protocol):
     def _close_gracefully(self, transport: asyncio.Transport) -> asyncio.TimerHandle | None:
         """Close after the buffered bytes are sent; if some are left, the timer that aborts
         the transport should its peer never read them (cancelled when it is lost)."""
-        if transport.is_closing():  # a TLS transport breaks when closed twice
+        if transport.is_closing():  # closing already (a TLS peer's close_notify ended it)
             return None
         transport.close()
         if not transport.get_write_buffer_size():

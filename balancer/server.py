@@ -50,6 +50,7 @@ from .sockets import LISTEN_BACKLOG, BindError, bind_group, set_defer_accept
 from .splice import threshold
 from .terminate import TlsHandshake
 from .tls import ServerCertificates
+from .tlsstream import TlsTransport
 from .upstream import CellFor, Server, Upstream, no_cell
 from .watch import ConfigWatcher
 
@@ -91,7 +92,7 @@ class Listener:
         self.route: Route | None = None  # where plain/TLS clients go; an SNI fallback
         self.certificates: ServerCertificates | None = None
         self.sni: SniListenerState | None = None
-        self.handshakes: set[TlsHandshake] = set()
+        self.handshakes: set[TlsTransport] = set()
         self.servers: list[asyncio.Server] = []
         self.use(config, upstreams)
         self._use_gate(config)
@@ -165,10 +166,11 @@ class Listener:
             return self.gate.factory()
         return partial(ClientConnection, self.route)
 
-    def _tls_stage(self) -> TlsHandshake:
+    def _tls_stage(self) -> TlsTransport:
         # Read at accept time, so a reload's new certificates serve the next client.
         assert self.route is not None and self.certificates is not None
-        return TlsHandshake(self.route, self.certificates, self.handshakes, self.events)
+        return TlsHandshake(self.route, self.certificates, self.handshakes,
+                            self.events).transport()
 
     async def start(self, socks: list[socket.socket] | None = None, *,
                     ours: bool = False) -> None:

@@ -1,12 +1,14 @@
-"""TLS with the standard library's `ssl`, through the event loop's own TLS support.
+"""TLS with the standard library's `ssl`: certificates and contexts.
 
 - Certificates: a listener's certificate/key pairs become one `ssl.SSLContext` each; the first
   is the default and the others are chosen by the server name the client asks for (SNI),
   matched against each certificate's DNS names (subjectAltName, wildcards as TLS allows: one
   leftmost label). Files are read once per (re)load, as bytes, and travel in the Config
   (workers get them pickled): the key never needs to be re-read from disk by a worker.
-- Termination is terminate.py: the accept stage that runs the handshake.
-- Servers: `client_context()` is what connects to a TLS upstream (proxy, pools, checks) use.
+- Termination is terminate.py: the accept stage that runs the handshake. The data path's TLS,
+  both ways, is tlsstream.py's transport (it can half-close; the loops' own cannot).
+- Servers: `client_context()` is what connects to a TLS upstream (proxy, pools, checks) use;
+  active checks keep the loop's TLS (they never half-close).
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def _server_context(cert_pem: bytes, key_pem: bytes, config: ListenerTlsConfig
                     ) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = VERSIONS[config.min_version]
-    context.options |= ssl.OP_NO_COMPRESSION
+    # No renegotiation (as nginx and HAProxy): with it a write could need a read first.
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if config.alpn:
         context.set_alpn_protocols(list(config.alpn))
     _load_pair(context, cert_pem, key_pem)
@@ -165,6 +168,7 @@ def client_context(config: UpstreamTlsConfig) -> ssl.SSLContext:
         cadata=config.ca_pem.decode("ascii") if config.ca_pem else None)
     if config.ca_pem is None:
         context.load_default_certs()
+    context.options |= ssl.OP_NO_RENEGOTIATION  # see _server_context
     if not config.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

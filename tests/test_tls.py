@@ -546,7 +546,8 @@ async def test_tls_to_servers_verify_false_and_sni(start_backend, start_balancer
     assert await asyncio.wait_for(reader.readline(), 10) == b"untrusted\n"
     writer.write(b"over tls\n")
     assert await asyncio.wait_for(reader.readline(), 10) == b"over tls\n"
-    writer.write_eof()  # kept back from the TLS server (it cannot be half-closed)
+    writer.write_eof()  # reaches the TLS server as its close_notify: it ends, and so do we
+    assert await asyncio.wait_for(reader.read(), 10) == b""
     reader2, writer2 = await asyncio.open_connection("127.0.0.1", balancer.port)
     assert await asyncio.wait_for(reader2.readline(), 10) == b"untrusted\n"
     await shut(writer2)
