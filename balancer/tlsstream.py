@@ -175,12 +175,21 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if self.paused or self.shut or self.protocol is None:
             return
         sslobj = self.sslobj
+        incoming = self.incoming
         chunks = []
         ended = False
         try:
-            while chunk := sslobj.read(READ_SIZE):
+            while True:
+                chunk = sslobj.read(READ_SIZE)
+                if not chunk:
+                    ended = True  # an empty read: the peer's close_notify
+                    break
                 chunks.append(chunk)
-            ended = True  # an empty read: the peer's close_notify
+                if not incoming.pending and not sslobj.pending():
+                    # Nothing left to decrypt: skip the read that would only raise (the
+                    # common case, one record per TCP read, costs one read, not two).
+                    ended = self.raw_eof
+                    break
         except ssl.SSLWantReadError:
             ended = self.raw_eof  # all that came before the FIN (a partial record is lost)
         except ssl.SSLZeroReturnError:
