@@ -7,7 +7,7 @@
 //              "received <count>\n" and ends (close_notify, FIN)
 //       first: sends "bye\n" and ends at once, keeps reading; at the client's end prints
 //              "received <count>" on stdout
-//   node tls_peer.js client MODE --port P --ca FILE --name NAME --bytes N
+//   node tls_peer.js client MODE --port P --ca FILE --name NAME --bytes N [--max-version V]
 //       prints one JSON line {"received": "<what the server sent>"} and exits. MODE:
 //       sink:  sends N bytes, ends (its close_notify), reads until the server's end
 //       first: reads until the server's end, then sends N bytes and ends
@@ -38,7 +38,7 @@ if (role === "server") {
   const payload = Buffer.alloc(Number(opts.bytes || 0), "x");
   const socket = tls.connect({
     host: "127.0.0.1", port: Number(opts.port), servername: opts.name,
-    ca: fs.readFileSync(opts.ca), allowHalfOpen: true,
+    ca: fs.readFileSync(opts.ca), allowHalfOpen: true, maxVersion: opts["max-version"] || "TLSv1.3",
   }, () => { if (mode === "sink") socket.end(payload); });
   let received = "";
   socket.setEncoding("latin1");
