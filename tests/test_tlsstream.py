@@ -16,6 +16,8 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +227,76 @@ async def test_churn_through_tls_on_both_sides_leaves_no_descriptor(
     await one(0)
     assert balancer.proc.poll() is None
     no_tracebacks(balancer)
+
+
+def _answer_handshake(listener: socket.socket, context: ssl.SSLContext,
+                      stall: Any) -> bytes:
+    """A TLS server by hand (one connection): once the ClientHello is in, it has the client's
+    loop stalled (`stall()` returns once the stall has begun) and answers meanwhile; then the
+    first bytes it gets."""
+    listener.settimeout(10)
+    raw, _ = listener.accept()
+    raw.settimeout(10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=True)
+    try:
+        incoming.write(raw.recv(65536))
+        stall()
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        while True:
+            try:
+                return tls.read(100)
+            except ssl.SSLWantReadError:
+                incoming.write(raw.recv(65536))
+    finally:
+        raw.close()
+
+
+def test_a_loop_stalled_past_the_handshake_deadline_still_completes_it(
+        certs: Certs, balancer_loop: str) -> None:
+    """The server's flight arrives while the loop is stuck in a callback (a long collection,
+    say) past the handshake deadline. The handshake, whose answer is waiting unread, must not
+    fail for the loop's own delay: it holds because both loops poll before they run due
+    timers (libuv since 1.45, asyncio always) and the handshake advances inside the poll's
+    callback. (A handshake step deferred with call_soon fails here on both loops.)"""
+    from balancer.loops import new_event_loop
+    from balancer.tlsstream import open_tls
+
+    cert, key = certs.issue("server", "127.0.0.1")
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    loop = new_event_loop(balancer_loop)
+
+    stalling = threading.Event()
+
+    def stuck() -> None:  # the stall: 1 s in a callback, past the 0.5 s deadline
+        stalling.set()
+        time.sleep(1.0)
+
+    def stall() -> None:
+        loop.call_soon_threadsafe(stuck)
+        assert stalling.wait(10)
+
+    async def connect() -> bytes:
+        server = asyncio.ensure_future(asyncio.to_thread(_answer_handshake, listener,
+                                                         server_context, stall))
+        tls, _ = await open_tls(loop, asyncio.Protocol, "127.0.0.1",
+                                listener.getsockname()[1], certs.client(), "127.0.0.1", 0.5)
+        tls.write(b"hello")
+        try:
+            return await asyncio.wait_for(server, 10)
+        finally:
+            tls.close()
+
+    try:
+        assert loop.run_until_complete(connect()) == b"hello"
+    finally:
+        loop.close()
+        listener.close()
