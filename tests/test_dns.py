@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,11 +39,27 @@ def dns(tmp_path: Path) -> Iterator[Dnsmasq]:
     server.stop()
 
 
+def port_free_on(hosts: range, attempts: int = 20) -> int:
+    """A port that every 127.0.0.N of `hosts` can bind (as the backends will, with
+    SO_REUSEADDR): free on 127.0.0.1 alone is not enough, a socket on 127.0.0.2 may hold it."""
+    for _ in range(attempts):
+        port = free_port()
+        try:
+            for host in hosts:
+                with socket.socket() as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((f"127.0.0.{host}", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError(f"no port free on all of 127.0.0.{hosts.start}-{hosts.stop - 1}")
+
+
 @pytest.fixture
 def replicas(start_backend) -> Any:
     """Factory: `replicas(2, 3, 4)` -> the port of `name` backends on 127.0.0.2, .3, .4, one
     port for all, each answering with its own address."""
-    port = free_port()
+    port = port_free_on(range(1, 10))
 
     def start(*hosts: int) -> int:
         for host in hosts:

@@ -39,6 +39,8 @@ def _read_listening_line(proc: subprocess.Popen[str], what: str) -> int:
     if not result or not result[0].startswith("listening "):
         proc.kill()
         proc.wait(5)
+        if proc.stdout is not None:  # the caller never sees this process: close it here
+            proc.stdout.close()
         raise RuntimeError(f"{what} did not start: {result!r}")
     return int(result[0].split()[1])
 
