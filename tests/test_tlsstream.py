@@ -2,9 +2,10 @@
 
 Half-close through TLS, both ways, with a real TLS peer that half-closes (Node's `tls` with
 `allowHalfOpen`, tests/tls_peer.js) on the TLS side and a plain backend or client on the
-other: a close_notify is a FIN, and the other direction keeps flowing, as over TCP. Then a
-slow client pausing a TLS server, and churn (clean ends, resets, silent clients) through TLS
-on both sides, with the balancer's descriptors counted."""
+other: a close_notify is a FIN, and the other direction keeps flowing, as over TCP. Then
+backpressure both ways (a slow client pausing a TLS server, a slow TLS server pausing a
+client), churn (clean ends, resets, silent clients) through TLS on both sides with the
+balancer's descriptors counted, and a handshake that outlives a stall of the loop."""
 
 from __future__ import annotations
 
@@ -48,11 +49,11 @@ def certs(tmp_path: Path) -> Certs:
 class TlsPeer(Backend):
     """tls_peer.js as a TLS server (stopped by the start_backend-style fixture below)."""
 
-    def __init__(self, mode: str, cert: Path, key: Path) -> None:
+    def __init__(self, mode: str, cert: Path, key: Path, *extra: str) -> None:
         self.mode = mode
         self.name = f"tls-peer-{mode}"
         self.proc = subprocess.Popen(
-            ["node", str(PEER), "server", mode, "--cert", str(cert), "--key", str(key)],
+            ["node", str(PEER), "server", mode, "--cert", str(cert), "--key", str(key), *extra],
             stdout=subprocess.PIPE, text=True)
         self.port = _read_listening_line(self.proc, self.name)
 
@@ -61,8 +62,8 @@ class TlsPeer(Backend):
 def tls_peer(certs: Certs) -> Any:
     started: list[TlsPeer] = []
 
-    def start(mode: str) -> TlsPeer:
-        peer = TlsPeer(mode, *certs.issue(f"peer-{mode}", "127.0.0.1"))
+    def start(mode: str, *extra: str) -> TlsPeer:
+        peer = TlsPeer(mode, *certs.issue(f"peer-{mode}", "127.0.0.1"), *extra)
         started.append(peer)
         return peer
 
@@ -181,6 +182,38 @@ async def test_a_slow_client_pauses_a_tls_server(start_backend, start_balancer, 
         received += len(chunk)
     assert received == total
     writer.close()
+    await writer.wait_closed()
+    no_tracebacks(balancer)
+
+
+async def test_a_slow_tls_server_pauses_the_client(start_balancer, certs, tls_peer) -> None:
+    """Backpressure through our TLS transport on the client side: a TLS server that reads
+    nothing at first stops the balancer reading its client; every byte arrives in the end,
+    and the answer sent after the client's FIN (a close_notify on the way) comes back."""
+    total = 48 * 1024 * 1024
+    peer = tls_peer("sink", "--pause-ms", "1500")
+    balancer = start_balancer(tls_upstream([f"127.0.0.1:{peer.port}"], certs))
+    before = balancer.status_kib("VmRSS")
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+
+    async def send() -> None:
+        block = b"s" * (1 << 20)
+        for _ in range(total // len(block)):
+            writer.write(block)
+            await writer.drain()
+        writer.write_eof()
+
+    sending = asyncio.ensure_future(send())
+    try:
+        await asyncio.sleep(1.0)  # the window in which a balancer without backpressure grows
+        grown = balancer.status_kib("VmRSS") - before
+        assert grown < 16 * 1024, f"balancer grew {grown} KiB while its server did not read"
+        assert not sending.done()  # the client is held back, not buffered
+        await asyncio.wait_for(sending, 30)
+        assert await asyncio.wait_for(reader.read(), 20) == f"received {total}\n".encode()
+    finally:
+        sending.cancel()
+        writer.close()
     await writer.wait_closed()
     no_tracebacks(balancer)
 

@@ -1,8 +1,9 @@
 // A real TLS peer that half-closes (Node's tls with allowHalfOpen): the other end of the
 // balancer's TLS in tests/test_tlsstream.py.
 //
-//   node tls_peer.js server MODE --cert FILE --key FILE
-//       prints "listening <port>", serves until killed. MODE:
+//   node tls_peer.js server MODE --cert FILE --key FILE [--pause-ms MS]
+//       prints "listening <port>", serves until killed (with --pause-ms, reads nothing for
+//       the first MS ms of each connection). MODE:
 //       sink:  counts bytes until the client's close_notify, then answers
 //              "received <count>\n" and ends (close_notify, FIN)
 //       first: sends "bye\n" and ends at once, keeps reading; at the client's end prints
@@ -24,6 +25,10 @@ if (role === "server") {
     { key: fs.readFileSync(opts.key), cert: fs.readFileSync(opts.cert), allowHalfOpen: true },
     (socket) => {
       let count = 0;
+      if (opts["pause-ms"]) {  // a slow reader: nothing read at first
+        socket.pause();
+        setTimeout(() => socket.resume(), Number(opts["pause-ms"]));
+      }
       socket.on("error", () => socket.destroy());
       socket.on("data", (chunk) => { count += chunk.length; });
       if (mode === "first") socket.end("bye\n");
