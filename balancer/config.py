@@ -426,11 +426,12 @@ def _listener(section: Section, known: set[str] | None, base: Path) -> ListenerC
     timeouts = section.sub("timeouts", LISTENER_TIMEOUTS_KEYS)
     proxy_header = timeouts.duration("proxy_header", _LISTENER.timeouts.proxy_header,
                                      positive=True)
-    if sni is not None or section.get("tls") is not None:
-        # The accept-time rules (limits.py) run on the plain accept path only, for now.
+    if sni is not None:
+        # The accept-time rules (limits.py) run on plain and TLS listeners, not yet on SNI
+        # passthrough ones.
         for key in ("accept_proxy", "max_conns", "per_client", "allow", "deny"):
             if section.get(key) not in (None, False, 0):
-                section.fail(key, "cannot be combined with tls or sni (not supported yet)")
+                section.fail(key, "cannot be combined with sni (not supported yet)")
     if bind is None or not (isinstance(upstream, str) or (sni and upstream is None)):
         return None
     if section.get("tls") is not None and tls is None:

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 from .config import ListenerConfig, Network
 from .proxy import ClientConnection, Route
@@ -93,6 +93,10 @@ class Gate:
         self.pause: Callable[[], None] = _nothing
         self.resume: Callable[[], None] = _nothing
         self.paused = False
+        # What an admitted client becomes: a TLS listener's runs its handshake first
+        # (terminate.py sets both).
+        self.connection: type[GatedConnection] = GatedConnection
+        self.tls: Any = None
         self.configure(config)
 
     def configure(self, config: ListenerConfig) -> None:
@@ -120,7 +124,7 @@ class Gate:
         """The protocol factory for the listener's sockets."""
         if self.accept_proxy:
             return partial(HeaderReader, self)
-        return partial(GatedConnection, self.route, self)
+        return partial(self.connection, self.route, self)
 
     # -- the listener's connection count (max_conns) ------------------------------------------
 
@@ -162,7 +166,7 @@ class Gate:
     def admit_proxied(self, transport: asyncio.Transport, addresses: Addresses | None,
                       rest: bytes) -> None:
         """A complete header: the client connection takes over the transport."""
-        conn = GatedConnection(self.route, self)
+        conn = self.connection(self.route, self)
         conn.transport = transport
         conn.source = addresses
         if addresses is not None:
@@ -173,8 +177,8 @@ class Gate:
         transport.set_protocol(conn)
         if self.admit(conn):
             conn.start()
-            if rest and not conn.closed:
-                conn.data_received(rest)
+            if rest and not conn.closed:  # to what reads the socket now (TLS, or conn)
+                transport.get_protocol().data_received(rest)  # type: ignore[attr-defined]
 
     def close_headers(self) -> None:
         """Close connections still sending their header (the listener is stopping)."""
@@ -279,11 +283,21 @@ class GatedConnection(ClientConnection):
         if self.closed:
             return
         ClientConnection.close(self, abort)
+        self._release()
+
+    def _release(self) -> None:
         client = self.client
         if client is not None:
             client.conns -= 1
             self.client = None
         self.gate.released()
+
+    def never_started(self) -> None:
+        """Admitted, but gone before it began (its TLS handshake failed): give back its
+        slots; the handshake's own counter tells of it, not the connection metrics."""
+        if not self.closed:
+            self.closed = True
+            self._release()
 
 
 def _nothing() -> None:

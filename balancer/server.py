@@ -37,7 +37,15 @@ from .config import (
     reload_problems,
 )
 from .events import ConnectionEvents, FanOutEvents
-from .limits import REASONS, AcceptErrors, Gate, Rejections, raise_fd_limit, uses_gate
+from .limits import (
+    REASONS,
+    AcceptErrors,
+    Gate,
+    GatedConnection,
+    Rejections,
+    raise_fd_limit,
+    uses_gate,
+)
 from .loops import new_event_loop, resolve_loop_name
 from .membership import Apply, Membership, Reason
 from .metrics import MetricsEvents, count_reload, process_metrics, reject_reload
@@ -48,7 +56,7 @@ from .signals import handle_stop_signals, remove_stop_signals
 from .sni import SniListenerState, SniPreread, SniRouter
 from .sockets import LISTEN_BACKLOG, BindError, bind_group, set_defer_accept
 from .splice import threshold
-from .terminate import TlsHandshake
+from .terminate import GatedTlsConnection, TlsHandshake
 from .tls import ServerCertificates
 from .tlsstream import TlsTransport
 from .upstream import CellFor, Server, Upstream, no_cell
@@ -100,7 +108,7 @@ class Listener:
     def _use_gate(self, config: ListenerConfig) -> None:
         """A plain listener keeps the plain protocol; PROXY headers or limits add a Gate."""
         route = self.route
-        if not uses_gate(config) or route is None or config.mode != "plain":
+        if not uses_gate(config) or route is None or config.mode == "sni":
             if route is not None:
                 route.gate = None
             self.gate = None
@@ -112,6 +120,13 @@ class Listener:
         else:
             self.gate.route = route
             self.gate.configure(config)
+        if config.mode == "tls":  # admitted clients do their handshake (terminate.py)
+            assert self.certificates is not None
+            self.gate.connection = GatedTlsConnection
+            self.gate.tls = TlsHandshake(route, self.certificates, self.handshakes, self.events)
+        else:
+            self.gate.connection = GatedConnection
+            self.gate.tls = None
         route.gate = self.gate
 
     def apply(self, config: ListenerConfig, upstreams: dict[str, Upstream]) -> None:
@@ -160,10 +175,10 @@ class Listener:
             assert self.sni is not None
             return partial(SniPreread, self.sni)
         assert self.route is not None
+        if self.gate is not None:  # its rules first, then a TLS listener's handshake
+            return self.gate.factory()
         if mode == "tls":
             return self._tls_stage
-        if self.gate is not None:
-            return self.gate.factory()
         return partial(ClientConnection, self.route)
 
     def _tls_stage(self) -> TlsTransport:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
+from .limits import GatedConnection
 from .proxy import ClientConnection, Route
 from .tlsstream import TlsTransport
 
@@ -46,6 +48,23 @@ class TlsClientConnection(ClientConnection):
         self.alpn: str | None = None
 
 
+class GatedTlsConnection(GatedConnection):
+    """A client of a TLS listener with accept-time rules (limits.py): admitted on its TCP
+    connection, PROXY header included (as HAProxy's `tcp-request connection` rules and
+    `accept-proxy` come before its TLS), then its handshake, then the pump."""
+
+    __slots__ = ("alpn", "sni")
+
+    def __init__(self, route: Route, gate: Any) -> None:
+        GatedConnection.__init__(self, route, gate)
+        self.sni: str | None = None
+        self.alpn: str | None = None
+
+    def start(self) -> None:
+        """Admitted: the handshake first (TlsHandshake starts the pump once it is done)."""
+        self.gate.tls.wrap(self)
+
+
 class TlsHandshake:
     """The accept stage of one TLS listener: a handshake per accepted socket, then the pump.
 
@@ -69,18 +88,48 @@ class TlsHandshake:
         self.pending.add(tls)
         return tls
 
+    def wrap(self, conn: GatedTlsConnection) -> None:
+        """An admitted client of a gated listener: its handshake on the socket it came on."""
+        raw = conn.transport
+        tls = TlsTransport(self.route.loop, self.certificates.default, server_side=True,
+                           timeout=self.certificates.config.handshake_timeout,
+                           done=partial(self._gated_done, conn))
+        self.pending.add(tls)
+        raw.set_protocol(tls)
+        tls.connection_made(raw)
+
     def _done(self, tls: TlsTransport, exc: BaseException | None) -> None:
+        if self._counted(tls, exc):
+            conn = TlsClientConnection(self.route)
+            self._chosen(conn, tls)
+            tls.set_protocol(conn)
+            conn.connection_made(tls)
+
+    def _gated_done(self, conn: GatedTlsConnection, tls: TlsTransport,
+                    exc: BaseException | None) -> None:
+        if not self._counted(tls, exc):
+            conn.never_started()
+            return
+        self._chosen(conn, tls)
+        conn.transport = tls
+        tls.set_protocol(conn)
+        ClientConnection.start(conn)
+
+    def _counted(self, tls: TlsTransport, exc: BaseException | None) -> bool:
+        """Count and time the handshake; True if it succeeded."""
         self.pending.discard(tls)
         route = self.route
         if exc is not None:
             self.events.tls_handshake_failed(route.listener_name)
             log.debug("TLS handshake on %s failed: %s", route.listener_name,
                       handshake_failure(exc))
-            return
+            return False
         self.events.tls_handshake(route.listener_name, route.loop.time() - tls.started)
-        conn = TlsClientConnection(route)
+        return True
+
+    def _chosen(self, conn: TlsClientConnection | GatedTlsConnection,
+                tls: TlsTransport) -> None:
+        """What the handshake chose, for the access log."""
         sslobj = tls.sslobj
         conn.sni = self.certificates.asked.pop(sslobj, None)
         conn.alpn = sslobj.selected_alpn_protocol()
-        tls.set_protocol(conn)
-        conn.connection_made(tls)

@@ -276,6 +276,95 @@ async def test_backpressure_through_tls(start_backend, start_balancer, certs) ->
     no_tracebacks(balancer)
 
 
+# -- accept-time rules on a TLS listener ------------------------------------------------------
+
+
+def _tls_client(port: int, context: ssl.SSLContext, header: bytes = b"",
+                first: bytes = b"") -> ssl.SSLSocket:
+    """A blocking TLS client: `header` (a PROXY line) in the clear first, then the handshake;
+    `first` instead of a handshake sends bytes that are not TLS."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if header or first:
+        raw.sendall(header or first)
+    if first:
+        return raw  # type: ignore[return-value]
+    try:
+        return context.wrap_socket(raw, server_hostname="a.example.com")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _refused(port: int, context: ssl.SSLContext, header: bytes = b"") -> bool:
+    """The balancer closed the connection instead of completing a handshake."""
+    try:
+        _tls_client(port, context, header).close()
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return False
+
+
+async def test_a_tls_listener_reads_the_proxy_header_and_screens_before_the_handshake(
+        start_backend, start_balancer, certs) -> None:
+    """accept_proxy and deny on a TLS listener: the header comes in the clear before the
+    ClientHello (as in front of HAProxy's `accept-proxy ssl`), and the address it gives is
+    the one the rules see."""
+    backend = start_backend("name", "app")
+    config = with_admin(terminating([backend.address], [certs.issue("a", "a.example.com")]))
+    config["listeners"][0].update(accept_proxy=True, deny=["203.0.113.0/24"])
+    balancer = start_balancer(config)
+    context = certs.client()
+    allowed = await asyncio.to_thread(_tls_client, balancer.port, context,
+                                      b"PROXY TCP4 198.51.100.7 127.0.0.1 5555 443\r\n")
+    try:
+        allowed.settimeout(10)
+        assert allowed.recv(100) == b"app\n"
+        allowed.sendall(b"through\n")
+        assert allowed.recv(100) == b"through\n"
+    finally:
+        allowed.close()
+    assert await asyncio.to_thread(_refused, balancer.port, context,
+                                   b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 443\r\n")
+    port = admin_port(balancer)
+    assert await metric(port, "balancer_rejected_connections_total", reason="denied") == 1
+    assert await metric(port, "balancer_tls_handshake_errors_total") == 0
+    no_tracebacks(balancer)
+
+
+async def test_per_client_limits_on_a_tls_listener_and_a_failed_handshake_gives_its_slot_back(
+        start_backend, start_balancer, certs) -> None:
+    """per_client.max_conns on a TLS listener: a second connection is closed at accept, and
+    a client whose handshake fails holds no slot afterwards."""
+    backend = start_backend("name", "app")
+    config = with_admin(terminating([backend.address], [certs.issue("a", "a.example.com")]))
+    config["listeners"][0]["per_client"] = {"max_conns": 1}
+    balancer = start_balancer(config)
+    context = certs.client()
+    port = admin_port(balancer)
+    garbage = await asyncio.to_thread(_tls_client, balancer.port, context, b"",
+                                      b"GET / HTTP/1.0\r\n\r\n")
+    try:
+        garbage.settimeout(10)
+        assert await asyncio.to_thread(garbage.recv, 100) == b""  # closed: not TLS
+    finally:
+        garbage.close()
+    await wait_until(lambda: metric(port, "balancer_tls_handshake_errors_total"),
+                     lambda n: n == 1)
+    for _ in range(2):  # the slot is free again after each
+        held = await asyncio.to_thread(_tls_client, balancer.port, context)
+        try:
+            held.settimeout(10)
+            assert held.recv(100) == b"app\n"
+            assert await asyncio.to_thread(_refused, balancer.port, context)
+        finally:
+            held.close()
+        await wait_until(lambda: metric(port, "balancer_active_connections"),
+                         lambda n: n == 0)
+    assert await metric(port, "balancer_rejected_connections_total",
+                        reason="client_conns") == 2
+    no_tracebacks(balancer)
+
+
 # -- certificates on reload -------------------------------------------------------------------
 
 
@@ -369,6 +458,14 @@ def test_config_sni_and_upstream_tls_rules(tmp_path: Path, certs: Certs) -> None
     loaded = load_config(path)
     assert loaded.listeners[0].sni == (("api.example.com", "app"),)
     assert loaded.listeners[0].upstream is None
+    # The accept-time rules: on a TLS listener, not (yet) on an SNI one.
+    fine["listeners"][0]["accept_proxy"] = True
+    assert _problems(tmp_path, fine) == [
+        "listeners[0].accept_proxy: cannot be combined with sni (not supported yet)"]
+    tls = terminating(["127.0.0.1:1"], [certs.issue("a", "a.com")])
+    tls["listeners"][0].update(accept_proxy=True, max_conns=5, per_client={"max_conns": 2})
+    path.write_text(yaml.safe_dump(tls))
+    assert load_config(path).listeners[0].accept_proxy
 
 
 # -- SNI passthrough --------------------------------------------------------------------------
