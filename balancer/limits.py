@@ -26,12 +26,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from .config import ListenerConfig, Network
 from .proxy import ClientConnection, Route
 from .proxyproto import Addresses, HeaderReader
 from .ratelog import Throttle
+
+if TYPE_CHECKING:
+    from .terminate import TlsHandshake
 
 log = logging.getLogger("balancer.limits")
 
@@ -96,7 +99,7 @@ class Gate:
         # What an admitted client becomes: a TLS listener's runs its handshake first
         # (terminate.py sets both).
         self.connection: type[GatedConnection] = GatedConnection
-        self.tls: Any = None
+        self.tls: TlsHandshake | None = None
         self.configure(config)
 
     def configure(self, config: ListenerConfig) -> None:

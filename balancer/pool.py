@@ -20,6 +20,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .health import LATE_CONNECT_TIMER, failure_reason
@@ -175,14 +176,14 @@ class ServerPool:
         tls = self.server.tls  # a pooled TLS connection has done its handshake
         deadline = self.loop.time() + self.connect_timeout
         try:
+            idle = partial(IdleConnection, self)
             async with asyncio.timeout_at(deadline):
                 if tls is None:
-                    _, conn = await self.loop.create_connection(
-                        lambda: IdleConnection(self), address.host, address.port)
+                    _, conn = await self.loop.create_connection(idle, address.host, address.port)
                 else:
-                    _, conn = await open_tls(
-                        self.loop, lambda: IdleConnection(self), address.host, address.port,
-                        tls.context, tls.server_hostname, self.connect_timeout)
+                    _, conn = await open_tls(self.loop, idle, address.host, address.port,
+                                             tls.context, tls.server_hostname,
+                                             self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             self.connecting -= 1
             if (isinstance(exc, TimeoutError)

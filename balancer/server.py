@@ -99,6 +99,7 @@ class Listener:
         self.routes: dict[str, Route] = {}  # upstream name -> route; kept while connections use it
         self.route: Route | None = None  # where plain/TLS clients go; an SNI fallback
         self.certificates: ServerCertificates | None = None
+        self.tls: TlsHandshake | None = None
         self.sni: SniListenerState | None = None
         self.handshakes: set[TlsTransport] = set()
         self.servers: list[asyncio.Server] = []
@@ -120,10 +121,9 @@ class Listener:
         else:
             self.gate.route = route
             self.gate.configure(config)
-        if config.mode == "tls":  # admitted clients do their handshake (terminate.py)
-            assert self.certificates is not None
+        if self.tls is not None:  # admitted clients do their handshake (terminate.py)
             self.gate.connection = GatedTlsConnection
-            self.gate.tls = TlsHandshake(route, self.certificates, self.handshakes, self.events)
+            self.gate.tls = self.tls
         else:
             self.gate.connection = GatedConnection
             self.gate.tls = None
@@ -161,6 +161,9 @@ class Listener:
             route.splice_at = threshold(config.splice_auto)
         self.route = self.routes[config.upstream] if config.upstream is not None else None
         self.certificates = ServerCertificates(config.tls) if config.tls is not None else None
+        # A TLS listener's accept stage, built with the certificates just read.
+        self.tls = (TlsHandshake(self.route, self.certificates, self.handshakes, self.events)
+                    if self.certificates is not None and self.route is not None else None)
         if config.sni:
             router = SniRouter(dict(config.sni), config.upstream)
             if self.sni is None:
@@ -183,9 +186,8 @@ class Listener:
 
     def _tls_stage(self) -> TlsTransport:
         # Read at accept time, so a reload's new certificates serve the next client.
-        assert self.route is not None and self.certificates is not None
-        return TlsHandshake(self.route, self.certificates, self.handshakes,
-                            self.events).transport()
+        assert self.tls is not None
+        return self.tls.transport()
 
     async def start(self, socks: list[socket.socket] | None = None, *,
                     ours: bool = False) -> None:

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import ssl
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .limits import GatedConnection
 from .proxy import ClientConnection, Route
-from .tlsstream import TlsTransport
+from .tlsstream import HandshakeDone, TlsTransport
 
 if TYPE_CHECKING:
     from .events import ConnectionEvents
+    from .limits import Gate
     from .tls import ServerCertificates
 
 log = logging.getLogger("balancer.tls")
@@ -55,14 +56,16 @@ class GatedTlsConnection(GatedConnection):
 
     __slots__ = ("alpn", "sni")
 
-    def __init__(self, route: Route, gate: Any) -> None:
+    def __init__(self, route: Route, gate: Gate) -> None:
         GatedConnection.__init__(self, route, gate)
         self.sni: str | None = None
         self.alpn: str | None = None
 
     def start(self) -> None:
         """Admitted: the handshake first (TlsHandshake starts the pump once it is done)."""
-        self.gate.tls.wrap(self)
+        tls = self.gate.tls
+        assert tls is not None  # the listener sets it with this class
+        tls.wrap(self)
 
 
 class TlsHandshake:
@@ -82,21 +85,20 @@ class TlsHandshake:
 
     def transport(self) -> TlsTransport:
         """The protocol for one accepted socket (the listener's protocol factory)."""
-        tls = TlsTransport(self.route.loop, self.certificates.default, server_side=True,
-                           timeout=self.certificates.config.handshake_timeout,
-                           done=self._done)
-        self.pending.add(tls)
-        return tls
+        return self._handshake(self._done)
 
     def wrap(self, conn: GatedTlsConnection) -> None:
         """An admitted client of a gated listener: its handshake on the socket it came on."""
         raw = conn.transport
-        tls = TlsTransport(self.route.loop, self.certificates.default, server_side=True,
-                           timeout=self.certificates.config.handshake_timeout,
-                           done=partial(self._gated_done, conn))
-        self.pending.add(tls)
+        tls = self._handshake(partial(self._gated_done, conn))
         raw.set_protocol(tls)
         tls.connection_made(raw)
+
+    def _handshake(self, done: HandshakeDone) -> TlsTransport:
+        tls = TlsTransport(self.route.loop, self.certificates.default, server_side=True,
+                           timeout=self.certificates.config.handshake_timeout, done=done)
+        self.pending.add(tls)
+        return tls
 
     def _done(self, tls: TlsTransport, exc: BaseException | None) -> None:
         if self._counted(tls, exc):

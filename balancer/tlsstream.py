@@ -42,8 +42,8 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     """TLS over the TCP transport this protocol is given (see the module docstring)."""
 
     __slots__ = ("done", "eof_read", "error", "handshake_timer", "handshaking", "incoming",
-                 "loop", "outgoing", "paused", "protocol", "raw", "raw_eof", "reading",
-                 "shut", "sslobj", "started", "timeout", "wrote_eof")
+                 "loop", "outgoing", "paused", "protocol", "raw", "raw_eof", "shut", "sslobj",
+                 "started", "timeout", "wrote_eof")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, *,
                  server_side: bool, server_hostname: str | None = None,
@@ -62,7 +62,6 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.started = 0.0
         self.paused = False  # reading paused by our protocol
-        self.reading = False  # inside _deliver: a resume from there must not re-enter it
         self.raw_eof = False  # the TCP FIN has arrived
         self.eof_read = False  # our protocol has had its eof_received
         self.wrote_eof = False  # our close_notify is sent
@@ -84,7 +83,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self.incoming.write(data)
         if self.handshaking:
             self._handshake()
-        elif not self.paused:
+        else:
             self._deliver()
 
     def eof_received(self) -> bool:
@@ -95,8 +94,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         # Not passed to OpenSSL: a FIN without a close_notify is an error to it, one that
         # forbids writing after. To a proxy it is the end of the stream (a TCP FIN), as for
         # HAProxy, and the other direction keeps flowing.
-        if not self.paused:
-            self._deliver()
+        self._deliver()
         return True  # our write side stays open: the peer may still be reading
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,8 +133,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         done, self.done = self.done, None
         assert done is not None
         done(self, None)  # attaches our protocol (or closes us)
-        if not self.shut and self.protocol is not None and not self.paused:
-            self._deliver()  # bytes that came with the peer's last flight
+        self._deliver()  # bytes that came with the peer's last flight
 
     def _handshake_timed_out(self) -> None:
         self.handshake_timer = None
@@ -160,19 +157,11 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     # -- reading --------------------------------------------------------------------------------
 
     def _deliver(self) -> None:
-        """Decrypt what has arrived and pass it on, until paused, closed or out of records."""
-        if self.reading or self.eof_read:
-            return
-        self.reading = True
-        try:
-            self._read_records()
-        finally:
-            self.reading = False
-
-    def _read_records(self) -> None:
-        """One pass: every whole record that has arrived, as one chunk (a TCP read of
-        256 KiB is sixteen records), then the end of the stream if it came with them."""
-        if self.paused or self.shut or self.protocol is None:
+        """Every whole record that has arrived, as one chunk (a TCP read of 256 KiB is
+        sixteen records), then the end of the stream if it came with them; nothing while
+        paused, closed, unattached or past the end. Never re-entered: a resume delivers one
+        loop pass later."""
+        if self.paused or self.shut or self.eof_read or self.protocol is None:
             return
         sslobj = self.sslobj
         incoming = self.incoming
@@ -289,11 +278,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             self.paused = False
             if not self.raw_eof:
                 self.raw.resume_reading()
-            self.loop.call_soon(self._deliver_if_reading)  # records, or an end, kept back
-
-    def _deliver_if_reading(self) -> None:
-        if not self.paused and not self.handshaking:
-            self._deliver()
+            self.loop.call_soon(self._deliver)  # records, or an end, kept back
 
     def is_reading(self) -> bool:
         return not self.paused and not self.shut
